@@ -1,0 +1,46 @@
+"""``python -m nst_exp <command> [overrides...]``: run | compare | evaluate | bench."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: python -m nst_exp <command> [args]
+
+commands:
+  run [key=value ...]       one style transfer (add -m for a sweep); `run --help` lists the config groups
+  evaluate IMAGE --content C --style S [--style S2]   score any image with the fixed evaluator
+
+examples:
+  python -m nst_exp run style=starry_night
+  python -m nst_exp run content.path=/my/photo.jpg style.path=/my/painting.png image.size=512
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        from nst_exp.cli_checks import check_run_overrides
+        from nst_exp.errors import UserError
+
+        try:
+            check_run_overrides(rest)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        from nst_exp.app import main as run_main
+
+        return run_main(rest)
+    if command == "evaluate":
+        from nst_exp.evaluate_cli import main as evaluate_main
+
+        return evaluate_main(rest)
+    print(f"error: unknown command {command!r}; fix: use one of run, evaluate (see python -m nst_exp --help)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

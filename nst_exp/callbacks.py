@@ -1,0 +1,123 @@
+"""Lightning callbacks: buffered per-step scalars, image snapshots, HPARAMS, divergence stop."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from nst_exp.images import save_png
+from nst_exp.module import StylizeModule
+
+# Every run logs exactly these HPARAMS metrics, so TensorBoard's table is complete in any sweep.
+HPARAM_METRICS = (
+    "hp/loss_total",
+    "hp/loss_content",
+    "hp/loss_style",
+    "hp/eval_content",
+    "hp/eval_style",
+    "hp/wall_time_s",
+    "hp/steps",
+)
+
+
+def writer_of(trainer: pl.Trainer) -> Any:
+    """The TensorBoard SummaryWriter behind the trainer's logger."""
+    return trainer.logger.experiment  # type: ignore[union-attr]
+
+
+class ScalarFlusher(pl.Callback):
+    """Copy the module's on-device loss history to TensorBoard every ``every`` steps (one host sync each).
+
+    Also the run's watchdog: a non-finite total stops training (the module kept the last good image).
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.latest: dict[str, float] = {}
+        self.diverged_at: int | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: StylizeModule, *args: Any) -> None:
+        if trainer.global_step - pl_module.history_start >= self.every:
+            self.flush(trainer, pl_module)
+            if self.latest and trainer.progress_bar_callback is not None:
+                pl_module.log("loss", self.latest["loss/total"], prog_bar=True, logger=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
+        self.flush(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: StylizeModule, exception: BaseException) -> None:
+        self.flush(trainer, pl_module)
+
+    def flush(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
+        n = min(trainer.global_step - pl_module.history_start, pl_module.history.shape[0])
+        if n <= 0:
+            return
+        rows = pl_module.history[:n].cpu().tolist()
+        writer = writer_of(trainer)
+        first = pl_module.step_offset + pl_module.history_start
+        names = pl_module.term_names
+        for i, row in enumerate(rows):
+            if self.diverged_at is not None:
+                break
+            if not math.isfinite(row[0]):
+                self.diverged_at = first + i
+                trainer.should_stop = True
+                break
+            for name, value in zip(names, row):
+                writer.add_scalar(name, value, first + i)
+            self.latest = dict(zip(names, row))
+        writer.add_scalar("perf/evaluations", pl_module.evaluations, first + n - 1)
+        pl_module.history_start = trainer.global_step
+
+
+class ImageSnapshots(pl.Callback):
+    """The generated image in TensorBoard every ``every`` steps (and optionally as PNGs)."""
+
+    def __init__(self, every: int, snapshot_dir: Path | None = None) -> None:
+        self.every = every
+        self.snapshot_dir = snapshot_dir
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: StylizeModule, *args: Any) -> None:
+        if self.every and trainer.global_step % self.every == 0:
+            self.log_image(trainer, pl_module)
+
+    def log_image(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
+        step = pl_module.logged_step
+        image = pl_module.image.detach()[0].float().clamp(0, 1).cpu()
+        writer_of(trainer).add_image("image/generated", image, step)
+        if self.snapshot_dir is not None:
+            save_png(image, self.snapshot_dir / f"step_{step:06d}.png")
+
+
+def log_hparams_start(logger: Any, hparams: dict[str, Any]) -> None:
+    """Declare every HPARAMS metric up front (NaN placeholders); the final values come at the end."""
+    logger.log_hyperparams(hparams, {name: float("nan") for name in HPARAM_METRICS})
+
+
+def log_final_metrics(writer: Any, metrics: dict[str, float], step: int) -> None:
+    for name in HPARAM_METRICS:
+        writer.add_scalar(name, metrics.get(name, float("nan")), step)
+    writer.flush()
+
+
+def log_input_images(writer: Any, images: dict[str, Tensor]) -> None:
+    for tag, image in images.items():
+        writer.add_image(tag, image.detach()[0].float().clamp(0, 1).cpu(), 0)
+
+
+def divergence_message(step: int | None) -> str | None:
+    if step is None:
+        return None
+    return (
+        f"the loss became NaN/inf at step {step}; stopped and kept the last good image. "
+        "fix: lower optimizer.lr, loss.style_weight or use optimizer.line_search=strong_wolfe"
+    )
+
+
+def gpu_peak_memory(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")

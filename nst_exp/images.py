@@ -1,0 +1,110 @@
+"""Image I/O: any common file (EXIF rotation, grayscale, RGBA, palette, 16-bit) <-> RGB tensors in [0, 1]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from nst_exp.errors import UserError
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+BUILTIN_PREFIX = "builtin:"
+
+def resolve_path(path: str | Path, what: str) -> Path:
+    """A user path (``~`` expanded, relative to the cwd) or ``builtin:NAME`` for a bundled image."""
+    text = str(path)
+    if not text or text == "???":
+        raise UserError(f"{what}.path is not set; fix: pass {what}.path=/path/to/image.jpg or pick a preset with {what}=NAME")
+    if text.startswith(BUILTIN_PREFIX):
+        resolved = ASSETS_DIR / text[len(BUILTIN_PREFIX):]
+        if not resolved.is_file():
+            bundled = ", ".join(BUILTIN_PREFIX + p.name for p in sorted(ASSETS_DIR.iterdir()) if p.suffix != ".md")
+            raise UserError(f"{what}.path={text} is not a bundled image; bundled images are: {bundled}")
+        return resolved
+    resolved = Path(text).expanduser()
+    if not resolved.exists():
+        raise UserError(f"{what} image not found: {resolved}; fix: check {what}.path (relative paths start from {Path.cwd()})")
+    if not resolved.is_file():
+        raise UserError(f"{what} image path is not a file: {resolved}; fix: point {what}.path at an image file")
+    return resolved
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Normalise mode: 16-bit and float to 8-bit, transparency composited on white, anything else to RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def open_image(source: str | Path | Image.Image, what: str = "image") -> Image.Image:
+    """Open a path (or take a PIL image) as an upright RGB PIL image, or raise a one-line UserError."""
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        path = resolve_path(source, what)
+        try:
+            with Image.open(path) as opened:
+                img = ImageOps.exif_transpose(opened)  # an upright copy, info (transparency) kept
+                img.load()
+        except UnidentifiedImageError:
+            raise UserError(f"{what} file is not an image PIL can read: {path}; fix: use a PNG, JPEG, WebP, TIFF or BMP file") from None
+        except OSError as exc:
+            raise UserError(f"cannot read {what} image {path}: {exc}; fix: check the file is a complete, readable image") from None
+    return _to_rgb(img)
+
+
+def fit_long_side(size_wh: tuple[int, int], long_side: int) -> tuple[int, int]:
+    """(width, height) scaled so the longer side is ``long_side``, aspect kept, each side >= 1."""
+    w, h = size_wh
+    scale = long_side / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def resize_long_side(img: Image.Image, long_side: int) -> Image.Image:
+    target = fit_long_side(img.size, long_side)
+    return img if target == img.size else img.resize(target, Image.Resampling.LANCZOS)
+
+
+def pil_to_tensor(img: Image.Image) -> Tensor:
+    """RGB PIL image -> float tensor (1, 3, H, W) in [0, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def tensor_to_pil(image: Tensor) -> Image.Image:
+    """(1, 3, H, W) or (3, H, W) tensor in [0, 1] -> 8-bit RGB PIL image (values rounded, clamped)."""
+    x = image.detach().float()
+    if x.dim() == 4:
+        x = x[0]
+    arr = x.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr, "RGB")
+
+
+def load_tensor(source: str | Path | Image.Image, long_side: int, what: str = "image") -> Tensor:
+    return pil_to_tensor(resize_long_side(open_image(source, what), long_side))
+
+
+def save_png(image: Tensor | Image.Image, path: Path) -> Path:
+    """Write an image atomically (tmp file then rename), so an interrupted save never leaves a broken PNG."""
+    pil = image if isinstance(image, Image.Image) else tensor_to_pil(image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pil.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,187 @@
+"""Loss maths: pure, batch-safe functions plus thin modules that hold fixed targets.
+
+Every term is a function of a dict of named VGG activations (and the image for TV),
+so the terms are called the same way and named the same way in TensorBoard,
+summaries and HPARAMS: ``loss/content/relu4_2``, ``loss/style/relu1_1``, ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_EPS = 1e-8
+
+
+def gram_matrix(features: Tensor) -> Tensor:
+    """Normalised Gram matrix: (B, C, H, W) -> (B, C, C), the mean over positions of f f^T."""
+    b, c, h, w = features.shape
+    flat = features.reshape(b, c, h * w)
+    return torch.bmm(flat, flat.transpose(1, 2)) / (h * w)
+
+
+def mean_and_covariance(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean (B, C) and covariance (B, C, C) over positions."""
+    b, c, h, w = features.shape
+    flat = features.reshape(b, c, h * w)
+    mean = flat.mean(dim=2)
+    centred = flat - mean.unsqueeze(2)
+    return mean, torch.bmm(centred, centred.transpose(1, 2)) / (h * w)
+
+
+def total_variation(image: Tensor) -> Tensor:
+    """Mean squared difference between neighbouring pixels (both directions)."""
+    dy = image[..., 1:, :] - image[..., :-1, :]
+    dx = image[..., :, 1:] - image[..., :, :-1]
+    return dy.pow(2).mean() + dx.pow(2).mean()
+
+
+class ContentLoss(nn.Module):
+    """MSE between activations and fixed target activations.
+
+    With ``normalize`` the MSE is divided by the target's mean square, so the term is a
+    relative error: independent of the layer's activation scale and of the image size.
+    """
+
+    def __init__(self, target: Tensor, normalize: bool = True) -> None:
+        super().__init__()
+        self.register_buffer("target", target.detach().float())
+        scale = 1.0 / (target.float().pow(2).mean() + _EPS) if normalize else torch.tensor(1.0)
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return F.mse_loss(features.float(), self.target) * self.scale
+
+
+class GramStyleLoss(nn.Module):
+    """MSE between the Gram matrix of the activations and a fixed target Gram.
+
+    The target is a weighted blend of one Gram per style image. With ``normalize``
+    the MSE is divided by the target Gram's mean square (a relative error).
+    """
+
+    def __init__(self, target_gram: Tensor, normalize: bool = True) -> None:
+        super().__init__()
+        self.register_buffer("target", target_gram.detach().float())
+        scale = 1.0 / (target_gram.float().pow(2).mean() + _EPS) if normalize else torch.tensor(1.0)
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+
+    @staticmethod
+    def target_from(features: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+        return sum(w * gram_matrix(f.float()) for f, w in zip(features, weights))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return F.mse_loss(gram_matrix(features.float()), self.target) * self.scale
+
+
+class MeanCovStyleLoss(nn.Module):
+    """Match per-channel means and covariances (crowsonkb's style loss, a stable W2 proxy).
+
+    Gram MSE mixes mean and covariance and over-weights the mean for ReLU features;
+    matching both separately gives cleaner textures with fewer colour blotches.
+    """
+
+    def __init__(self, target_mean: Tensor, target_cov: Tensor, normalize: bool = True) -> None:
+        super().__init__()
+        self.register_buffer("target_mean", target_mean.detach().float())
+        self.register_buffer("target_cov", target_cov.detach().float())
+        if normalize:
+            scale_mean = 1.0 / (target_mean.float().pow(2).mean() + _EPS)
+            scale_cov = 1.0 / (target_cov.float().pow(2).mean() + _EPS)
+        else:
+            scale_mean = scale_cov = torch.tensor(1.0)
+        self.register_buffer("scale_mean", torch.as_tensor(scale_mean, dtype=torch.float32))
+        self.register_buffer("scale_cov", torch.as_tensor(scale_cov, dtype=torch.float32))
+
+    @staticmethod
+    def target_from(features: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+        stats = [mean_and_covariance(f.float()) for f in features]
+        mean = sum(w * m for (m, _), w in zip(stats, weights))
+        cov = sum(w * c for (_, c), w in zip(stats, weights))
+        return mean, cov
+
+    def forward(self, features: Tensor) -> Tensor:
+        mean, cov = mean_and_covariance(features.float())
+        return (
+            F.mse_loss(mean, self.target_mean) * self.scale_mean
+            + F.mse_loss(cov, self.target_cov) * self.scale_cov
+        )
+
+
+STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss}
+
+
+def layer_weights(layers: Sequence[str], weights: Sequence[float] | None, what: str) -> list[float]:
+    """Per-layer weights from config; ``None`` or empty means equal weights summing to 1."""
+    from nst_exp.errors import UserError
+
+    if not weights:
+        return [1.0 / len(layers)] * len(layers) if layers else []
+    if len(weights) != len(layers):
+        raise UserError(
+            f"loss.{what}_layer_weights has {len(weights)} values for {len(layers)} loss.{what}_layers; "
+            f"give one weight per layer or leave it empty for equal weights"
+        )
+    return [float(w) for w in weights]
+
+
+class StyleTransferLoss(nn.Module):
+    """alpha * content + beta * style + tv_weight * TV, as a dict of named, detachable terms."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        content_losses: Mapping[str, nn.Module],
+        style_losses: Mapping[str, nn.Module],
+        content_layer_weights: Sequence[float],
+        style_layer_weights: Sequence[float],
+        content_weight: float,
+        style_weight: float,
+        tv_weight: float,
+        style_masks: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.masked_layers = tuple(style_masks or ())
+        for name, mask in (style_masks or {}).items():
+            self.register_buffer(f"mask_{name}", mask / mask.pow(2).mean().sqrt().clamp_min(_EPS), persistent=False)
+        self.content_losses = nn.ModuleDict(content_losses)
+        self.style_losses = nn.ModuleDict(style_losses)
+        self.content_layer_weights = dict(zip(content_losses, content_layer_weights))
+        self.style_layer_weights = dict(zip(style_losses, style_layer_weights))
+        self.content_weight = content_weight
+        self.style_weight = style_weight
+        self.tv_weight = tv_weight
+
+    def term_names(self) -> list[str]:
+        """The names ``forward`` returns, in a fixed order (used to size the history buffer)."""
+        return (
+            ["loss/total", "loss/content", "loss/style", "loss/tv"]
+            + [f"loss/content/{k}" for k in self.content_losses]
+            + [f"loss/style/{k}" for k in self.style_losses]
+        )
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        features = self.encoder(image)
+        terms: dict[str, Tensor] = {}
+        zero = image.new_zeros((), dtype=torch.float32)
+        content = zero
+        for name, loss in self.content_losses.items():
+            term = self.content_layer_weights[name] * loss(features[name])
+            terms[f"loss/content/{name}"] = term
+            content = content + term
+        style = zero
+        for name, loss in self.style_losses.items():
+            feats = features[name]
+            if name in self.masked_layers:
+                # Gram over masked positions only: scaling by m / rms(m) turns the mean into a masked mean.
+                feats = feats * getattr(self, f"mask_{name}")
+            term = self.style_layer_weights[name] * loss(feats)
+            terms[f"loss/style/{name}"] = term
+            style = style + term
+        tv = total_variation(image.float()) if self.tv_weight else zero
+        total = self.content_weight * content + self.style_weight * style + self.tv_weight * tv
+        return {"loss/total": total, "loss/content": content, "loss/style": style, "loss/tv": tv, **terms}

