@@ -220,8 +220,17 @@ def make_trainer(cfg: DictConfig, run_dir: Path, logger: RunLogger, steps: int, 
     )
 
 
-def run(cfg: DictConfig, run_dir: Path, content: Any = None, styles: list[Any] | None = None) -> RunResult:
-    """Run one style transfer into ``run_dir``. Raises UserError for bad input (before any work)."""
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    content: Any = None,
+    styles: list[Any] | None = None,
+    extra_callbacks: tuple[pl.Callback, ...] = (),
+) -> RunResult:
+    """Run one style transfer into ``run_dir``. Raises UserError for bad input (before any work).
+
+    ``extra_callbacks`` join every stage's Trainer (the benchmark times steps with one).
+    """
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +261,7 @@ def run(cfg: DictConfig, run_dir: Path, content: Any = None, styles: list[Any] |
             flusher = ScalarFlusher(cfg.logging.flush_every)
             snapshots = ImageSnapshots(cfg.logging.image_every, run_dir / "snapshots" if cfg.logging.save_snapshots else None)
             module = StylizeModule(init, loss, cfg.optimizer, cfg.logging.flush_every + 1, step_offset=step)
-            trainer = make_trainer(cfg, run_dir, logger, stage.steps, [flusher, snapshots], device)
+            trainer = make_trainer(cfg, run_dir, logger, stage.steps, [flusher, snapshots, *extra_callbacks], device)
             try:
                 trainer.fit(module, train_dataloaders=_Forever())
             except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its own cleanup
