@@ -8,6 +8,7 @@ USAGE = """usage: python -m nst_exp <command> [args]
 
 commands:
   run [key=value ...]       one style transfer (add -m for a sweep); `run --help` lists the config groups
+  compare DIR [DIR ...]     contact sheet + summary.csv/md for finished runs or sweeps
   evaluate IMAGE --content C --style S [--style S2]   score any image with the fixed evaluator
   bench [--sizes 256 512] [--steps N] [--device cpu|cuda] [--precision 32|bf16]   speed vs a bare loop and pastiche
 
@@ -39,11 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         from nst_exp.evaluate_cli import main as evaluate_main
 
         return evaluate_main(rest)
+    if command == "compare":
+        from nst_exp.compare_cli import main as compare_main
+
+        return compare_main(rest)
     if command == "bench":
         from nst_exp.bench import main as bench_main
 
         return bench_main(rest)
-    print(f"error: unknown command {command!r}; fix: use one of run, evaluate, bench (see python -m nst_exp --help)", file=sys.stderr)
+    print(f"error: unknown command {command!r}; fix: use one of run, compare, evaluate, bench (see python -m nst_exp --help)", file=sys.stderr)
     return 2
 
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from nst_exp.config import CONF_DIR, register_configs
 from nst_exp.errors import UserError
+from nst_exp.naming import register_resolvers
 from nst_exp.reporting import record_failure
 
 
@@ -21,11 +22,15 @@ def _is_multirun() -> bool:
 
 
 def task(cfg: DictConfig) -> float:
-    """One job. Returns the sweep objective (the evaluator's style + content distance; lower is better)."""
+    """One job. Returns the sweep objective (``hp/objective``, lower is better; inf for a failed job)."""
     from nst_exp import runner  # heavy imports (torch, lightning) only once a job runs
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        if cfg.resume:
+            from nst_exp.checkpoint import resumed_config
+
+            cfg = resumed_config(cfg, list(HydraConfig.get().overrides.task))
         result = runner.run(cfg, run_dir)
     except UserError as exc:
         record_failure(run_dir, str(exc), cfg)
@@ -53,14 +58,19 @@ def task(cfg: DictConfig) -> float:
         sys.exit(130)
     if result.status == "diverged" and not _is_multirun():
         sys.exit(3)
-    m = result.metrics
-    return m.get("hp/eval_style", math.inf) + m.get("hp/eval_content", math.inf)
+    return result.metrics.get("hp/objective", math.inf)
 
 
 def main(argv: list[str]) -> int:
     """Hand the overrides to Hydra (it reads sys.argv) with the config dir of this checkout."""
     register_configs()
+    register_resolvers()
+    resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if resume and resume[-1] not in ("", "null") and not any(a.startswith("hydra.run.dir=") for a in argv):
+        argv = [*argv, f"hydra.run.dir={resume[-1]}"]  # continue in the run's own folder: one curve, one place
     sys.argv = [sys.argv[0], *argv]
     entry = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
     entry()
-    return 0
+    from nst_exp.hydra_callbacks import FAILED_JOBS
+
+    return 1 if FAILED_JOBS and FAILED_JOBS[-1] else 0  # a sweep with failed jobs still ran the rest

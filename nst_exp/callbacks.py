@@ -20,6 +20,7 @@ HPARAM_METRICS = (
     "hp/loss_style",
     "hp/eval_content",
     "hp/eval_style",
+    "hp/objective",
     "hp/wall_time_s",
     "hp/steps",
 )

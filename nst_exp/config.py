@@ -119,6 +119,8 @@ class TrainerConfig:
     devices: int = 1
     precision: str = "32-true"  # 32-true | bf16-mixed
     deterministic: bool = False
+    checkpoint_every: int = 0  # write last.ckpt every N steps (0 = only on Ctrl-C); for requeued jobs
+    device_index: Optional[int] = None  # GPU for this job (taken modulo the GPU count); None = the first
 
 
 @dataclass
@@ -127,6 +129,14 @@ class LoggingConfig:
     flush_every: int = 10  # steps between host syncs that write the buffered per-step scalars
     progress_bar: bool = True
     save_snapshots: bool = False  # also write snapshot PNGs into the run folder
+
+
+@dataclass
+class ObjectiveConfig:
+    """The number a job returns to a sweeper: evaluator style distance + penalty * content distance over budget."""
+
+    content_budget: float = 1.0
+    penalty: float = 10.0
 
 
 @dataclass
@@ -141,6 +151,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     init: Init = Init.content
     seed: int = 0
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     resume: Optional[str] = None  # a run folder to continue from its last checkpoint
 
 
@@ -216,6 +227,7 @@ def validate(cfg: DictConfig | Config) -> None:
         )
     _non_negative(cfg.logging.image_every, "logging.image_every")
     _positive(cfg.logging.flush_every, "logging.flush_every")
+    _non_negative(cfg.trainer.checkpoint_every, "trainer.checkpoint_every")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

@@ -24,6 +24,7 @@ class StylizeModule(pl.LightningModule):
         optimizer: OptimizerConfig,
         history_rows: int,
         step_offset: int = 0,
+        optimizer_state: dict | None = None,
     ) -> None:
         super().__init__()
         self.image = nn.Parameter(init_image.detach().clone().contiguous())
@@ -37,6 +38,12 @@ class StylizeModule(pl.LightningModule):
         self.history_start = 0  # global_step of history row 0
         self.evaluations = 0  # loss evaluations (L-BFGS may evaluate more than once per step)
         self._recorded_step = -1
+        self._optimizer_state = optimizer_state  # restored into the optimiser when training starts
+
+    def on_train_start(self) -> None:
+        if self._optimizer_state is not None:
+            self.trainer.optimizers[0].load_state_dict(self._optimizer_state)
+            self._optimizer_state = None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         cfg = self.optimizer_cfg

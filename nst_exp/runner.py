@@ -8,6 +8,7 @@ the run ended.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from nst_exp.errors import UserError
 from nst_exp.evaluate import Evaluator
 from nst_exp.images import open_image, pil_to_tensor, resize_long_side, save_png, tensor_to_pil
 from nst_exp.losses import STYLE_LOSSES, ContentLoss, StyleTransferLoss, layer_weights
+from nst_exp.checkpoint import CHECKPOINT, Checkpointer, find_resume_state
 from nst_exp.module import StylizeModule
 from nst_exp.reporting import write_result
 
@@ -62,11 +64,12 @@ def stages_of(cfg: DictConfig) -> list[Stage]:
     return coarse + [Stage(cfg.image.size, cfg.trainer.max_steps)]
 
 
-def pick_device(accelerator: str) -> torch.device:
+def pick_device(accelerator: str, device_index: int | None = None) -> torch.device:
+    """cuda (GPU ``device_index`` modulo the count: one job per GPU), else mps, else cpu."""
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible; fix: trainer.accelerator=cpu or auto")
-        return torch.device("cuda")
+        return torch.device("cuda", (device_index or 0) % torch.cuda.device_count())
     if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
         return torch.device("mps")
     if accelerator not in ("auto", "cpu"):
@@ -200,11 +203,18 @@ class _Forever:
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, logger: RunLogger, steps: int, callbacks: list[pl.Callback], device: torch.device) -> pl.Trainer:
+    plugins = []
+    if "SLURM_JOB_ID" in os.environ:
+        # submitit owns requeueing (USR2 + max_num_timeout); Lightning must not requeue too.
+        from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(
         max_steps=steps,
         max_epochs=-1,
         accelerator="gpu" if device.type == "cuda" else device.type,
-        devices=cfg.trainer.devices,
+        devices=[device.index or 0] if device.type == "cuda" else cfg.trainer.devices,
+        plugins=plugins,
         precision=cfg.trainer.precision,
         logger=logger,
         callbacks=callbacks,
@@ -236,37 +246,56 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     quiet_lightning()
     inputs = Inputs(cfg, content, styles)
-    device = pick_device(cfg.trainer.accelerator)
+    device = pick_device(cfg.trainer.accelerator, cfg.trainer.device_index)
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
     layers = list(dict.fromkeys([*cfg.loss.content_layers, *cfg.loss.style_layers]))
     encoder = build_encoder(layers, str(cfg.model.pooling.value), str(cfg.model.weights.value)).to(device)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     logger = RunLogger(run_dir)
-    flat = flatten(to_container(cfg))
-    log_hparams_start(logger, flat)
-    start = time.perf_counter()
-    status, error, image, step = "completed", None, None, 0
+    log_hparams_start(logger, flatten(to_container(cfg)))
+    stages = stages_of(cfg)
+    resume = find_resume_state(run_dir, cfg.resume, len(stages) - 1)
+    clock_start = time.perf_counter()
+    clock = lambda: time.perf_counter() - clock_start  # noqa: E731
+    wall_offset = resume.wall_time_s if resume else 0.0
+    step = resume.logged_step if resume else 0
+    status, error, image = "completed", None, None
     module: StylizeModule | None = None
     flusher = ScalarFlusher(cfg.logging.flush_every)
     try:
-        for index, stage in enumerate(stages_of(cfg)):
+        for index, stage in enumerate(stages):
+            if resume and index < resume.stage:
+                continue
             loss, content_t = build_loss(cfg, encoder, inputs, stage, device)
-            if index == 0:
+            steps, optimizer_state, stage_done = stage.steps, None, 0
+            if resume and index == resume.stage:
+                init = upscale(resume.image.to(device), content_t)
+                if cfg.image.color == ColorMode.luminance and resume.optimizer is None:
+                    init = color.luminance(init)  # a finished run's final.png carries the content's chroma
+                if resume.optimizer is not None:  # mid-stage checkpoint: finish this stage's steps
+                    optimizer_state, stage_done = resume.optimizer, resume.stage_step
+                    steps = stage.steps - stage_done
+            elif module is None:
                 log_input_images(logger.experiment, {"input/content": inputs.content_at(stage.size), **{
                     f"input/style_{i}": inputs.style_at(i, style_size(cfg, stage)) for i in range(len(inputs.styles))}})
                 init = initial_image(cfg, inputs, content_t, device)
             else:
                 init = upscale(module.image.detach(), content_t)
+            if steps <= 0:
+                continue
             flusher = ScalarFlusher(cfg.logging.flush_every)
-            snapshots = ImageSnapshots(cfg.logging.image_every, run_dir / "snapshots" if cfg.logging.save_snapshots else None)
-            module = StylizeModule(init, loss, cfg.optimizer, cfg.logging.flush_every + 1, step_offset=step)
-            trainer = make_trainer(cfg, run_dir, logger, stage.steps, [flusher, snapshots, *extra_callbacks], device)
+            callbacks = [
+                flusher,
+                ImageSnapshots(cfg.logging.image_every, run_dir / "snapshots" if cfg.logging.save_snapshots else None),
+                Checkpointer(run_dir / CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, wall_offset, clock),
+                *extra_callbacks,
+            ]
+            module = StylizeModule(init, loss, cfg.optimizer, cfg.logging.flush_every + 1, step_offset=step, optimizer_state=optimizer_state)
+            trainer = make_trainer(cfg, run_dir, logger, steps, callbacks, device)
             try:
                 trainer.fit(module, train_dataloaders=_Forever())
-            except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its own cleanup
-                status = "interrupted"
-            except KeyboardInterrupt:
+            except (SystemExit, KeyboardInterrupt):  # Lightning turns Ctrl-C into sys.exit(1) after its cleanup
                 status = "interrupted"
             step += module.global_step
             if trainer.interrupted and status == "completed":
@@ -282,18 +311,19 @@ def run(
         if module is not None:
             image = finish_image(cfg, module.image.detach(), inputs)
             save_png(image, run_dir / FINAL_IMAGE)
-    wall = time.perf_counter() - start
-    metrics = final_metrics(flusher.latest, wall, step)
+    if status == "completed":
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    metrics = final_metrics(flusher.latest, wall_offset + clock(), step)
     if image is not None:
         metrics.update(Evaluator(device, encoder if _evaluator_compatible(cfg) else None).score(
             image, inputs.content_at(cfg.image.size), [inputs.style_at(i, cfg.image.size) for i in range(len(inputs.styles))],
             inputs.style_weights).as_metrics())
+        metrics["hp/objective"] = objective(cfg, metrics)
         logger.experiment.add_image("image/final", image[0].cpu(), step)
     log_final_metrics(logger.experiment, metrics, step)
     logger.close("success" if status == "completed" else status)
-    result = RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, error)
     write_result(run_dir, status, error, FINAL_IMAGE if image is not None else None, metrics, cfg)
-    return result
+    return RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, error)
 
 
 def _evaluator_compatible(cfg: DictConfig) -> bool:
@@ -314,6 +344,12 @@ def finish_image(cfg: DictConfig, image: Tensor, inputs: Inputs) -> Tensor:
     if cfg.image.color == ColorMode.luminance:
         image = color.with_content_chroma(image, inputs.content_at(max(image.shape[-2:])).to(image.device))
     return image
+
+
+def objective(cfg: DictConfig, metrics: dict[str, float]) -> float:
+    """Style distance, penalised for content distance above the budget (see conf/hparams_search)."""
+    over = max(0.0, metrics["hp/eval_content"] - cfg.objective.content_budget)
+    return metrics["hp/eval_style"] + cfg.objective.penalty * over
 
 
 def final_metrics(latest: dict[str, float], wall: float, steps: int) -> dict[str, float]:

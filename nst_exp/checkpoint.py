@@ -1,0 +1,114 @@
+"""Checkpoints for continuing a run: after pre-emption (requeue), Ctrl-C, or by hand.
+
+``last.ckpt`` in the run folder holds the stage, the steps done, the image and the optimiser
+state (L-BFGS history included), written atomically every ``trainer.checkpoint_every`` steps
+and on Ctrl-C. A run that starts in a folder with a ``last.ckpt`` continues from it, so a
+job that the cluster requeues into the same folder resumes instead of starting over. A
+finished run (no checkpoint, a final.png) continues from its final image with a fresh optimiser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from nst_exp.errors import UserError
+from nst_exp.images import open_image, pil_to_tensor
+from nst_exp.module import StylizeModule
+from nst_exp.reporting import read_result
+
+CHECKPOINT = "last.ckpt"
+
+
+@dataclass
+class ResumeState:
+    stage: int  # index of the stage to continue
+    stage_step: int  # steps of that stage already done
+    logged_step: int  # the step number on the curves
+    wall_time_s: float
+    image: Tensor
+    optimizer: dict[str, Any] | None  # None: a fresh optimiser (continuing a finished run)
+
+
+def save_state(path: Path, state: ResumeState) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(asdict(state), tmp)
+    tmp.replace(path)
+
+
+def find_resume_state(run_dir: Path, resume: str | None, last_stage: int) -> ResumeState | None:
+    """The state to continue from: ``run_dir/last.ckpt``, else a finished ``resume`` folder's final image."""
+    ckpt = run_dir / CHECKPOINT
+    if ckpt.is_file():
+        try:
+            return ResumeState(**torch.load(ckpt, map_location="cpu", weights_only=True))
+        except Exception as exc:  # noqa: BLE001 - a torn or foreign file must not crash the run
+            raise UserError(f"cannot read checkpoint {ckpt}: {exc}; fix: delete it to start this run over") from None
+    if not resume:
+        return None
+    src = Path(resume)
+    final = src / "final.png"
+    if not final.is_file():
+        raise UserError(f"resume={src} holds neither {CHECKPOINT} nor final.png; fix: point resume at a run folder")
+    result = read_result(src) or {}
+    metrics = result.get("metrics") or {}
+    return ResumeState(
+        stage=last_stage,
+        stage_step=0,
+        logged_step=int(metrics.get("hp/steps") or 0),
+        wall_time_s=float(metrics.get("hp/wall_time_s") or 0.0),
+        image=pil_to_tensor(open_image(final, "resume")),
+        optimizer=None,
+    )
+
+
+class Checkpointer(pl.Callback):
+    """Write ``last.ckpt`` every ``every`` steps (0: never periodically) and on Ctrl-C."""
+
+    def __init__(self, path: Path, every: int, stage: int, stage_step_offset: int, wall_offset: float, clock: Any) -> None:
+        self.path = path
+        self.every = every
+        self.stage = stage
+        self.stage_step_offset = stage_step_offset
+        self.wall_offset = wall_offset
+        self.clock = clock  # () -> seconds since the run started
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: StylizeModule, *args: Any) -> None:
+        if self.every and trainer.global_step % self.every == 0:
+            self.save(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: StylizeModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.save(trainer, pl_module)
+
+    def save(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
+        optimizer = trainer.optimizers[0].state_dict() if trainer.optimizers else None
+        save_state(self.path, ResumeState(
+            stage=self.stage,
+            stage_step=self.stage_step_offset + trainer.global_step,
+            logged_step=pl_module.logged_step,
+            wall_time_s=self.wall_offset + self.clock(),
+            image=pl_module.image.detach().cpu(),
+            optimizer=optimizer,
+        ))
+
+
+def resumed_config(cfg: Any, overrides: list[str]) -> Any:
+    """Continuing by hand: the resumed run's own config.yaml, with this command's ``key=value`` overrides on top."""
+    from omegaconf import OmegaConf
+
+    from nst_exp.config import Config
+
+    src = Path(cfg.resume)
+    saved = src / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"resume={src} has no config.yaml; fix: point resume at a run folder made by nst_exp")
+    dotted = [o for o in overrides if "=" in o and "." in o.split("=", 1)[0] and not o.startswith(("hydra.", "resume="))]
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved), OmegaConf.from_dotlist(dotted))
+    merged.resume = str(src)
+    return merged

@@ -1,0 +1,33 @@
+"""``python -m nst_exp compare DIR...``: contact sheet and summary tables for any finished runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nst_exp compare", description="Summarise finished runs or sweeps side by side.")
+    parser.add_argument("dirs", nargs="+", type=Path, help="run folders and/or sweep folders")
+    parser.add_argument("--out", type=Path, help="where to write (default: the sweep folder if one is given, else outputs/compare/<time>)")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    from nst_exp.sweeps import collect_jobs, summarize
+
+    missing = [d for d in args.dirs if not d.is_dir()]
+    if missing:
+        print(f"error: not a folder: {missing[0]}; fix: pass run or sweep folders (they hold result.json files)", file=sys.stderr)
+        return 2
+    jobs = collect_jobs(args.dirs)
+    if not jobs:
+        print(f"error: no finished runs (result.json) under {' '.join(map(str, args.dirs))}; fix: point at outputs/runs/... or outputs/multirun/...", file=sys.stderr)
+        return 2
+    single_sweep = len(args.dirs) == 1 and not (args.dirs[0] / "result.json").is_file()
+    out = args.out or (args.dirs[0] if single_sweep else Path("outputs/compare") / time.strftime("%Y-%m-%d/%H-%M-%S"))
+    paths = summarize(args.dirs, out, title=args.title or f"{len(jobs)} runs")
+    print(f"runs:          {len(jobs)} ({sum(j.status == 'failed' for j in jobs)} failed)")
+    print(f"contact sheet: {paths['contact_sheet']}")
+    print(f"summary:       {paths['csv']}  {paths['md']}")
+    return 0

@@ -1,0 +1,265 @@
+"""Sweep summaries: a contact sheet and summary.csv / summary.md from finished job folders.
+
+Works on folders only (each job's ``result.json``, ``final.png``, ``config.yaml`` and
+``.hydra/overrides.yaml``), never on live modules, so the same code serves the Hydra
+callback at the end of a multirun and ``python -m nst_exp compare`` on any runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import textwrap
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from PIL import Image, ImageDraw, ImageFont
+
+from nst_exp.reporting import RESULT_FILE, read_result
+
+TILE = 224  # px, the box each final image is fitted into
+METRIC_COLUMNS = (
+    "hp/loss_total",
+    "hp/loss_content",
+    "hp/loss_style",
+    "hp/eval_content",
+    "hp/eval_style",
+    "hp/objective",
+    "hp/wall_time_s",
+    "hp/steps",
+)
+
+
+@dataclass
+class Job:
+    path: Path
+    status: str
+    error: str | None
+    metrics: dict[str, float]
+    overrides: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image(self) -> Path | None:
+        path = self.path / "final.png"
+        return path if path.is_file() else None
+
+    def override_dict(self) -> dict[str, str]:
+        return dict(o.lstrip("+~").split("=", 1) for o in self.overrides if "=" in o)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def load_job(path: Path) -> Job | None:
+    result = read_result(path)
+    if result is None:
+        return None
+    overrides = result.get("overrides") or _read_yaml(path / ".hydra" / "overrides.yaml") or []
+    return Job(
+        path=path,
+        status=result.get("status", "unknown"),
+        error=result.get("error"),
+        metrics=result.get("metrics") or {},
+        overrides=[str(o) for o in overrides],
+        config=_read_yaml(path / "config.yaml") or _read_yaml(path / ".hydra" / "config.yaml") or {},
+    )
+
+
+def collect_jobs(dirs: Iterable[Path]) -> list[Job]:
+    """Every job folder (one holding result.json) at or below the given run or sweep folders."""
+    seen: dict[Path, Job] = {}
+    for root in dirs:
+        root = Path(root)
+        candidates = [root] if (root / RESULT_FILE).is_file() else sorted(p.parent for p in root.rglob(RESULT_FILE))
+        for path in candidates:
+            job = load_job(path)
+            if job is not None:
+                seen.setdefault(path.resolve(), job)
+    return sorted(seen.values(), key=_job_order)
+
+
+def _job_order(job: Job) -> tuple:
+    head = job.path.name.split("_", 1)[0]
+    return (str(job.path.parent), int(head) if head.isdigit() else math.inf, job.path.name)
+
+
+def swept_keys(jobs: Sequence[Job]) -> list[str]:
+    """Override keys whose values differ between jobs, in order of first appearance."""
+    keys: dict[str, set[str]] = {}
+    for job in jobs:
+        for key, value in job.override_dict().items():
+            keys.setdefault(key, set()).add(value)
+    varied = [k for k, values in keys.items() if len(values) > 1 or any(k not in j.override_dict() for j in jobs)]
+    return varied
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _relative_to(path: Path, base: Path) -> str:
+    """Paths inside the summary's folder stay relative (the folder can move); others absolute."""
+    path, base = path.resolve(), base.resolve()
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
+
+
+def write_tables(jobs: Sequence[Job], out_dir: Path) -> tuple[Path, Path]:
+    """summary.csv and summary.md: one row per job."""
+    header = ["job", "overrides", "status", "error", *METRIC_COLUMNS, "image"]
+    rows = []
+    for job in jobs:
+        rows.append([
+            job.path.name,
+            " ".join(job.overrides),
+            job.status,
+            job.error or "",
+            *[_fmt(job.metrics.get(m)) for m in METRIC_COLUMNS],
+            _relative_to(job.image, out_dir) if job.image else "",
+        ])
+    csv_path = out_dir / "summary.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    md_path = out_dir / "summary.md"
+    escape = lambda s: s.replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _fit(img: Image.Image, box: int) -> Image.Image:
+    """Scale (up or down) so the long side is ``box``; small test images stay visible."""
+    from nst_exp.images import resize_long_side
+
+    return resize_long_side(img.convert("RGB"), box)
+
+
+def _caption(job: Job, keys: Sequence[str]) -> list[str]:
+    shown = {k: v for k, v in job.override_dict().items() if k in keys} or job.override_dict()
+    text = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in shown.items()) or job.path.name
+    lines = textwrap.wrap(text, 34)[:2]
+    if job.status in ("completed", "interrupted", "diverged"):
+        m = job.metrics
+        lines.append(f"style {_fmt(m.get('hp/eval_style'))}  content {_fmt(m.get('hp/eval_content'))}")
+        lines.append(f"loss {_fmt(m.get('hp/loss_total'))}  {_fmt(m.get('hp/wall_time_s'))}s")
+        if job.status != "completed":
+            lines.append(job.status.upper())
+    else:
+        lines.append("FAILED")
+        lines += textwrap.wrap(job.error or "", 34)[:3]
+    return lines
+
+
+def _inputs(jobs: Sequence[Job]) -> list[tuple[str, Path]]:
+    """The distinct content and style images of the jobs, for the sheet's top row."""
+    from nst_exp.images import resolve_path
+
+    found: dict[str, tuple[str, Path]] = {}
+    for job in jobs:
+        for what in ("content", "style"):
+            node = job.config.get(what) or {}
+            path = node.get("path")
+            if not path or path in found:
+                continue
+            try:
+                found[path] = (f"{what}: {node.get('name', '')}", resolve_path(path, what))
+            except Exception:  # noqa: BLE001 - a moved input only loses its thumbnail
+                continue
+    return list(found.values())
+
+
+def grid_layout(jobs: Sequence[Job], keys: Sequence[str]) -> tuple[list[list[Job | None]], list[str], list[str]]:
+    """Rows x columns of jobs: by the two swept parameters when there are exactly two, else a square-ish grid."""
+    if len(keys) == 2:
+        rows_v = list(dict.fromkeys(j.override_dict().get(keys[0], "") for j in jobs))
+        cols_v = list(dict.fromkeys(j.override_dict().get(keys[1], "") for j in jobs))
+        grid: list[list[Job | None]] = [[None] * len(cols_v) for _ in rows_v]
+        for job in jobs:
+            d = job.override_dict()
+            grid[rows_v.index(d.get(keys[0], ""))][cols_v.index(d.get(keys[1], ""))] = job
+        return grid, [f"{keys[0].rsplit('.', 1)[-1]}={v}" for v in rows_v], [f"{keys[1].rsplit('.', 1)[-1]}={v}" for v in cols_v]
+    cols = max(1, math.ceil(math.sqrt(len(jobs))))
+    grid = [list(jobs[i:i + cols]) + [None] * (cols - len(jobs[i:i + cols])) for i in range(0, len(jobs), cols)]
+    return grid, [], []
+
+
+def contact_sheet(jobs: Sequence[Job], title: str = "") -> Image.Image:
+    keys = swept_keys(jobs)
+    grid, row_labels, col_labels = grid_layout(jobs, keys)
+    font, small = _font(14), _font(11)
+    caption_h, pad = 5 * 13 + 6, 8
+    label_w = 120 if row_labels else 0
+    n_cols = max(len(r) for r in grid) if grid else 1
+    cell_w, cell_h = TILE + pad, TILE + caption_h + pad
+    inputs = _inputs(jobs)
+    top_h = 24 + (TILE // 2 + 20 if inputs else 0) + (18 if col_labels else 0)
+    width = max(label_w + n_cols * cell_w + pad, len(inputs) * (TILE // 2 + pad) + pad, 400)
+    sheet = Image.new("RGB", (width, top_h + len(grid) * cell_h + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 4), title or f"{len(jobs)} runs", fill="black", font=font)
+    x = pad
+    for label, path in inputs:
+        thumb = _fit(Image.open(path), TILE // 2)
+        sheet.paste(thumb, (x, 24))
+        draw.text((x, 24 + thumb.height + 2), label, fill="black", font=small)
+        x += max(thumb.width, 100) + pad
+    y0 = top_h
+    for c, label in enumerate(col_labels):
+        draw.text((label_w + pad + c * cell_w, y0 - 16), label, fill="black", font=small)
+    for r, row in enumerate(grid):
+        y = y0 + r * cell_h
+        if row_labels:
+            draw.text((pad, y + TILE // 2), row_labels[r], fill="black", font=small)
+        for c, job in enumerate(row):
+            if job is None:
+                continue
+            x = label_w + pad + c * cell_w
+            if job.image:
+                tile = _fit(Image.open(job.image), TILE)
+                sheet.paste(tile, (x + (TILE - tile.width) // 2, y + (TILE - tile.height) // 2))
+            else:
+                draw.rectangle((x, y, x + TILE, y + TILE), fill=(200, 200, 200))
+            for i, line in enumerate(_caption(job, keys)):
+                draw.text((x, y + TILE + 3 + i * 13), line, fill="black" if job.status == "completed" else "darkred", font=small)
+    return sheet
+
+
+def summarize(dirs: Iterable[Path], out_dir: Path, title: str = "", log_to_tensorboard: bool = True) -> dict[str, Path]:
+    """Write contact_sheet.png, summary.csv and summary.md for the jobs under ``dirs`` into ``out_dir``."""
+    jobs = collect_jobs(dirs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = write_tables(jobs, out_dir)
+    sheet_path = out_dir / "contact_sheet.png"
+    sheet = contact_sheet(jobs, title)
+    sheet.save(sheet_path)
+    if log_to_tensorboard:
+        _log_sheet(sheet, out_dir / "_summary")
+    return {"contact_sheet": sheet_path, "csv": csv_path, "md": md_path}
+
+
+def _log_sheet(sheet: Image.Image, log_dir: Path) -> None:
+    import numpy as np
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(log_dir))
+    writer.add_image("sweep/contact_sheet", np.asarray(sheet), 0, dataformats="HWC")
+    writer.close()

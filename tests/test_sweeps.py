@@ -1,0 +1,207 @@
+"""Sweeps for real: Hydra multirun via the CLI, folder names, TensorBoard HPARAMS, contact sheet,
+summaries, a failing job among good ones, compare, Optuna, the joblib/submitit launchers, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from conftest import run_cli, run_dirs
+from nst_exp.naming import MAX_LEN, job_dirname
+from nst_exp.sweeps import TILE, collect_jobs, grid_layout, swept_keys
+
+FAST = ["image.size=32", "trainer.max_steps=3", "logging.progress_bar=false", "logging.image_every=2", "logging.flush_every=2"]
+
+
+def sweep_dirs(cwd: Path) -> list[Path]:
+    return sorted(p for p in (cwd / "outputs" / "multirun").glob("*/*") if p.is_dir())
+
+
+def hparams_of(run_dir: Path) -> tuple[dict, set[str], dict[str, float]]:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    metrics = {m.name.tag: acc.Scalars(m.name.tag)[-1].value for m in exp.metric_infos}
+    return dict(start.hparams), {m.name.tag for m in exp.metric_infos}, metrics
+
+
+def test_job_dirname_is_safe_and_short():
+    assert job_dirname(["style=hubble", "loss.style_weight=1e4"]) == "style=hubble,style_weight=1e4"
+    assert job_dirname(["content.path=/home/me/My Photos/cat.jpg"]) == "content=cat"
+    assert job_dirname(["style.path=builtin\\:starry_night.jpg", "loss.style_layers=[relu1_1,relu2_1]"]) == (
+        "style=starry_night,style_layers=-relu1_1,relu2_1"
+    )
+    name = job_dirname([f"loss.w{i}=12345.6789" for i in range(40)])
+    assert len(name) <= MAX_LEN and "/" not in name
+    assert job_dirname([f"loss.w{i}=1" for i in range(40)]) != job_dirname([f"loss.w{i}=2" for i in range(40)])
+    assert job_dirname(["logging.image_every=5"]) == "default"
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    cwd = tmp_path_factory.mktemp("sweep")
+    proc = run_cli(["run", "-m", "style=starry_night,hubble", "loss.style_weight=5,50", *FAST], cwd, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (sweep,) = sweep_dirs(cwd)
+    return sweep, proc
+
+
+def test_multirun_one_folder_named_jobs(grid_sweep):
+    sweep, proc = grid_sweep
+    names = sorted(p.name for p in run_dirs(sweep))
+    assert names == [
+        "0_style=starry_night,style_weight=5,size=32,max_steps=3",
+        "1_style=starry_night,style_weight=50,size=32,max_steps=3",
+        "2_style=hubble,style_weight=5,size=32,max_steps=3",
+        "3_style=hubble,style_weight=50,size=32,max_steps=3",
+    ]
+    assert "4 jobs, 0 failed" in proc.stdout and f"tensorboard --logdir {sweep.relative_to(sweep.parents[3])}" in proc.stdout
+
+
+def test_hparams_complete_for_every_run(grid_sweep):
+    sweep, _ = grid_sweep
+    seen_keys, seen_metrics, styles = None, None, set()
+    for run in run_dirs(sweep):
+        hparams, metric_tags, metrics = hparams_of(run)
+        seen_keys = seen_keys or set(hparams)
+        seen_metrics = seen_metrics or metric_tags
+        assert set(hparams) == seen_keys and metric_tags == seen_metrics  # same keys in every run
+        styles.add((hparams["style.name"].string_value, hparams["loss.style_weight"].number_value))
+        for tag in ("hp/loss_total", "hp/loss_content", "hp/loss_style", "hp/wall_time_s", "hp/steps"):
+            assert metrics[tag] == metrics[tag]  # not NaN
+        assert metrics["hp/steps"] == 3
+    assert styles == {("starry_night", 5.0), ("starry_night", 50.0), ("hubble", 5.0), ("hubble", 50.0)}
+
+
+def test_contact_sheet_and_summary(grid_sweep):
+    sweep, _ = grid_sweep
+    jobs = collect_jobs([sweep])
+    assert swept_keys(jobs) == ["style", "loss.style_weight"]
+    grid, rows, cols = grid_layout(jobs, swept_keys(jobs))
+    assert (len(grid), len(grid[0])) == (2, 2) and rows == ["style=starry_night", "style=hubble"]
+    sheet = Image.open(sweep / "contact_sheet.png")
+    assert sheet.width >= 2 * TILE and sheet.height >= 2 * TILE + TILE // 2  # inputs row + 2x2 tiles
+    with (sweep / "summary.csv").open() as fh:
+        rows_csv = list(csv.DictReader(fh))
+    assert len(rows_csv) == 4 and {r["status"] for r in rows_csv} == {"completed"}
+    assert all(float(r["hp/eval_style"]) > 0 and (sweep / r["image"]).is_file() for r in rows_csv)
+    assert (sweep / "summary.md").read_text().count("| completed |") == 4
+    acc = EventAccumulator(str(sweep / "_summary"))
+    acc.Reload()
+    assert "sweep/contact_sheet" in acc.Tags()["images"]
+
+
+def test_failed_job_does_not_stop_sweep(tmp_path):
+    proc = run_cli(["run", "-m", "style.path=builtin:starry_night.jpg,/no/such/painting.jpg", *FAST], tmp_path, timeout=600)
+    assert proc.returncode == 1  # the sweep finished, but says a job failed
+    assert "2 jobs, 1 failed" in proc.stdout
+    (sweep,) = sweep_dirs(tmp_path)
+    with (sweep / "summary.csv").open() as fh:
+        rows = {r["job"]: r for r in csv.DictReader(fh)}
+    failed = [r for r in rows.values() if r["status"] == "failed"]
+    assert len(failed) == 1 and "style image not found: /no/such/painting.jpg" in failed[0]["error"]
+    assert [r["status"] for r in rows.values()].count("completed") == 1
+
+
+def test_compare_any_runs(tmp_path, grid_sweep):
+    sweep, _ = grid_sweep
+    runs = run_dirs(sweep)[:3]
+    out = tmp_path / "cmp"
+    proc = run_cli(["compare", *map(str, runs), "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with (out / "summary.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 3
+    assert Image.open(out / "contact_sheet.png").width >= 2 * TILE
+    bad = run_cli(["compare", str(tmp_path / "nothing")], tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: not a folder")
+
+
+def test_two_sweeps_in_the_same_second_do_not_share_a_folder(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "nst_exp", "run", "-m", "trainer.max_steps=1", *FAST[:1], "logging.progress_bar=false"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0
+    assert len(sweep_dirs(tmp_path)) == 2
+
+
+def test_optuna_search_three_trials(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = run_cli(["run", "hparams_search=style_optuna", "hydra.sweeper.n_trials=3", *FAST], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Best value" in proc.stdout + proc.stderr
+    (sweep,) = sweep_dirs(tmp_path)
+    jobs = collect_jobs([sweep])
+    assert len(jobs) == 3
+    for job in jobs:
+        assert job.status == "completed" and job.metrics["hp/objective"] >= 0
+
+
+@pytest.mark.parametrize("launcher", ["parallel", "submitit_local"])
+def test_local_launchers(tmp_path, launcher):
+    pytest.importorskip({"parallel": "hydra_plugins.hydra_joblib_launcher", "submitit_local": "hydra_plugins.hydra_submitit_launcher"}[launcher])
+    proc = run_cli(["run", "-m", f"launcher={launcher}", "loss.style_weight=5,50", *FAST], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (sweep,) = sweep_dirs(tmp_path)
+    jobs = collect_jobs([sweep])
+    assert [j.status for j in jobs] == ["completed", "completed"]
+    assert [j.path.name for j in jobs] == ["0_style_weight=5,size=32,max_steps=3", "1_style_weight=50,size=32,max_steps=3"]
+    assert (sweep / "contact_sheet.png").is_file()
+
+
+def _steps(run_dir: Path) -> list[int]:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars("loss/total")]
+
+
+def test_resume_by_hand_continues_the_curve(tmp_path):
+    proc = run_cli(["run", *FAST, "trainer.max_steps=4"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = run_dirs(tmp_path / "outputs")
+    proc = run_cli(["run", f"resume={run}", "trainer.max_steps=3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert run_dirs(tmp_path / "outputs") == [run]  # continued in its own folder
+    assert _steps(run) == list(range(7))
+    assert json.loads((run / "result.json").read_text())["metrics"]["hp/steps"] == 7
+
+
+def test_killed_job_rerun_in_its_folder_resumes_from_checkpoint(tmp_path):
+    """What a requeued (pre-empted) cluster job does: the same command, the same folder, a last.ckpt."""
+    run = tmp_path / "outputs" / "job"
+    args = ["run", f"hydra.run.dir={run}", "image.size=32", "trainer.max_steps=400", "trainer.checkpoint_every=3",
+            "logging.progress_bar=false", "logging.flush_every=1"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "nst_exp", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (run / "last.ckpt").is_file():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)  # pre-emption: no chance to clean up
+    proc.wait()
+    assert (run / "last.ckpt").is_file() and not (run / "result.json").is_file()
+    import torch
+
+    done = torch.load(run / "last.ckpt", weights_only=True)["stage_step"]
+    assert done >= 3 and done % 3 == 0
+    proc = run_cli(args[:3] + ["trainer.max_steps=" + str(done + 4)] + args[4:], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "completed" and result["metrics"]["hp/steps"] == done + 4
+    steps = _steps(run)
+    assert sorted(set(steps)) == list(range(done + 4))  # one continuous curve (steps after the checkpoint re-run)
+    assert not (run / "last.ckpt").exists()
