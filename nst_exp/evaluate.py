@@ -47,7 +47,7 @@ class Evaluator:
     def score(self, image: Tensor, content: Tensor, styles: Sequence[Tensor], weights: Sequence[float] | None = None) -> Scores:
         """Tensors (1, 3, H, W) in [0, 1], any sizes; resized here to the evaluator's fixed size."""
         image = _resize_long(image.float().to(self.device), EVAL_SIZE)
-        content = F.interpolate(content.float().to(self.device), size=image.shape[-2:], mode="area")
+        content = _resize_to(content.float().to(self.device), image.shape[-2:])
         feats = self.encoder(image)
         target = self.encoder(content, [EVAL_CONTENT_LAYER])[EVAL_CONTENT_LAYER]
         content_d = _relative(feats[EVAL_CONTENT_LAYER], target)
@@ -68,8 +68,14 @@ def _relative(x: Tensor, target: Tensor) -> float:
 def _resize_long(image: Tensor, long_side: int) -> Tensor:
     h, w = image.shape[-2:]
     scale = long_side / max(h, w)
-    size = (max(16, round(h * scale)), max(16, round(w * scale)))
-    return image if size == (h, w) else F.interpolate(image, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+    return _resize_to(image, (max(16, round(h * scale)), max(16, round(w * scale))))
+
+
+def _resize_to(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """One resampling for every input, so an image and its own copy always score 0."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image, size=tuple(size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
 
 
 def score_files(image: str | Path | Image.Image, content: str | Path, styles: Sequence[str | Path], device: str = "cpu") -> Scores:
