@@ -77,6 +77,7 @@ class StyleConfig:
     extra_paths: List[str] = field(default_factory=list)  # more style images, blended
     blend_weights: List[float] = field(default_factory=list)  # one per image (path first); empty = equal
     mask_path: Optional[str] = None  # white = apply style, black = keep content
+    crop: int = 0  # px cut from each side of the style image(s), e.g. a scanned painting's frame
 
 
 @dataclass
@@ -228,6 +229,7 @@ def validate(cfg: DictConfig | Config) -> None:
         )
     for w in cfg.style.blend_weights:
         _non_negative(w, "style.blend_weights")
+    _non_negative(cfg.style.crop, "style.crop")
     if cfg.init == Init.image and not cfg.image.init_path:
         raise UserError("init=image needs image.init_path; fix: add image.init_path=/path/to/start.png")
     if cfg.trainer.precision not in ("32-true", "32", "bf16-mixed", "bf16-true"):

@@ -83,7 +83,7 @@ class Inputs:
     def __init__(self, cfg: DictConfig, content: Any = None, styles: list[Any] | None = None) -> None:
         self.content = open_image(content if content is not None else cfg.content.path, "content")
         sources = styles if styles is not None else [cfg.style.path, *cfg.style.extra_paths]
-        self.styles = [open_image(s, "style") for s in sources]
+        self.styles = [crop_border(open_image(s, "style"), cfg.style.crop) for s in sources]
         weights = list(cfg.style.blend_weights) or [1.0] * len(self.styles)
         if len(weights) != len(self.styles):
             raise UserError(f"style.blend_weights has {len(weights)} values for {len(self.styles)} style images")
@@ -99,6 +99,14 @@ class Inputs:
 
     def style_at(self, index: int, size: int) -> Tensor:
         return pil_to_tensor(resize_long_side(self.styles[index], size))
+
+
+def crop_border(img: Image.Image, px: int) -> Image.Image:
+    if not px:
+        return img
+    if 2 * px >= min(img.size):
+        raise UserError(f"style.crop={px} removes the whole {img.size[0]}x{img.size[1]} style image; fix: a smaller style.crop")
+    return img.crop((px, px, img.size[0] - px, img.size[1] - px))
 
 
 def style_size(cfg: DictConfig, stage: Stage) -> int:
