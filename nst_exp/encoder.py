@@ -148,6 +148,7 @@ class VGG19Encoder(nn.Module):
             raise ValueError(f"unknown preprocessing {preprocessing!r}")
         self.register_buffer("in_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("in_shift", shift.view(1, 3, 1, 1), persistent=False)
+        self.channels_last = False  # set with .to(memory_format=torch.channels_last) for NHWC cuDNN kernels
         self.requires_grad_(False)
         self.eval()
 
@@ -164,6 +165,8 @@ class VGG19Encoder(nn.Module):
         wanted = set(self.layers if layers is None else layers)
         out: dict[str, Tensor] = {}
         x = self.preprocess(image)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         for name in self.names:
             if name.startswith("conv"):
                 weight, bias = getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")

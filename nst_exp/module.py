@@ -28,13 +28,12 @@ class StylizeModule(pl.LightningModule):
         step_offset: int = 0,
         optimizer_state: dict | None = None,
         iters_per_step: int = 1,
-        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.iters_per_step = iters_per_step
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.image = nn.Parameter(init_image.detach().clone().contiguous(memory_format=memory_format))
+        # The image stays NCHW-contiguous (L-BFGS flattens it with .view); the encoder goes NHWC inside.
+        self.image = nn.Parameter(init_image.detach().clone().contiguous())
         self.loss_fn = loss
         self.optimizer_cfg = optimizer
         self.term_names = loss.term_names()

@@ -109,6 +109,23 @@ def crop_border(img: Image.Image, px: int) -> Image.Image:
     return img.crop((px, px, img.size[0] - px, img.size[1] - px))
 
 
+def build_network(cfg: DictConfig, device: torch.device) -> tuple[VGG19Encoder, torch.nn.Module]:
+    """The frozen encoder on ``device`` for the loss layers, and the module the steps run through.
+
+    On CUDA: NHWC weights and activations (faster cuDNN kernels), cuDNN autotuning (the shapes
+    are fixed), and ``torch.compile`` if ``trainer.compile``. Targets use the plain encoder.
+    """
+    layers = list(dict.fromkeys([*cfg.loss.content_layers, *cfg.loss.style_layers]))
+    encoder = build_encoder(layers, cfg.model.pooling.value, cfg.model.weights.value, cfg.model.padding.value).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if cfg.trainer.channels_last:
+            encoder = encoder.to(memory_format=torch.channels_last)
+            encoder.channels_last = True
+    step_encoder = torch.compile(encoder) if cfg.trainer.compile and device.type == "cuda" else encoder
+    return encoder, step_encoder
+
+
 def style_size(cfg: DictConfig, stage: Stage) -> int:
     """Long side of the style image for a stage: image.style_size (scaled with the stage) or style_scale * size."""
     if cfg.image.style_size:
@@ -217,6 +234,11 @@ def make_trainer(cfg: DictConfig, run_dir: Path, logger: RunLogger, steps: int, 
         from pytorch_lightning.plugins.environments import SLURMEnvironment
 
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    if cfg.logging.progress_bar:
+        # Redrawing the bar every step costs ~3 ms on a fast GPU; the loss it shows changes per flush anyway.
+        from pytorch_lightning.callbacks import TQDMProgressBar
+
+        callbacks = [*callbacks, TQDMProgressBar(refresh_rate=cfg.logging.flush_every)]
     return pl.Trainer(
         max_steps=steps,
         max_epochs=-1,
@@ -256,14 +278,7 @@ def run(
     inputs = Inputs(cfg, content, styles)
     device = pick_device(cfg.trainer.accelerator, cfg.trainer.device_index)
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
-    layers = list(dict.fromkeys([*cfg.loss.content_layers, *cfg.loss.style_layers]))
-    encoder = build_encoder(layers, cfg.model.pooling.value, cfg.model.weights.value, cfg.model.padding.value).to(device)
-    channels_last = cfg.trainer.channels_last and device.type == "cuda"
-    if channels_last:
-        encoder = encoder.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
-    step_encoder = torch.compile(encoder) if cfg.trainer.compile and device.type == "cuda" else encoder
+    encoder, step_encoder = build_network(cfg, device)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     logger = RunLogger(run_dir)
@@ -281,6 +296,7 @@ def run(
         for index, stage in enumerate(stages):
             if resume and index < resume.stage:
                 continue
+            encoder.to(device)  # Lightning's teardown moved the previous stage's module (and encoder) to the CPU
             loss, content_t = build_loss(cfg, encoder, inputs, stage, device)
             loss.encoder = step_encoder
             steps, optimizer_state, stage_done = stage.steps, None, 0
@@ -296,7 +312,7 @@ def run(
                     f"input/style_{i}": inputs.style_at(i, style_size(cfg, stage)) for i in range(len(inputs.styles))}})
                 init = initial_image(cfg, inputs, content_t, device)
             else:
-                init = upscale(module.image.detach(), content_t)
+                init = upscale(module.image.detach().to(device), content_t)
             if steps <= 0:
                 continue
             flusher = ScalarFlusher(cfg.logging.flush_every)
@@ -312,7 +328,6 @@ def run(
                 step_offset=step,
                 optimizer_state=optimizer_state,
                 iters_per_step=cfg.trainer.iters_per_step,
-                channels_last=channels_last,
             )
             trainer = make_trainer(cfg, run_dir, logger, steps, callbacks, device)
             try:

@@ -1,0 +1,153 @@
+"""``python -m nst_exp bench``: the FLOP count by hand, the time-to-quality rule, and CLI smoke runs (no timed asserts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import torch
+
+from nst_exp.bench import (
+    QualityPoint,
+    StepClock,
+    conv_flops,
+    parse_args,
+    pastiche_layer,
+    peak_tflops,
+    time_to_quality,
+    window_end,
+)
+from nst_exp.config import DEFAULT_STYLE_LAYERS
+
+from conftest import run_cli
+
+
+def _conv(c_in: int, c_out: int, h: int, w: int) -> int:
+    """Forward 2*Cin*Cout*9*H*W, doubled for the input-gradient backward."""
+    return 2 * (2 * c_in * c_out * 9 * h * w)
+
+
+def test_conv_flops_first_layer_by_hand():
+    # conv1_1 on 4x4: 2*3*64*9*16 = 55,296 forward; the same again backward.
+    assert conv_flops(["relu1_1"], 4, 4) == 110_592
+    assert conv_flops(["conv1_1"], 4, 4) == conv_flops(["relu1_1"], 4, 4)
+
+
+def test_conv_flops_through_a_pooling_by_hand():
+    # conv1_1 (3->64) and conv1_2 (64->64) at 4x6, pool1 -> 2x3, conv2_1 (64->128) at 2x3.
+    forward = 2 * 3 * 64 * 9 * 24 + 2 * 64 * 64 * 9 * 24 + 2 * 64 * 128 * 9 * 6
+    assert forward == 82_944 + 1_769_472 + 884_736
+    assert conv_flops(["relu2_1"], 4, 6) == 2 * forward == 5_474_304
+
+
+def test_conv_flops_default_layers_cut_at_relu5_1():
+    h, w = 32, 48  # pools: 16x24, 8x12, 4x6, 2x3
+    expected = (
+        _conv(3, 64, 32, 48) + _conv(64, 64, 32, 48)
+        + _conv(64, 128, 16, 24) + _conv(128, 128, 16, 24)
+        + _conv(128, 256, 8, 12) + 3 * _conv(256, 256, 8, 12)
+        + _conv(256, 512, 4, 6) + 3 * _conv(512, 512, 4, 6)
+        + _conv(512, 512, 2, 3)  # conv5_1 only: the network ends at relu5_1
+    )
+    layers = ["relu4_2", *DEFAULT_STYLE_LAYERS]
+    assert conv_flops(layers, h, w) == expected
+    assert conv_flops(layers, h, w) == conv_flops(["relu5_1"], h, w)  # only the deepest layer matters
+    assert conv_flops(["relu5_4"], h, w) == expected + 3 * _conv(512, 512, 2, 3)
+
+
+def test_pastiche_layer_names():
+    assert [pastiche_layer(n) for n in ("relu4_2", "conv1_1", "pool3")] == ["block4_relu2", "block1_conv1", "block3_pool"]
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.7
+    assert peak_tflops("NVIDIA H200", "bf16") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") is None  # a different part: not in the table
+    assert peak_tflops(None, "fp32") is None
+
+
+def test_time_to_quality_rule():
+    points = [QualityPoint(10, 1.0, 0.30, 0.50), QualityPoint(20, 2.0, 0.45, 0.30), QualityPoint(30, 3.0, 0.39, 0.33)]
+    assert time_to_quality(points, content=0.40, style=0.35) == ("both", points[2])
+    # Never both; the first point whose content+style is below 0.42+0.32 (p0 0.80, p1 0.75, p2 0.72).
+    assert time_to_quality(points, content=0.42, style=0.32) == ("sum", points[2])
+    assert time_to_quality(points, content=0.10, style=0.10) == ("never", None)
+
+
+@pytest.mark.parametrize("stride", [1, 3, 4])
+def test_step_clock_counts_steps_whatever_the_tick_stride(stride: int):
+    """A loop ticking every ``stride`` steps (trainer.iters_per_step) still times >= steps whole steps."""
+    clock, cpu = StepClock(warmup=3, steps=10), torch.device("cpu")
+    end = window_end(3, 10, stride)
+    for step in range(0, end + 1, stride):
+        clock.tick(step, cpu)
+    durations = clock.durations()
+    assert clock.closed and len(durations) == end - clock.stamps[0][0] >= 10
+    assert clock.stamps[0][0] >= 3 and all(d >= 0 for d in durations)
+    assert window_end(3, 10, 1) == 13 and window_end(3, 10, 4) == 16
+
+
+def test_step_clock_refuses_an_unfinished_window():
+    clock = StepClock(warmup=1, steps=5)
+    for step in range(4):
+        clock.tick(step, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="stopped before"):
+        clock.durations()
+
+
+def _table_rows(stdout: str) -> dict[str, list[str]]:
+    """The printed table's rows by variant (the 32 px runs)."""
+    rows = [line.split() for line in stdout.splitlines() if line.strip().startswith("32 ")]
+    return {cells[2]: cells for cells in rows if len(cells) > 4}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """One tiny real bench run (all three variants, plus a tiny --ttq), shared by the tests below."""
+    cwd = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # a smoke run: one thread keeps it quick on a busy 2-core machine
+        proc = run_cli([
+            "bench", "--sizes", "32", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", "out.json",
+            "--ttq", "--ttq-size", "32", "--ttq-steps", "3", "--ttq-every", "2",
+            "--ttq-overrides", "trainer.max_steps=4", "logging.progress_bar=false",
+        ], cwd=cwd, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, cwd
+
+
+def test_bench_smoke_table(smoke):
+    proc, cwd = smoke
+    assert "machine:" in proc.stdout and "s/step" in proc.stdout
+    table = _table_rows(proc.stdout)
+    assert set(table) == {"tool", "bare", "pastiche"}, proc.stdout
+    for variant, cells in table.items():
+        assert float(cells[4]) > 0, (variant, cells)  # seconds per step, mean
+    rows = json.loads((cwd / "out.json").read_text())["rows"]
+    assert {r["variant"]: r["error"] for r in rows} == {"tool": None, "bare": None, "pastiche": None}
+    assert all(r["s_per_step_mean"] > 0 and r["measured_steps"] == 2 for r in rows)
+    assert all(r["conv_gflop_per_step"] > 0 and r["mem_peak_mib"] > 0 for r in rows)
+
+
+def test_bench_smoke_ttq(smoke):
+    proc, cwd = smoke
+    assert "time to quality at 32 px" in proc.stdout and "pastiche: 3 L-BFGS steps" in proc.stdout
+    ttq = json.loads((cwd / "out.json").read_text())["ttq"]
+    assert [p["step"] for p in ttq["tool_points"]] == [2, 4]
+    assert ttq["pastiche_seconds"] > 0 and ttq["criterion"] in ("both", "sum", "never")
+    assert all(p["seconds"] > 0 and p["content"] >= 0 and p["style"] >= 0 for p in ttq["tool_points"])
+
+
+def test_bench_writes_nothing_but_its_json(smoke):
+    _, cwd = smoke
+    assert sorted(p.name for p in cwd.iterdir()) == ["out.json"]  # run folders went to temp dirs
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--sizes", "8"], ["--variants", "nope"]])
+def test_bench_rejects_bad_arguments(args: list[str], capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(args)
+    assert exc.value.code == 2 and "error" in capsys.readouterr().err
