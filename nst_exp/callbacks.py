@@ -12,19 +12,7 @@ from torch import Tensor
 
 from nst_exp.images import save_png
 from nst_exp.module import StylizeModule
-
-# Every run logs exactly these HPARAMS metrics, so TensorBoard's table is complete in any sweep.
-HPARAM_METRICS = (
-    "hp/loss_total",
-    "hp/loss_content",
-    "hp/loss_style",
-    "hp/eval_content",
-    "hp/eval_style",
-    "hp/objective",
-    "hp/wall_time_s",
-    "hp/steps",
-)
-
+from nst_exp.reporting import HPARAM_METRICS
 
 def writer_of(trainer: pl.Trainer) -> Any:
     """The TensorBoard SummaryWriter behind the trainer's logger."""

@@ -8,6 +8,18 @@ from typing import Any
 
 RESULT_FILE = "result.json"
 
+# Every run logs exactly these HPARAMS metrics, so TensorBoard's table is complete in any sweep.
+HPARAM_METRICS = (
+    "hp/loss_total",
+    "hp/loss_content",
+    "hp/loss_style",
+    "hp/eval_content",
+    "hp/eval_style",
+    "hp/objective",
+    "hp/wall_time_s",
+    "hp/steps",
+)
+
 
 def write_result(
     run_dir: Path,

@@ -32,17 +32,18 @@ from nst_exp.callbacks import (
     log_hparams_start,
     log_input_images,
 )
+from nst_exp.checkpoint import CHECKPOINT, Checkpointer, find_resume_state
 from nst_exp.config import ColorMode, Init, flatten, to_container, validate
 from nst_exp.encoder import VGG19Encoder, build_encoder
 from nst_exp.errors import UserError
 from nst_exp.evaluate import Evaluator
 from nst_exp.images import open_image, pil_to_tensor, resize_long_side, save_png, tensor_to_pil
 from nst_exp.losses import STYLE_LOSSES, ContentLoss, StyleTransferLoss, layer_weights
-from nst_exp.checkpoint import CHECKPOINT, Checkpointer, find_resume_state
 from nst_exp.module import StylizeModule
 from nst_exp.reporting import write_result
 
 FINAL_IMAGE = "final.png"
+
 
 @dataclass
 class RunResult:

@@ -18,19 +18,10 @@ from typing import Any
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from nst_exp.reporting import RESULT_FILE, read_result
+from nst_exp.reporting import HPARAM_METRICS, RESULT_FILE, read_result
 
 TILE = 224  # px, the box each final image is fitted into
-METRIC_COLUMNS = (
-    "hp/loss_total",
-    "hp/loss_content",
-    "hp/loss_style",
-    "hp/eval_content",
-    "hp/eval_style",
-    "hp/objective",
-    "hp/wall_time_s",
-    "hp/steps",
-)
+METRIC_COLUMNS = HPARAM_METRICS
 
 
 @dataclass
