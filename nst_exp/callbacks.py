@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from torch import Tensor
 
 from nst_exp.images import save_png
@@ -111,7 +110,3 @@ def divergence_message(step: int | None) -> str | None:
         f"the loss became NaN/inf at step {step}; stopped and kept the last good image. "
         "fix: lower optimizer.lr, loss.style_weight or use optimizer.line_search=strong_wolfe"
     )
-
-
-def gpu_peak_memory(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
