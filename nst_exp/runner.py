@@ -147,7 +147,9 @@ def build_loss(cfg: DictConfig, encoder: VGG19Encoder, inputs: Inputs, stage: St
     normalize = cfg.loss.normalize
     style_cls = STYLE_LOSSES[str(cfg.loss.style_loss.value)]
     with torch.no_grad():
-        content_feats = encoder(content, cfg.loss.content_layers)
+        # With a mask the style layers' shapes are needed too: one pass over the content for both.
+        mask_layers = cfg.loss.style_layers if inputs.mask is not None else []
+        content_feats = encoder(content, [*cfg.loss.content_layers, *mask_layers])
         style_feats = [encoder(s, cfg.loss.style_layers) for s in styles]
         content_losses = {k: ContentLoss(content_feats[k], normalize) for k in cfg.loss.content_layers}
         style_losses = {}
@@ -157,8 +159,7 @@ def build_loss(cfg: DictConfig, encoder: VGG19Encoder, inputs: Inputs, stage: St
         masks = {}
         if inputs.mask is not None:
             mask = pil_to_tensor(inputs.mask.resize(content.shape[-1:-3:-1], Image.Resampling.BILINEAR))[:, :1].to(device)
-            shapes = {k: v.shape[-2:] for k, v in encoder(content, cfg.loss.style_layers).items()}
-            masks = {k: F.interpolate(mask, size=shape, mode="area") for k, shape in shapes.items()}
+            masks = {k: F.interpolate(mask, size=content_feats[k].shape[-2:], mode="area") for k in mask_layers}
     loss = StyleTransferLoss(
         encoder,
         content_losses,
