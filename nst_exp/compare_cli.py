@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
         return 2
     single_sweep = len(args.dirs) == 1 and not (args.dirs[0] / "result.json").is_file()
     out = args.out or (args.dirs[0] if single_sweep else Path("outputs/compare") / time.strftime("%Y-%m-%d/%H-%M-%S"))
-    paths = summarize(args.dirs, out, title=args.title or f"{len(jobs)} runs")
+    paths = summarize(jobs, out, title=args.title or f"{len(jobs)} runs")
     print(f"runs:          {len(jobs)} ({sum(j.status == 'failed' for j in jobs)} failed)")
     print(f"contact sheet: {paths['contact_sheet']}")
     print(f"summary:       {paths['csv']}  {paths['md']}")

@@ -36,8 +36,8 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        paths = summarize([sweep_dir], sweep_dir, title=f"sweep {sweep_dir}")
         jobs = collect_jobs([sweep_dir])
+        paths = summarize(jobs, sweep_dir, title=f"sweep {sweep_dir}")
         failed = [j for j in jobs if j.status == "failed"]
         FAILED_JOBS.append(len(failed))
         print(f"sweep:       {len(jobs)} jobs, {len(failed)} failed")

@@ -234,9 +234,8 @@ def contact_sheet(jobs: Sequence[Job], title: str = "") -> Image.Image:
     return sheet
 
 
-def summarize(dirs: Iterable[Path], out_dir: Path, title: str = "", log_to_tensorboard: bool = True) -> dict[str, Path]:
-    """Write contact_sheet.png, summary.csv and summary.md for the jobs under ``dirs`` into ``out_dir``."""
-    jobs = collect_jobs(dirs)
+def summarize(jobs: Sequence[Job], out_dir: Path, title: str = "", log_to_tensorboard: bool = True) -> dict[str, Path]:
+    """Write contact_sheet.png, summary.csv and summary.md for ``jobs`` (see ``collect_jobs``) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = write_tables(jobs, out_dir)
     sheet_path = out_dir / "contact_sheet.png"
