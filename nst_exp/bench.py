@@ -288,6 +288,7 @@ def run_tool(spec: Spec, clock: StepClock, result: Measurement) -> None:
 def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
     """The tool's network and loss modules in a plain L-BFGS loop: the floor any wrapper is measured against."""
     from nst_exp import runner
+    from nst_exp.optimizers import build_optimizer
 
     cfg = tool_config(spec)
     device = torch.device(spec.device)
@@ -298,7 +299,7 @@ def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
     # The image stays NCHW-contiguous: L-BFGS flattens its gradient with view(-1). NHWC weights
     # (trainer.channels_last on CUDA) still make cuDNN run the convolutions channels-last.
     img = runner.initial_image(cfg, inputs, content, device).detach().clone().contiguous().requires_grad_(True)
-    opt = torch.optim.LBFGS([img], lr=cfg.optimizer.lr, max_iter=1, history_size=cfg.optimizer.history_size)
+    opt = build_optimizer(img, cfg.optimizer)  # the tool's optimiser (optimizer.impl=torch: torch.optim.LBFGS)
     use_bf16 = spec.precision == "bf16"
 
     def closure() -> Tensor:

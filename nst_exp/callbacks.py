@@ -108,5 +108,5 @@ def divergence_message(step: int | None) -> str | None:
         return None
     return (
         f"the loss became NaN/inf at step {step}; stopped and kept the last good image. "
-        "fix: lower optimizer.lr, loss.style_weight or use optimizer.line_search=strong_wolfe"
+        "fix: lower optimizer.lr, loss.style_weight or use optimizer.impl=torch optimizer.line_search=strong_wolfe"
     )

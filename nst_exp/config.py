@@ -51,6 +51,11 @@ class OptimizerName(str, Enum):
     adam = "adam"
 
 
+class LBFGSImpl(str, Enum):
+    compact = "compact"  # nst_exp.lbfgs.CompactLBFGS: same steps as torch's, no host syncs
+    torch = "torch"  # torch.optim.LBFGS (needed for line_search=strong_wolfe)
+
+
 class Init(str, Enum):
     content = "content"
     noise = "noise"
@@ -116,7 +121,8 @@ class OptimizerConfig:
     name: OptimizerName = OptimizerName.lbfgs
     lr: float = 1.0
     history_size: int = 50  # L-BFGS memory (each entry costs 2 image-sized tensors)
-    line_search: Optional[str] = None  # L-BFGS: null or strong_wolfe
+    line_search: Optional[str] = None  # L-BFGS: null or strong_wolfe (strong_wolfe needs impl=torch)
+    impl: LBFGSImpl = LBFGSImpl.compact  # L-BFGS implementation: compact (sync-free) or torch
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam
 
 
@@ -211,6 +217,8 @@ def validate(cfg: DictConfig | Config) -> None:
     _positive(cfg.optimizer.history_size, "optimizer.history_size")
     if cfg.optimizer.line_search not in (None, "strong_wolfe"):
         raise UserError(f"optimizer.line_search must be null or strong_wolfe, got {cfg.optimizer.line_search!r}")
+    if cfg.optimizer.line_search and cfg.optimizer.impl == LBFGSImpl.compact:
+        raise UserError("optimizer.line_search=strong_wolfe needs torch's L-BFGS; fix: add optimizer.impl=torch")
     _non_negative(cfg.loss.content_weight, "loss.content_weight")
     _non_negative(cfg.loss.style_weight, "loss.style_weight")
     _non_negative(cfg.loss.tv_weight, "loss.tv_weight")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nst_exp.errors import UserError
+from nst_exp.padding import reflect_pad1
 
 # (block, number of convs) for VGG19.
 _BLOCKS = ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))
@@ -184,7 +185,11 @@ class VGG19Encoder(nn.Module):
                     x = F.conv2d(x, weight, bias, padding=1)
                 else:  # reflect needs 2+ pixels; a 1-pixel map (tiny images, deep layers) replicates
                     mode = self.padding if min(x.shape[-2:]) > 1 else "replicate"
-                    x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode=mode), weight, bias)
+                    if mode == "reflect" and self.channels_last:
+                        padded = reflect_pad1(x)  # F.pad would hand cuDNN an NCHW copy
+                    else:
+                        padded = F.pad(x, (1, 1, 1, 1), mode=mode)
+                    x = F.conv2d(padded, weight, bias)
             elif name.startswith("relu"):
                 # In place is safe unless the conv output itself was requested.
                 x = F.relu(x, inplace=out.get(name.replace("relu", "conv")) is None)

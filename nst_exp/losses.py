@@ -16,20 +16,28 @@ from torch import Tensor, nn
 _EPS = 1e-8
 
 
+def positions_by_channels(features: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H*W, C) without a copy for channels-last (NHWC) activations.
+
+    Flattening NHWC activations to (B, C, H*W) would copy them, and its backward hands the
+    convolutions an NCHW gradient that cuDNN converts back at every layer.
+    """
+    b, c, h, w = features.shape
+    return features.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
 def gram_matrix(features: Tensor) -> Tensor:
     """Normalised Gram matrix: (B, C, H, W) -> (B, C, C), the mean over positions of f f^T."""
-    b, c, h, w = features.shape
-    flat = features.reshape(b, c, h * w)
-    return torch.bmm(flat, flat.transpose(1, 2)) / (h * w)
+    flat = positions_by_channels(features)
+    return torch.bmm(flat.transpose(1, 2), flat) / flat.shape[1]
 
 
 def mean_and_covariance(features: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean (B, C) and covariance (B, C, C) over positions."""
-    b, c, h, w = features.shape
-    flat = features.reshape(b, c, h * w)
-    mean = flat.mean(dim=2)
-    centred = flat - mean.unsqueeze(2)
-    return mean, torch.bmm(centred, centred.transpose(1, 2)) / (h * w)
+    flat = positions_by_channels(features)
+    mean = flat.mean(dim=1)
+    centred = flat - mean.unsqueeze(1)
+    return mean, torch.bmm(centred.transpose(1, 2), centred) / flat.shape[1]
 
 
 def total_variation(image: Tensor) -> Tensor:
@@ -74,7 +82,9 @@ class GramStyleLoss(nn.Module):
         return sum(w * gram_matrix(f.float()) for f, w in zip(features, weights))
 
     def forward(self, features: Tensor) -> Tensor:
-        return F.mse_loss(gram_matrix(features.float()), self.target) * self.scale
+        # No .float() before the product: under bf16 autocast bmm would cast it back (two copies of
+        # the activations); it accumulates in fp32 either way.
+        return F.mse_loss(gram_matrix(features).float(), self.target) * self.scale
 
 
 class MeanCovStyleLoss(nn.Module):

@@ -14,8 +14,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from nst_exp.config import OptimizerConfig, OptimizerName
+from nst_exp.config import OptimizerConfig
 from nst_exp.losses import StyleTransferLoss
+from nst_exp.optimizers import build_optimizer
 
 
 class StylizeModule(pl.LightningModule):
@@ -52,16 +53,7 @@ class StylizeModule(pl.LightningModule):
             self._optimizer_state = None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        cfg = self.optimizer_cfg
-        if cfg.name == OptimizerName.lbfgs:
-            return torch.optim.LBFGS(
-                [self.image],
-                lr=cfg.lr,
-                max_iter=1,
-                history_size=cfg.history_size,
-                line_search_fn=cfg.line_search,
-            )
-        return torch.optim.Adam([self.image], lr=cfg.lr, betas=tuple(cfg.betas))
+        return build_optimizer(self.image, self.optimizer_cfg)
 
     def training_step(self, batch: object, batch_idx: int) -> None:
         optimizer = self.optimizers()

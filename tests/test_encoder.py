@@ -102,3 +102,23 @@ def test_gradients_flow_to_the_image_only(weights):
     x = torch.rand(1, 3, 32, 32, requires_grad=True)
     enc(x)["relu2_1"].sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_channels_last_reflect_padding_matches_nchw(weights):
+    # The CUDA path (NHWC weights and activations, our own reflect padding) checked on the CPU.
+    layers = ["relu1_1", "relu2_1", "relu3_1"]
+    image = torch.rand(1, 3, 20, 15)
+    plain = VGG19Encoder(weights, layers, padding="reflect")
+    nhwc = VGG19Encoder(weights, layers, padding="reflect").to(memory_format=torch.channels_last)
+    nhwc.channels_last = True
+    grads = []
+    for enc in (plain, nhwc):
+        x = image.clone().requires_grad_(True)
+        feats = enc(x)
+        sum(f.square().mean() for f in feats.values()).backward()
+        grads.append(x.grad)
+        if enc is nhwc:
+            assert all(f.is_contiguous(memory_format=torch.channels_last) for f in feats.values())
+            torch.testing.assert_close(feats, reference, rtol=1e-4, atol=1e-3)
+        reference = feats
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)  # fp32 summation order differs

@@ -1,0 +1,17 @@
+"""The optimiser a config asks for, over the one image tensor (shared by the module and the bench's bare loop)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nst_exp.config import LBFGSImpl, OptimizerConfig, OptimizerName
+from nst_exp.lbfgs import CompactLBFGS
+
+
+def build_optimizer(image: Tensor, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name == OptimizerName.adam:
+        return torch.optim.Adam([image], lr=cfg.lr, betas=tuple(cfg.betas))
+    if cfg.impl == LBFGSImpl.compact:
+        return CompactLBFGS([image], lr=cfg.lr, history_size=cfg.history_size)
+    return torch.optim.LBFGS([image], lr=cfg.lr, max_iter=1, history_size=cfg.history_size, line_search_fn=cfg.line_search)

@@ -1,0 +1,53 @@
+"""Reflect padding by one pixel that keeps the memory format (NHWC stays NHWC).
+
+On CUDA, ``F.pad(x, (1, 1, 1, 1), mode="reflect")`` returns an NCHW tensor even for NHWC input,
+so with channels-last weights cuDNN copies every padded activation back to NHWC, and the
+backward does the same for every gradient: at 1024 px that was ~40% of the GPU time of a
+step. This version writes the padded tensor in the input's layout and its gradient in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _format_of(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class _ReflectPad1(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        b, c, h, w = x.shape
+        y = torch.empty((b, c, h + 2, w + 2), dtype=x.dtype, device=x.device, memory_format=_format_of(x))
+        y[:, :, 1:-1, 1:-1] = x
+        y[:, :, 0, 1:-1] = x[:, :, 1]
+        y[:, :, -1, 1:-1] = x[:, :, -2]
+        y[:, :, :, 0] = y[:, :, :, 2]
+        y[:, :, :, -1] = y[:, :, :, -3]
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> Tensor:  # type: ignore[override]
+        # The adjoint of the forward: border gradients flow to the rows/columns they copied.
+        g = torch.empty_like(gy[:, :, 1:-1, 1:-1], memory_format=_format_of(gy))
+        g.copy_(gy[:, :, 1:-1, 1:-1])
+        g[:, :, :, 1] += gy[:, :, 1:-1, 0]
+        g[:, :, :, -2] += gy[:, :, 1:-1, -1]
+        top = gy[:, :, 0, 1:-1].clone()
+        top[:, :, 1] += gy[:, :, 0, 0]
+        top[:, :, -2] += gy[:, :, 0, -1]
+        bottom = gy[:, :, -1, 1:-1].clone()
+        bottom[:, :, 1] += gy[:, :, -1, 0]
+        bottom[:, :, -2] += gy[:, :, -1, -1]
+        g[:, :, 1] += top
+        g[:, :, -2] += bottom
+        return g
+
+
+def reflect_pad1(x: Tensor) -> Tensor:
+    """``F.pad(x, (1, 1, 1, 1), mode="reflect")`` in ``x``'s memory format (needs H, W >= 2)."""
+    return _ReflectPad1.apply(x)
