@@ -41,6 +41,7 @@ DEFAULT_CONTENT = "builtin:chelsea.png"
 DEFAULT_STYLE = "builtin:starry_night.jpg"
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
 DEFAULT_SIZES = {"cpu": [256, 512], "cuda": [512, 1024]}
+DEFAULT_WARMUP = {"cpu": 3, "cuda": 55}
 
 # Output channels of each VGG19 block's convolutions.
 _BLOCK_CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
@@ -115,15 +116,21 @@ def memory_now(device: torch.device) -> float:
 
 
 def memory_peak(device: torch.device) -> float:
-    """CUDA: max_memory_allocated; CPU: the process's peak resident set (VmHWM), MiB."""
+    """CUDA: the larger of max_memory_allocated and max_memory_reserved; CPU: peak resident set (VmHWM), MiB.
+
+    A replayed CUDA graph allocates nothing: its activations live in the graph's private pool,
+    which counts as reserved, not allocated. ``reset_memory_peak`` empties the allocator's cache
+    first, so reserved is then the live tensors plus that pool.
+    """
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return max(torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)) / 2**20
     return _proc_status_mib("VmHWM")
 
 
 def reset_memory_peak(device: torch.device) -> bool:
     """Restart the peak counter from the memory in use now; False where the CPU's cannot be reset."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # cuDNN's autotuning leaves tens of GB cached; a run does not need them
         torch.cuda.reset_peak_memory_stats(device)
         return True
     try:
@@ -262,7 +269,10 @@ def tool_config(spec: Spec) -> Any:
         f"trainer.precision={PRECISIONS[spec.precision]}",
         *spec.overrides,
     ])
-    cfg.trainer.max_steps = window_end(spec.warmup, spec.steps, cfg.trainer.iters_per_step) + 1
+    from nst_exp.runner import iters_per_step
+
+    stride = iters_per_step(cfg, torch.device(spec.device))
+    cfg.trainer.max_steps = window_end(spec.warmup, spec.steps, stride) + 1
     cfg.content.path, cfg.style.path = spec.content, spec.style
     return cfg
 
@@ -299,7 +309,8 @@ def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
     # The image stays NCHW-contiguous: L-BFGS flattens its gradient with view(-1). NHWC weights
     # (trainer.channels_last on CUDA) still make cuDNN run the convolutions channels-last.
     img = runner.initial_image(cfg, inputs, content, device).detach().clone().contiguous().requires_grad_(True)
-    opt = build_optimizer(img, cfg.optimizer)  # the tool's optimiser (optimizer.impl=torch: torch.optim.LBFGS)
+    # The tool's optimiser (optimizer.impl=torch: torch.optim.LBFGS), CUDA graphs included.
+    opt = build_optimizer(img, cfg.optimizer, cuda_graph=cfg.trainer.cuda_graph and device.type == "cuda")
     use_bf16 = spec.precision == "bf16"
 
     def closure() -> Tensor:
@@ -511,8 +522,10 @@ def legend(rows: Sequence[dict[str, Any]], device: str) -> list[str]:
         "TFLOP/s: analytic conv FLOPs (forward + input-gradient backward of VGG19 cut at the deepest loss layer) / s/step.",
     ]
     if device == "cuda":
-        notes.append("mem: torch.cuda.max_memory_allocated over the timed steps (warm-up and cuDNN autotuning excluded; "
-                     "the JSON has mem_warmup_peak_mib too).")
+        notes.append("median on CUDA: the loops never wait for the GPU, so only the mean (window total) is a step time.")
+        notes.append("mem: the larger of torch.cuda.max_memory_allocated and max_memory_reserved over the timed steps, "
+                     "after emptying the allocator's cache (reserved holds a CUDA graph's private pool; warm-up and "
+                     "cuDNN autotuning excluded; the JSON has mem_warmup_peak_mib too).")
         notes.append("of peak: dense datasheet peak; fp32 convs run as TF32 in cuDNN by default, so 32 rows use the TF32 peak.")
     else:
         notes.append("mem: the variant's process peak RSS (VmHWM) over the timed steps (reset at their start); "
@@ -695,7 +708,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--sizes", type=int, nargs="+", help="long sides in px (default 256 512 on cpu, 512 1024 on cuda)")
     p.add_argument("--steps", type=int, default=20, help="measured steps per variant (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before them (default 3)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps before them (default 3 on cpu; 55 on cuda, so L-BFGS's memory of 50 is "
+                        "full and the CUDA graph captured: the steady state of a run)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="32")
     p.add_argument("--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS),
@@ -712,7 +727,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--ttq-overrides", nargs="*", default=[], help="the tool's config overrides for ttq (default: its defaults)")
     args = p.parse_args(list(argv))
     args.variants = list(dict.fromkeys(args.variants))
-    if args.steps < 1 or args.warmup < 0 or args.ttq_steps < 1 or args.ttq_every < 1:
+    if args.steps < 1 or (args.warmup is not None and args.warmup < 0) or args.ttq_steps < 1 or args.ttq_every < 1:
         p.error("--steps, --ttq-steps and --ttq-every must be >= 1 and --warmup >= 0")
     if args.sizes and min(args.sizes) < 32:
         p.error("--sizes must be >= 32 (VGG19 pools four times)")
@@ -731,6 +746,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
     sizes = args.sizes or DEFAULT_SIZES[device]
+    if args.warmup is None:
+        args.warmup = DEFAULT_WARMUP[device]
     info = machine_info(device)
     print(header_line(info), flush=True)
 
@@ -740,7 +757,11 @@ def main(argv: list[str]) -> int:
             spec = Spec(variant, size, args.steps, args.warmup, device, args.precision, args.content, args.style,
                         tuple(args.overrides))
             print(f"[bench] {variant} at {size} px ...", flush=True)
-            measurements.append(measure_in_subprocess(spec))
+            m = measure_in_subprocess(spec)
+            measurements.append(m)
+            # A line per variant as it finishes, so a bench cut short still says what it measured.
+            print(f"[bench] {variant} at {size} px: " + (f"{m.mean * 1e3:.2f} ms/step, peak {m.mem_peak_mib:.0f} MiB"
+                  if m.ok else f"failed: {m.error}"), flush=True)
     rows = rows_of(measurements, info["device_name"])
     if rows:
         print()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch import Tensor
 
 from nst_exp.images import save_png
@@ -18,8 +20,22 @@ def writer_of(trainer: pl.Trainer) -> Any:
     return trainer.logger.experiment  # type: ignore[union-attr]
 
 
+@dataclass
+class _Staged:
+    """History rows on their way to the host: copied asynchronously, written at the next flush."""
+
+    rows: Tensor
+    ready: torch.cuda.Event | None
+    first_step: int
+    evaluations: int
+
+
 class ScalarFlusher(pl.Callback):
-    """Copy the module's on-device loss history to TensorBoard every ``every`` steps (one host sync each).
+    """Copy the module's on-device loss history to TensorBoard every ``every`` steps, without waiting.
+
+    Each flush starts an asynchronous copy of the rows to (pinned) host memory and writes the
+    rows staged at the previous flush, whose copy finished long ago: the step loop never waits
+    for the GPU. The end of training (or an exception) writes everything.
 
     Also the run's watchdog: a non-finite total stops training (the module kept the last good image).
     """
@@ -28,10 +44,11 @@ class ScalarFlusher(pl.Callback):
         self.every = every
         self.latest: dict[str, float] = {}
         self.diverged_at: int | None = None
+        self._staged: _Staged | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: StylizeModule, *args: Any) -> None:
         if trainer.global_step - pl_module.history_start >= self.every:
-            self.flush(trainer, pl_module)
+            self.flush(trainer, pl_module, wait=False)
             if self.latest and trainer.progress_bar_callback is not None:
                 pl_module.log("loss", self.latest["loss/total"], prog_bar=True, logger=False)
 
@@ -41,26 +58,50 @@ class ScalarFlusher(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: StylizeModule, exception: BaseException) -> None:
         self.flush(trainer, pl_module)
 
-    def flush(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
+    def flush(self, trainer: pl.Trainer, pl_module: StylizeModule, wait: bool = True) -> None:
+        staged = self._stage(trainer, pl_module)
+        self._write(trainer, pl_module, self._staged)
+        self._staged = staged
+        if wait:
+            self._write(trainer, pl_module, self._staged)
+            self._staged = None
+
+    def _stage(self, trainer: pl.Trainer, pl_module: StylizeModule) -> _Staged | None:
         n = min(trainer.global_step - pl_module.history_start, pl_module.history.shape[0])
         if n <= 0:
+            return None
+        rows, ready = pl_module.history[:n], None
+        if rows.is_cuda:
+            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            host.copy_(rows, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            rows = host
+        else:
+            rows = rows.clone()
+        staged = _Staged(rows, ready, pl_module.step_offset + pl_module.history_start, pl_module.evaluations)
+        pl_module.history_flushed()  # later steps overwrite the buffer; the copy is ahead of them on the stream
+        return staged
+
+    def _write(self, trainer: pl.Trainer, pl_module: StylizeModule, staged: _Staged | None) -> None:
+        if staged is None:
             return
-        rows = pl_module.history[:n].cpu().tolist()
+        if staged.ready is not None:
+            staged.ready.synchronize()
         writer = writer_of(trainer)
-        first = pl_module.step_offset + pl_module.history_start
         names = pl_module.term_names
+        rows = staged.rows.tolist()
         for i, row in enumerate(rows):
             if self.diverged_at is not None:
                 break
             if not math.isfinite(row[0]):
-                self.diverged_at = first + i
+                self.diverged_at = staged.first_step + i
                 trainer.should_stop = True
                 break
             for name, value in zip(names, row):
-                writer.add_scalar(name, value, first + i)
+                writer.add_scalar(name, value, staged.first_step + i)
             self.latest = dict(zip(names, row))
-        writer.add_scalar("perf/evaluations", pl_module.evaluations, first + n - 1)
-        pl_module.history_start = trainer.global_step
+        writer.add_scalar("perf/evaluations", staged.evaluations, staged.first_step + len(rows) - 1)
 
 
 class ImageSnapshots(pl.Callback):

@@ -16,6 +16,7 @@ the step a no-op instead of returning early. Both are on-device decisions.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -35,11 +36,17 @@ class CompactLBFGS(torch.optim.Optimizer):
         history_size: int = 100,
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-9,
+        cuda_graph: bool = False,
     ) -> None:
         defaults = dict(lr=lr, history_size=history_size, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change)
         super().__init__(params, defaults)
         if len(self.param_groups) != 1 or len(self.param_groups[0]["params"]) != 1:
             raise ValueError("CompactLBFGS optimises exactly one tensor")
+        self.cuda_graph = cuda_graph and self._param.is_cuda
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_loss: Tensor | None = None
+        self.replays = 0  # steps run by replaying the graph (their closure ran only at capture)
+        self._graph_warm = False
 
     @property
     def _param(self) -> Tensor:
@@ -74,7 +81,51 @@ class CompactLBFGS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        """Evaluate ``closure`` (loss and gradient at the current point), then move the parameter."""
+        """Evaluate ``closure`` (loss and gradient at the current point), then move the parameter.
+
+        With ``cuda_graph``, once the memory is full (the step's work no longer changes shape),
+        one step runs on a side stream, the next is captured as a CUDA graph, and every later
+        step replays it: one launch instead of ~450. ``closure`` then runs only at capture, so
+        everything it does per step must happen on the device.
+        """
+        st = self._state()
+        if self._graph is not None:
+            self._graph.replay()
+            self.replays += 1
+            st["n_iter"] += 1
+            return self._graph_loss  # type: ignore[return-value]
+        if self.cuda_graph and st["n_iter"] > self.defaults["history_size"]:
+            return self._capture(closure)
+        return self._eager_step(closure)
+
+    def _capture(self, closure: Callable[[], Tensor]) -> Tensor:
+        """First call: a normal step on a side stream (warms cuBLAS/cuDNN for it); second: capture, then replay."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        if not self._graph_warm:
+            with torch.cuda.stream(side):
+                loss = self._eager_step(closure)
+            torch.cuda.current_stream().wait_stream(side)
+            self._graph_warm = True
+            return loss
+        n_iter = self._state()["n_iter"]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._graph_loss = self._eager_step(closure)
+        except Exception as exc:  # noqa: BLE001 - an op that cannot be captured: stay eager
+            warnings.warn(f"CUDA graph capture failed, running eagerly (trainer.cuda_graph=false hides this): {exc}".splitlines()[0])
+            self.cuda_graph = False
+            self._state()["n_iter"] = n_iter
+            return self._eager_step(closure)
+        self._state()["n_iter"] = n_iter  # capture ran the host code but no kernels
+        self._graph = graph
+        graph.replay()
+        self.replays += 1
+        self._state()["n_iter"] += 1
+        return self._graph_loss
+
+    def _eager_step(self, closure: Callable[[], Tensor]) -> Tensor:
         with torch.enable_grad():
             loss = closure()
         p = self._param

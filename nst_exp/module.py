@@ -29,8 +29,10 @@ class StylizeModule(pl.LightningModule):
         step_offset: int = 0,
         optimizer_state: dict | None = None,
         iters_per_step: int = 1,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
+        self.cuda_graph = cuda_graph
         self.automatic_optimization = False
         self.iters_per_step = iters_per_step
         # The image stays NCHW-contiguous (L-BFGS flattens it with .view); the encoder goes NHWC inside.
@@ -41,11 +43,28 @@ class StylizeModule(pl.LightningModule):
         # Logged step = step_offset + global_step, so multi-scale stages and resumed runs continue one curve.
         self.step_offset = step_offset
         self.register_buffer("history", torch.zeros(history_rows, len(self.term_names)), persistent=False)
+        # The row the next step writes, kept on the device so a replayed CUDA graph advances it too.
+        self.register_buffer("history_row", torch.zeros(1, dtype=torch.long), persistent=False)
         self.register_buffer("last_good", init_image.detach().clone(), persistent=False)
         self.history_start = 0  # global_step of history row 0
-        self.evaluations = 0  # loss evaluations (L-BFGS may evaluate more than once per step)
+        self._closure_calls = 0
         self._recorded_step = -1
         self._optimizer_state = optimizer_state  # restored into the optimiser when training starts
+
+    @property
+    def evaluations(self) -> int:
+        """Loss evaluations (L-BFGS with line search may evaluate more than once per step)."""
+        return self._closure_calls + getattr(self._raw_optimizer(), "replays", 0)
+
+    def _raw_optimizer(self) -> torch.optim.Optimizer | None:
+        if self._trainer is None or not self.trainer.optimizers:
+            return None
+        return self.trainer.optimizers[0]
+
+    def history_flushed(self) -> None:
+        """The flusher has read the history: the next step writes row 0 again."""
+        self.history_start = self.global_step
+        self.history_row.zero_()
 
     def on_train_start(self) -> None:
         if self._optimizer_state is not None:
@@ -53,7 +72,7 @@ class StylizeModule(pl.LightningModule):
             self._optimizer_state = None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.image, self.optimizer_cfg)
+        return build_optimizer(self.image, self.optimizer_cfg, cuda_graph=self.cuda_graph)
 
     def training_step(self, batch: object, batch_idx: int) -> None:
         optimizer = self.optimizers()
@@ -66,13 +85,14 @@ class StylizeModule(pl.LightningModule):
         self.image.grad = None
         terms = self.loss_fn(self.image)
         total = terms["loss/total"]
-        self.evaluations += 1
+        self._closure_calls += 1
         if self._recorded_step != self.global_step:
             # First evaluation of this step = the loss at the image before the update.
             self._recorded_step = self.global_step
-            row = self.global_step - self.history_start
             with torch.no_grad():
-                self.history[row] = torch.stack([terms[name].detach().float() for name in self.term_names])
+                row = torch.stack([terms[name].detach().float() for name in self.term_names])
+                self.history.index_copy_(0, self.history_row, row[None])
+                self.history_row.add_(1)
                 good = torch.isfinite(total)
                 self.last_good.copy_(torch.where(good, self.image.detach(), self.last_good))
         self.manual_backward(total)

@@ -9,9 +9,10 @@ from nst_exp.config import LBFGSImpl, OptimizerConfig, OptimizerName
 from nst_exp.lbfgs import CompactLBFGS
 
 
-def build_optimizer(image: Tensor, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(image: Tensor, cfg: OptimizerConfig, cuda_graph: bool = False) -> torch.optim.Optimizer:
+    """``cuda_graph``: capture and replay the whole step (only the compact L-BFGS on CUDA supports it)."""
     if cfg.name == OptimizerName.adam:
         return torch.optim.Adam([image], lr=cfg.lr, betas=tuple(cfg.betas))
     if cfg.impl == LBFGSImpl.compact:
-        return CompactLBFGS([image], lr=cfg.lr, history_size=cfg.history_size)
+        return CompactLBFGS([image], lr=cfg.lr, history_size=cfg.history_size, cuda_graph=cuda_graph)
     return torch.optim.LBFGS([image], lr=cfg.lr, max_iter=1, history_size=cfg.history_size, line_search_fn=cfg.line_search)
