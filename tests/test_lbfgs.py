@@ -17,10 +17,8 @@ def rosenbrock(x: torch.Tensor) -> torch.Tensor:
     return ((1 - x[:-1]) ** 2).sum() + 100 * ((x[1:] - x[:-1] ** 2) ** 2).sum()
 
 
-def trajectory(opt_cls, x0: torch.Tensor, steps: int, history: int, fn=None, **kw) -> tuple[torch.Tensor, torch.optim.Optimizer]:
-    x = x0.clone().requires_grad_(True)
-    opt = opt_cls([x], lr=0.5, history_size=history, **kw)
-    fn = fn or rosenbrock
+def run_steps(opt: torch.optim.Optimizer, x: torch.Tensor, steps: int, fn=rosenbrock) -> torch.Tensor:
+    """The points after each of ``steps`` optimiser steps on ``fn``."""
 
     def closure():
         opt.zero_grad()
@@ -28,11 +26,13 @@ def trajectory(opt_cls, x0: torch.Tensor, steps: int, history: int, fn=None, **k
         loss.backward()
         return loss
 
-    points = []
-    for _ in range(steps):
-        opt.step(closure)
-        points.append(x.detach().clone())
-    return torch.stack(points), opt
+    return torch.stack([(opt.step(closure), x.detach().clone())[1] for _ in range(steps)])
+
+
+def trajectory(opt_cls, x0: torch.Tensor, steps: int, history: int, fn=rosenbrock, **kw) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+    x = x0.clone().requires_grad_(True)
+    opt = opt_cls([x], lr=0.5, history_size=history, **kw)
+    return run_steps(opt, x, steps, fn), opt
 
 
 def bumpy(x: torch.Tensor) -> torch.Tensor:
@@ -66,30 +66,13 @@ def test_state_dict_round_trip_continues_the_same_path():
     x = first[-1].clone().requires_grad_(True)
     resumed = CompactLBFGS([x], lr=0.5, history_size=5)
     resumed.load_state_dict(opt.state_dict())  # casts every tensor to float32; the optimiser re-types them
-
-    def closure():
-        resumed.zero_grad()
-        loss = rosenbrock(x)
-        loss.backward()
-        return loss
-
-    for _ in range(10):
-        resumed.step(closure)
+    run_steps(resumed, x, 10)
     assert torch.allclose(x.detach(), whole[-1], atol=1e-5)
 
 
 def test_stationary_point_does_not_move():
     x = torch.ones(8, requires_grad=True)  # Rosenbrock's minimum: zero gradient
-    opt = CompactLBFGS([x])
-
-    def closure():
-        opt.zero_grad()
-        loss = rosenbrock(x)
-        loss.backward()
-        return loss
-
-    for _ in range(3):
-        opt.step(closure)
+    run_steps(CompactLBFGS([x]), x, 3)
     assert torch.equal(x.detach(), torch.ones(8))
 
 
