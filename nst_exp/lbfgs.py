@@ -9,9 +9,11 @@ but computes the direction with the compact representation of Byrd, Nocedal and 
 (1994): two matrix products over the stored pairs and two m x m triangular solves, all on
 the device, so the host never waits.
 
-Differences from torch's: a rejected pair (``s'y <= 1e-10``) still takes a history slot
-(it is masked out, not skipped), and a non-descent direction or a vanishing gradient make
-the step a no-op instead of returning early. Both are on-device decisions.
+The decisions torch takes on the host are taken on the device: a rejected pair
+(``s'y <= 1e-10``) is written to a scratch slot that is never used, so the kept pairs are
+exactly torch's; a non-descent direction or a vanishing gradient make the step a zero step,
+where torch returns early (the point is the same). With no host syncs the whole step can be
+captured as a CUDA graph (``cuda_graph=True``).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class CompactLBFGS(torch.optim.Optimizer):
 
         With ``cuda_graph``, once the memory is full (the step's work no longer changes shape),
         one step runs on a side stream, the next is captured as a CUDA graph, and every later
-        step replays it: one launch instead of ~450. ``closure`` then runs only at capture, so
+        step replays it: one launch instead of ~530. ``closure`` then runs only at capture, so
         everything it does per step must happen on the device.
         """
         st = self._state()
