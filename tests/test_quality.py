@@ -99,6 +99,19 @@ def test_multiscale_runs_every_stage_on_one_curve(tmp_path):
     assert [e.step for e in acc.Scalars("loss/total")] == list(range(12))
 
 
+def test_several_iterations_per_batch_keep_per_step_curves(tmp_path):
+    # What CUDA runs by default (trainer.iters_per_step auto = 10), checked on the CPU: 4 optimiser
+    # steps per Lightning batch, scalars staged asynchronously every 3 steps, snapshots every 4.
+    _, res = stylize(tmp_path, "ips", "trainer.iters_per_step=4", "trainer.max_steps=10", "logging.flush_every=3",
+                     "logging.image_every=4")
+    assert res.metrics["hp/steps"] == 10
+    acc = EventAccumulator(str(res.run_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss/total")] == list(range(10))
+    assert acc.Scalars("perf/evaluations")[-1].value == 10  # compact L-BFGS: one evaluation per step
+    assert [e.step for e in acc.Images("image/generated")] == [4, 8, 10]  # every 4, and the last step
+
+
 def test_style_blend_weights(tmp_path, plain):
     only_first, _ = stylize(tmp_path, "blend10", "style.extra_paths=[builtin:hubble_deep_field.jpg]", "style.blend_weights=[1,0]")
     assert np.array_equal(np.asarray(only_first), np.asarray(plain[0]))  # weight 0 = that style is absent
