@@ -13,17 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nst_exp.layout import is_channels_last
+
 _EPS = 1e-8
 
 
 def positions_by_channels(features: Tensor) -> Tensor:
-    """(B, C, H, W) -> (B, H*W, C) without a copy for channels-last (NHWC) activations.
+    """(B, C, H, W) -> a (B, H*W, C) view, for NCHW and NHWC (channels-last) activations alike.
 
     Flattening NHWC activations to (B, C, H*W) would copy them, and its backward hands the
     convolutions an NCHW gradient that cuDNN converts back at every layer.
     """
     b, c, h, w = features.shape
-    return features.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    if is_channels_last(features):
+        return features.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    return features.reshape(b, c, h * w).transpose(1, 2)
 
 
 def gram_matrix(features: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from nst_exp.losses import (
     gram_matrix,
     layer_weights,
     mean_and_covariance,
+    positions_by_channels,
     total_variation,
 )
 
@@ -33,6 +34,19 @@ def test_gram_is_batch_safe_and_size_invariant():
     assert torch.allclose(g[1], gram_matrix(f[1:2])[0])
     tiled = f.repeat(1, 1, 2, 2)  # the same statistics on 4x the positions
     assert torch.allclose(gram_matrix(tiled), g, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_statistics_read_either_layout_without_copying(layout):
+    # NCHW on the CPU, NHWC on CUDA: both are viewed as (B, H*W, C), never copied.
+    x = torch.randn(2, 5, 7, 3).contiguous(memory_format=layout)
+    flat = positions_by_channels(x)
+    assert flat.shape == (2, 21, 5) and flat.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(gram_matrix(x), torch.einsum("bchw,bdhw->bcd", x, x) / 21)
+    mean, cov = mean_and_covariance(x)
+    centred = x - x.mean(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(mean, x.mean(dim=(2, 3)))
+    torch.testing.assert_close(cov, torch.einsum("bchw,bdhw->bcd", centred, centred) / 21)
 
 
 def test_mean_and_covariance_by_hand():
