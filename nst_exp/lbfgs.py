@@ -66,17 +66,17 @@ class CompactLBFGS(torch.optim.Optimizer):
                 pairs=torch.zeros(m + 1, 2, n, device=p.device, dtype=p.dtype),
                 sy=torch.zeros(m + 1, m + 1, **f64),  # s_i . y_j
                 yy=torch.zeros(m + 1, m + 1, **f64),  # y_i . y_j
-                age=torch.full((m + 1,), -1.0, **f64),  # write order (-1: never written; scratch: inf)
-                valid=torch.zeros(m + 1, **f64),  # 1 for a kept pair
-                direction=torch.zeros(n, device=p.device, dtype=p.dtype),
-                step_size=torch.zeros((), **f64),
+                # Write order: -1 for a slot never written (it holds no pair), inf for the scratch slot.
+                # Only kept pairs reach slots 0..m-1, so a slot holds a pair exactly when its age >= 0.
+                age=torch.full((m + 1,), -1.0, **f64),
+                last_step=torch.zeros(n, device=p.device, dtype=p.dtype),  # s of the next pair
                 clock=torch.zeros((), **f64),  # pairs offered, on the device (graph-safe ages)
                 prev_grad=torch.zeros(n, device=p.device, dtype=p.dtype),
                 n_iter=0,  # host-side: steps taken, so pairs offered; never read from the device
             )
             state["age"][m] = torch.inf
         # Optimizer.load_state_dict casts every tensor to the parameter's dtype; restore ours.
-        for key in ("sy", "yy", "age", "valid", "step_size", "clock"):
+        for key in ("sy", "yy", "age", "clock"):
             if state[key].dtype != torch.float64:
                 state[key] = state[key].to(torch.float64)
         return state
@@ -148,10 +148,8 @@ class CompactLBFGS(torch.optim.Optimizer):
         descent = grad.dot(direction).double() <= -group["tolerance_change"]
         moving = grad.abs().max().double() > group["tolerance_grad"]
         size = torch.where(descent & moving, size, torch.zeros_like(size))
-        p.view(-1).add_(direction * size.to(p.dtype))
-
-        st["direction"].copy_(direction)
-        st["step_size"].copy_(size)
+        torch.mul(direction, size.to(p.dtype), out=st["last_step"])
+        p.view(-1).add_(st["last_step"])
         st["prev_grad"].copy_(grad)
         st["n_iter"] = n_iter + 1
         return loss
@@ -165,7 +163,7 @@ class CompactLBFGS(torch.optim.Optimizer):
         """
         pairs, age = st["pairs"], st["age"]
         m = age.numel() - 1
-        s = st["direction"] * st["step_size"].to(pairs.dtype)
+        s = st["last_step"]
         y = grad - st["prev_grad"]
         keep = s.dot(y).double() > _CURVATURE_EPS
         slot = torch.where(keep, torch.argmin(age), m).view(1)
@@ -180,7 +178,6 @@ class CompactLBFGS(torch.optim.Optimizer):
         yy.index_copy_(0, slot, dots[None, :, 1, 0])
         st["clock"].add_(1)
         age.index_copy_(0, slot, torch.where(keep, st["clock"], torch.inf).view(1))
-        st["valid"].index_copy_(0, slot, keep.double().view(1))
 
     @staticmethod
     def _direction(st: dict[str, Any], grad: Tensor, used: int) -> Tensor:
@@ -188,12 +185,13 @@ class CompactLBFGS(torch.optim.Optimizer):
 
         In time order, with R = triu(S'Y), D = diag(S'Y), u = S'g, v = gamma Y'g:
         w = R^-1 u, p = R^-T ((D + gamma Y'Y) w - v), and H g = gamma g + S p - gamma Y w.
-        Rejected or unwritten slots get an identity row in R and zeros elsewhere.
+        Slots not written yet get an identity row in R and zeros elsewhere.
         """
         k = used
         pairs = st["pairs"][:k].reshape(2 * k, -1)
-        order = torch.argsort(st["age"][:k])  # oldest first
-        v = st["valid"][:k][order]
+        age = st["age"][:k]
+        order = torch.argsort(age)  # oldest first
+        v = (age[order] >= 0).double()  # 1 where the slot holds a pair
         vv = v[:, None] * v[None, :]
         sy = st["sy"][:k, :k][order][:, order] * vv
         yy = st["yy"][:k, :k][order][:, order] * vv
