@@ -262,6 +262,7 @@ def tool_config(spec: Spec) -> Any:
     whatever ``trainer.iters_per_step`` is.
     """
     from nst_exp.api import compose_config
+    from nst_exp.runner import iters_per_step
 
     cfg = compose_config([
         f"image.size={spec.size}",
@@ -269,8 +270,6 @@ def tool_config(spec: Spec) -> Any:
         f"trainer.precision={PRECISIONS[spec.precision]}",
         *spec.overrides,
     ])
-    from nst_exp.runner import iters_per_step
-
     stride = iters_per_step(cfg, torch.device(spec.device))
     cfg.trainer.max_steps = window_end(spec.warmup, spec.steps, stride) + 1
     cfg.content.path, cfg.style.path = spec.content, spec.style
@@ -310,7 +309,7 @@ def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
     # (trainer.channels_last on CUDA) still make cuDNN run the convolutions channels-last.
     img = runner.initial_image(cfg, inputs, content, device).detach().clone().contiguous().requires_grad_(True)
     # The tool's optimiser (optimizer.impl=torch: torch.optim.LBFGS), CUDA graphs included.
-    opt = build_optimizer(img, cfg.optimizer, cuda_graph=cfg.trainer.cuda_graph and device.type == "cuda")
+    opt = build_optimizer(img, cfg.optimizer, cuda_graph=cfg.trainer.cuda_graph)
     use_bf16 = spec.precision == "bf16"
 
     def closure() -> Tensor:
@@ -638,6 +637,7 @@ def ttq_tool(args: argparse.Namespace, device: str) -> list[tuple[int, float, Te
     """The tool's run (its defaults at ``--ttq-size``, then ``--ttq-overrides``): (step, seconds, image) copies."""
     from nst_exp import runner
     from nst_exp.api import compose_config
+    from nst_exp.runner import iters_per_step
 
     cfg = compose_config([
         f"image.size={args.ttq_size}",

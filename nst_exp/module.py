@@ -48,18 +48,14 @@ class StylizeModule(pl.LightningModule):
         self.register_buffer("last_good", init_image.detach().clone(), persistent=False)
         self.history_start = 0  # global_step of history row 0
         self._closure_calls = 0
+        self._optimizer: torch.optim.Optimizer | None = None  # made by configure_optimizers
         self._recorded_step = -1
         self._optimizer_state = optimizer_state  # restored into the optimiser when training starts
 
     @property
     def evaluations(self) -> int:
         """Loss evaluations (L-BFGS with line search may evaluate more than once per step)."""
-        return self._closure_calls + getattr(self._raw_optimizer(), "replays", 0)
-
-    def _raw_optimizer(self) -> torch.optim.Optimizer | None:
-        if self._trainer is None or not self.trainer.optimizers:
-            return None
-        return self.trainer.optimizers[0]
+        return self._closure_calls + getattr(self._optimizer, "replays", 0)
 
     def history_flushed(self) -> None:
         """The flusher has read the history: the next step writes row 0 again."""
@@ -72,7 +68,8 @@ class StylizeModule(pl.LightningModule):
             self._optimizer_state = None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.image, self.optimizer_cfg, cuda_graph=self.cuda_graph)
+        self._optimizer = build_optimizer(self.image, self.optimizer_cfg, cuda_graph=self.cuda_graph)
+        return self._optimizer
 
     def training_step(self, batch: object, batch_idx: int) -> None:
         optimizer = self.optimizers()

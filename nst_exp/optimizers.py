@@ -10,7 +10,7 @@ from nst_exp.lbfgs import CompactLBFGS
 
 
 def build_optimizer(image: Tensor, cfg: OptimizerConfig, cuda_graph: bool = False) -> torch.optim.Optimizer:
-    """``cuda_graph``: capture and replay the whole step (only the compact L-BFGS on CUDA supports it)."""
+    """``cuda_graph``: capture and replay the whole step (the compact L-BFGS does, for a CUDA image; others ignore it)."""
     if cfg.name == OptimizerName.adam:
         return torch.optim.Adam([image], lr=cfg.lr, betas=tuple(cfg.betas))
     if cfg.impl == LBFGSImpl.compact:

@@ -333,13 +333,14 @@ def run(
                 Checkpointer(run_dir / CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, wall_offset, clock),
                 *extra_callbacks,
             ]
+            iters = iters_per_step(cfg, device)
             module = StylizeModule(
                 init, loss, cfg.optimizer,
-                history_rows=cfg.logging.flush_every + iters_per_step(cfg, device),
+                history_rows=cfg.logging.flush_every + iters,
                 step_offset=step,
                 optimizer_state=optimizer_state,
-                iters_per_step=iters_per_step(cfg, device),
-                cuda_graph=cfg.trainer.cuda_graph and device.type == "cuda",
+                iters_per_step=iters,
+                cuda_graph=cfg.trainer.cuda_graph,
             )
             trainer = make_trainer(cfg, run_dir, logger, steps, callbacks, device)
             try:
