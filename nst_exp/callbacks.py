@@ -33,9 +33,10 @@ class _Staged:
 class ScalarFlusher(pl.Callback):
     """Copy the module's on-device loss history to TensorBoard every ``every`` steps, without waiting.
 
-    Each flush starts an asynchronous copy of the rows to (pinned) host memory and writes the
-    rows staged at the previous flush, whose copy finished long ago: the step loop never waits
-    for the GPU. The end of training (or an exception) writes everything.
+    On a GPU each flush starts an asynchronous copy of the rows to pinned host memory and writes
+    the rows staged at the previous flush, whose copy finished long ago: the step loop never
+    waits for the GPU. On the CPU the rows are written at once. The end of training, an
+    exception and every checkpoint (``drain``) write everything.
 
     Also the run's watchdog: a non-finite total stops training (the module kept the last good image).
     """
@@ -48,7 +49,7 @@ class ScalarFlusher(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: StylizeModule, *args: Any) -> None:
         if trainer.global_step - pl_module.history_start >= self.every:
-            self.flush(trainer, pl_module, wait=False)
+            self.flush(trainer, pl_module, wait=pl_module.history.device.type == "cpu")  # only a GPU copy is worth deferring
             if self.latest and trainer.progress_bar_callback is not None:
                 pl_module.log("loss", self.latest["loss/total"], prog_bar=True, logger=False)
 
@@ -57,6 +58,11 @@ class ScalarFlusher(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: StylizeModule, exception: BaseException) -> None:
         self.flush(trainer, pl_module)
+
+    def drain(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
+        """Every step so far on disk: a checkpoint must never cover steps whose scalars a kill would lose."""
+        self.flush(trainer, pl_module)
+        writer_of(trainer).flush()
 
     def flush(self, trainer: pl.Trainer, pl_module: StylizeModule, wait: bool = True) -> None:
         staged = self._stage(trainer, pl_module)

@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from nst_exp.callbacks import crossed
+from nst_exp.callbacks import ScalarFlusher, crossed
 from nst_exp.errors import UserError
 from nst_exp.images import open_image, pil_to_tensor
 from nst_exp.module import StylizeModule
@@ -69,10 +69,16 @@ def find_resume_state(run_dir: Path, resume: str | None, last_stage: int) -> Res
 
 
 class Checkpointer(pl.Callback):
-    """Write ``last.ckpt`` every ``every`` steps (0: never periodically) and on Ctrl-C."""
+    """Write ``last.ckpt`` every ``every`` steps (0: never periodically) and on Ctrl-C.
 
-    def __init__(self, path: Path, every: int, stage: int, stage_step_offset: int, wall_offset: float, clock: Any) -> None:
+    Before each write the ``flusher`` puts every step's scalars on disk, so that a job killed
+    after the checkpoint and resumed from it has no hole in its curves.
+    """
+
+    def __init__(self, path: Path, every: int, stage: int, stage_step_offset: int, wall_offset: float, clock: Any,
+                 flusher: ScalarFlusher) -> None:
         self.path = path
+        self.flusher = flusher
         self.every = every
         self.stage = stage
         self.stage_step_offset = stage_step_offset
@@ -88,6 +94,7 @@ class Checkpointer(pl.Callback):
             self.save(trainer, pl_module)
 
     def save(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
+        self.flusher.drain(trainer, pl_module)
         optimizer = trainer.optimizers[0].state_dict() if trainer.optimizers else None
         save_state(self.path, ResumeState(
             stage=self.stage,

@@ -330,7 +330,7 @@ def run(
             callbacks = [
                 flusher,
                 ImageSnapshots(cfg.logging.image_every, run_dir / "snapshots" if cfg.logging.save_snapshots else None),
-                Checkpointer(run_dir / CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, wall_offset, clock),
+                Checkpointer(run_dir / CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, wall_offset, clock, flusher),
                 *extra_callbacks,
             ]
             iters = iters_per_step(cfg, device)

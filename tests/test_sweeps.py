@@ -179,6 +179,32 @@ def test_resume_by_hand_continues_the_curve(tmp_path):
     assert json.loads((run / "result.json").read_text())["metrics"]["hp/steps"] == 7
 
 
+def test_every_checkpoint_has_its_steps_on_disk(tmp_path):
+    """A kill right after a checkpoint loses no scalars: the event file already holds every step it covers."""
+    import pytorch_lightning as pl
+    import torch
+
+    from nst_exp import runner
+    from nst_exp.api import compose_config
+
+    seen: list[tuple[int, list[int]]] = []
+
+    class AfterCheckpoint(pl.Callback):  # runs after the Checkpointer in the same batch-end hook
+        def on_train_batch_end(self, *args) -> None:
+            ckpt = tmp_path / "run" / "last.ckpt"
+            if ckpt.is_file():
+                done = torch.load(ckpt, weights_only=True)["stage_step"]
+                if not seen or seen[-1][0] != done:
+                    seen.append((done, _steps(tmp_path / "run")))
+
+    cfg = compose_config(["image.size=32", "trainer.max_steps=10", "trainer.checkpoint_every=3", "logging.flush_every=2",
+                          "logging.progress_bar=false", "trainer.accelerator=cpu"])
+    runner.run(cfg, tmp_path / "run", extra_callbacks=(AfterCheckpoint(),))
+    assert [done for done, _ in seen] == [3, 6, 9]
+    for done, steps in seen:
+        assert steps == list(range(done))
+
+
 def test_killed_job_rerun_in_its_folder_resumes_from_checkpoint(tmp_path):
     """What a requeued (pre-empted) cluster job does: the same command, the same folder, a last.ckpt."""
     run = tmp_path / "outputs" / "job"
