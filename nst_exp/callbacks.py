@@ -20,12 +20,30 @@ def writer_of(trainer: pl.Trainer) -> Any:
     return trainer.logger.experiment  # type: ignore[union-attr]
 
 
+class HostCopy:
+    """A tensor on its way to host memory: from a GPU the copy is only queued, and ``get`` waits for it alone."""
+
+    def __init__(self, source: Tensor) -> None:
+        self.ready: torch.cuda.Event | None = None
+        if source.is_cuda:
+            self._value = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+            self._value.copy_(source, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self._value = source.clone()
+
+    def get(self) -> Tensor:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self._value
+
+
 @dataclass
 class _Staged:
-    """History rows on their way to the host: copied asynchronously, written at the next flush."""
+    """History rows on their way to the host, written at the next flush."""
 
-    rows: Tensor
-    ready: torch.cuda.Event | None
+    rows: HostCopy
     first_step: int
     evaluations: int
 
@@ -76,27 +94,17 @@ class ScalarFlusher(pl.Callback):
         n = min(trainer.global_step - pl_module.history_start, pl_module.history.shape[0])
         if n <= 0:
             return None
-        rows, ready = pl_module.history[:n], None
-        if rows.is_cuda:
-            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-            host.copy_(rows, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-            rows = host
-        else:
-            rows = rows.clone()
-        staged = _Staged(rows, ready, pl_module.step_offset + pl_module.history_start, pl_module.evaluations)
+        staged = _Staged(HostCopy(pl_module.history[:n]), pl_module.step_offset + pl_module.history_start,
+                         pl_module.evaluations)
         pl_module.history_flushed()  # later steps overwrite the buffer; the copy is ahead of them on the stream
         return staged
 
     def _write(self, trainer: pl.Trainer, pl_module: StylizeModule, staged: _Staged | None) -> None:
         if staged is None:
             return
-        if staged.ready is not None:
-            staged.ready.synchronize()
         writer = writer_of(trainer)
         names = pl_module.term_names
-        rows = staged.rows.tolist()
+        rows = staged.rows.get().tolist()
         for i, row in enumerate(rows):
             if self.diverged_at is not None:
                 break
@@ -111,22 +119,37 @@ class ScalarFlusher(pl.Callback):
 
 
 class ImageSnapshots(pl.Callback):
-    """The generated image in TensorBoard every ``every`` steps (and optionally as PNGs)."""
+    """The generated image in TensorBoard every ``every`` steps (and optionally as PNGs).
+
+    The image is copied to the host without waiting and written at the next batch end (or at
+    the end of training), when the copy has finished: the step loop never waits for the GPU,
+    and the PNG encoding overlaps the steps already queued on it.
+    """
 
     def __init__(self, every: int, snapshot_dir: Path | None = None) -> None:
         self.every = every
         self.snapshot_dir = snapshot_dir
+        self._pending: list[tuple[int, HostCopy]] = []  # (logged step, image)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: StylizeModule, *args: Any) -> None:
+        self.write_pending(trainer)
         if crossed(trainer.global_step, pl_module.iters_per_step, self.every):
-            self.log_image(trainer, pl_module)
+            image = pl_module.image.detach()[0].float().clamp(0, 1)
+            self._pending.append((pl_module.logged_step, HostCopy(image)))
 
-    def log_image(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
-        step = pl_module.logged_step
-        image = pl_module.image.detach()[0].float().clamp(0, 1).cpu()
-        writer_of(trainer).add_image("image/generated", image, step)
-        if self.snapshot_dir is not None:
-            save_png(image, self.snapshot_dir / f"step_{step:06d}.png")
+    def on_train_end(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
+        self.write_pending(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: StylizeModule, exception: BaseException) -> None:
+        self.write_pending(trainer)
+
+    def write_pending(self, trainer: pl.Trainer) -> None:
+        for step, copy in self._pending:
+            image = copy.get()
+            writer_of(trainer).add_image("image/generated", image, step)
+            if self.snapshot_dir is not None:
+                save_png(image, self.snapshot_dir / f"step_{step:06d}.png")
+        self._pending.clear()
 
 
 def crossed(step: int, advanced: int, every: int) -> bool:

@@ -35,6 +35,15 @@ def test_graph_replay_takes_the_eager_steps():
     torch.testing.assert_close(paths[1], paths[0], rtol=1e-5, atol=1e-6)
 
 
+def test_host_copy_holds_the_value_when_it_was_queued():
+    from nst_exp.callbacks import HostCopy
+
+    x = torch.arange(1 << 20, device="cuda", dtype=torch.float32)
+    copy = HostCopy(x)
+    x.mul_(2)  # queued after the copy: must not show in it
+    assert copy.get().is_pinned() and torch.equal(copy.get(), torch.arange(1 << 20, dtype=torch.float32))
+
+
 def run(tmp_path, name, photo, painting, *overrides):
     result = nst_exp.stylize(
         photo, painting, output_dir=tmp_path / name, return_result=True,
