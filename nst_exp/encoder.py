@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nst_exp.errors import UserError
+from nst_exp.frozen_conv import conv2d_frozen
 from nst_exp.padding import reflect_pad1
 
 # (block, number of convs) for VGG19.
@@ -182,14 +183,14 @@ class VGG19Encoder(nn.Module):
             if name.startswith("conv"):
                 weight, bias = getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
                 if self.padding == "zeros":
-                    x = F.conv2d(x, weight, bias, padding=1)
+                    x = conv2d_frozen(x, weight, bias, padding=1)
                 else:  # reflect needs 2+ pixels; a 1-pixel map (tiny images, deep layers) replicates
                     mode = self.padding if min(x.shape[-2:]) > 1 else "replicate"
                     if mode == "reflect" and self.channels_last:
                         padded = reflect_pad1(x)  # F.pad would hand cuDNN an NCHW copy
                     else:
                         padded = F.pad(x, (1, 1, 1, 1), mode=mode)
-                    x = F.conv2d(padded, weight, bias)
+                    x = conv2d_frozen(padded, weight, bias)
             elif name.startswith("relu"):
                 # In place is safe unless the conv output itself was requested.
                 x = F.relu(x, inplace=out.get(name.replace("relu", "conv")) is None)
