@@ -648,7 +648,6 @@ def ttq_tool(args: argparse.Namespace, device: str) -> list[tuple[int, float, Te
     """The tool's run (its defaults at ``--ttq-size``, then ``--ttq-overrides``): (step, seconds, image) copies."""
     from nst_exp import runner
     from nst_exp.api import compose_config
-    from nst_exp.runner import iters_per_step
 
     cfg = compose_config([
         f"image.size={args.ttq_size}",

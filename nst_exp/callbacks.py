@@ -15,6 +15,7 @@ from nst_exp.images import save_png
 from nst_exp.module import StylizeModule
 from nst_exp.reporting import HPARAM_METRICS
 
+
 def writer_of(trainer: pl.Trainer) -> Any:
     """The TensorBoard SummaryWriter behind the trainer's logger."""
     return trainer.logger.experiment  # type: ignore[union-attr]
@@ -24,14 +25,14 @@ class HostCopy:
     """A tensor on its way to host memory: from a GPU the copy is only queued, and ``get`` waits for it alone."""
 
     def __init__(self, source: Tensor) -> None:
-        self.ready: torch.cuda.Event | None = None
+        self.ready: torch.cuda.Event | None = None  # None: the copy is complete already
         if source.is_cuda:
             self._value = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
             self._value.copy_(source, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record()
         else:
-            self._value = source.clone()
+            self._value = source.to("cpu", copy=True)
 
     def get(self) -> Tensor:
         if self.ready is not None:
@@ -67,7 +68,7 @@ class ScalarFlusher(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: StylizeModule, *args: Any) -> None:
         if trainer.global_step - pl_module.history_start >= self.every:
-            self.flush(trainer, pl_module, wait=pl_module.history.device.type == "cpu")  # only a GPU copy is worth deferring
+            self.flush(trainer, pl_module, wait=False)
             if self.latest and trainer.progress_bar_callback is not None:
                 pl_module.log("loss", self.latest["loss/total"], prog_bar=True, logger=False)
 
@@ -83,10 +84,12 @@ class ScalarFlusher(pl.Callback):
         writer_of(trainer).flush()
 
     def flush(self, trainer: pl.Trainer, pl_module: StylizeModule, wait: bool = True) -> None:
+        """Write the rows staged last time and stage the new ones; these are written too if ``wait``, or if
+        their copy is complete already (a CPU copy: only a GPU copy is worth deferring)."""
         staged = self._stage(trainer, pl_module)
         self._write(trainer, pl_module, self._staged)
         self._staged = staged
-        if wait:
+        if wait or (staged is not None and staged.rows.ready is None):
             self._write(trainer, pl_module, self._staged)
             self._staged = None
 
