@@ -9,6 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 from torch import Tensor
 
 from nst_exp.images import save_png
@@ -69,8 +70,6 @@ class ScalarFlusher(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: StylizeModule, *args: Any) -> None:
         if trainer.global_step - pl_module.history_start >= self.every:
             self.flush(trainer, pl_module, wait=False)
-            if self.latest and trainer.progress_bar_callback is not None:
-                pl_module.log("loss", self.latest["loss/total"], prog_bar=True, logger=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
         self.flush(trainer, pl_module)
@@ -119,6 +118,25 @@ class ScalarFlusher(pl.Callback):
                 writer.add_scalar(name, value, staged.first_step + i)
             self.latest = dict(zip(names, row))
         writer.add_scalar("perf/evaluations", staged.evaluations, staged.first_step + len(rows) - 1)
+
+
+class LossProgressBar(TQDMProgressBar):
+    """Lightning's bar, redrawn once per flush, showing the loss the flusher wrote last.
+
+    The loss is a host float passed straight to the bar: ``self.log(..., prog_bar=True)`` would
+    copy it to the device and read it back at every redraw, two waits for the GPU per flush.
+    """
+
+    def __init__(self, flusher: ScalarFlusher) -> None:
+        super().__init__(refresh_rate=flusher.every)
+        self.flusher = flusher
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the run folder names the run
+        if self.flusher.latest:
+            metrics["loss"] = f"{self.flusher.latest['loss/total']:.4g}"
+        return metrics
 
 
 class ImageSnapshots(pl.Callback):
