@@ -25,11 +25,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "run":
-        from nst_exp.cli_checks import check_run_overrides
+        from nst_exp.cli_checks import check_overrides_compose, check_run_overrides
         from nst_exp.errors import UserError
 
         try:
             check_run_overrides(rest)
+            check_overrides_compose(rest)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

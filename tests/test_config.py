@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from nst_exp.api import compose_config
-from nst_exp.cli_checks import presets
+from nst_exp.cli_checks import check_overrides_compose, presets
 from nst_exp.config import CONF_DIR, validate
 from nst_exp.errors import UserError
 from nst_exp.images import resolve_path
@@ -57,3 +57,32 @@ def test_wrong_type_and_unknown_key_rejected():
 def test_bad_values_name_key_and_fix(overrides, message):
     with pytest.raises(UserError, match=message):
         validate(compose_config(overrides))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "image.size=32,48", "loss.style_weight=range(1,3)", "optimizer=glob(*)"],
+        ["-m", "loss.style_weight=tag(log, interval(1.0, 10.0))", "hydra.sweep.dir=x"],
+        ["loss.style_layers=[relu1_1,relu2_1]", "experiment=fast", "hydra/launcher=joblib"],
+        ["--cfg", "job", "no.such=key"],  # Hydra's own flags: Hydra decides
+    ],
+)
+def test_good_overrides_and_sweeps_compose(argv):
+    check_overrides_compose(argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["trainer.max_stepz=5"], r"unknown config key 'trainer.max_stepz'; fix: did you mean trainer.max_steps\?"),
+        (["-m", "image.size=32,48", "loss.style_weight=1,2,oops"], r"bad value in 'loss.style_weight=oops'.*Float"),
+        (["loss.style_layers=relu1_1"], r"fix: a list, e.g. loss.style_layers=\[relu1_1\]"),
+        (["hydra/launcher=nope"], r"Could not find 'hydra/launcher/nope'; fix: one of .*joblib"),
+        (["image.size=[1,"], r"cannot read the override 'image.size=\[1,'"),
+    ],
+)
+def test_bad_overrides_fail_in_one_line(argv, message):
+    with pytest.raises(UserError, match=message) as info:
+        check_overrides_compose(argv)
+    assert "\n" not in str(info.value)
