@@ -149,3 +149,23 @@ def test_frozen_conv_same_gradient_without_keeping_its_input(memory_format):
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(grads[0], grads[1])
     assert grads[1].is_contiguous(memory_format=memory_format)
     assert alive == [True, False]  # torch's conv keeps the padded copy for a weight gradient never taken
+
+
+@pytest.mark.parametrize("padding", ["zeros", "reflect"])
+def test_compiled_encoder_is_one_graph_with_the_same_gradient(weights, padding):
+    # trainer.compile's path (CUDA: NHWC, our reflect padding) traced on the CPU: dynamo must take the
+    # whole forward as one graph (fullgraph: a break would split it, and the step with it) and
+    # autograd through it must match eager. aot_eager runs the traced graph without a C++ compiler.
+    layers = ["relu1_1", "relu2_1", "relu4_2"]
+    eager = VGG19Encoder(weights, layers, padding=padding).to(memory_format=torch.channels_last)
+    eager.channels_last = True
+    compiled = torch.compile(eager, backend="aot_eager", fullgraph=True)
+    image = torch.rand(1, 3, 24, 17)
+    results = []
+    for enc in (eager, compiled):
+        x = image.clone().requires_grad_(True)
+        feats = enc(x)
+        sum(f.square().mean() for f in feats.values()).backward()
+        results.append((feats, x.grad))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5 * results[0][1].abs().max().item())
