@@ -186,8 +186,10 @@ class VGG19Encoder(nn.Module):
                     x = conv2d_frozen(x, weight, bias, padding=1)
                 else:  # reflect needs 2+ pixels; a 1-pixel map (tiny images, deep layers) replicates
                     mode = self.padding if min(x.shape[-2:]) > 1 else "replicate"
-                    if mode == "reflect" and self.channels_last:
-                        padded = reflect_pad1(x)  # F.pad would hand cuDNN an NCHW copy
+                    if mode == "reflect" and (self.channels_last or x.dtype != torch.float32):
+                        # F.pad would hand cuDNN an NCHW copy; and CPU autocast runs it in fp32 (an
+                        # upcast copy of the bf16 activation, kept for its backward, then cast back).
+                        padded = reflect_pad1(x)
                     else:
                         padded = F.pad(x, (1, 1, 1, 1), mode=mode)
                     x = conv2d_frozen(padded, weight, bias)

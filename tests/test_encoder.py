@@ -169,3 +169,24 @@ def test_compiled_encoder_is_one_graph_with_the_same_gradient(weights, padding):
         results.append((feats, x.grad))
     torch.testing.assert_close(results[1][0], results[0][0])
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5 * results[0][1].abs().max().item())
+
+
+def test_bf16_autocast_keeps_no_fp32_copy_of_an_activation(weights):
+    # CPU autocast runs F.pad's reflect in fp32: each bf16 activation was upcast, padded, kept for the
+    # backward and cast back. The encoder pads bf16 itself, so what the backward keeps stays bf16.
+    enc = VGG19Encoder(weights, ["relu1_1", "relu2_1", "relu3_1"], padding="reflect")
+    image = torch.rand(1, 3, 32, 24)
+    saved: list[tuple[torch.dtype, int]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    x = image.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+        feats = enc(x)
+    assert all(f.dtype == torch.bfloat16 for f in feats.values())
+    assert saved and not [s for s in saved if s[0] == torch.float32 and s[1] > image.numel()], saved
+    reference = enc(image)
+    for name, f in feats.items():
+        torch.testing.assert_close(f.float(), reference[name], rtol=0.05, atol=0.05 * reference[name].abs().max().item())
