@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from nst_exp.errors import UserError
 from nst_exp.frozen_conv import conv2d_frozen
+from nst_exp.max_pool import max_pool2
 from nst_exp.padding import reflect_pad1
 
 # (block, number of convs) for VGG19.
@@ -186,9 +187,10 @@ class VGG19Encoder(nn.Module):
                     x = conv2d_frozen(x, weight, bias, padding=1)
                 else:  # reflect needs 2+ pixels; a 1-pixel map (tiny images, deep layers) replicates
                     mode = self.padding if min(x.shape[-2:]) > 1 else "replicate"
-                    if mode == "reflect" and (self.channels_last or x.dtype != torch.float32):
-                        # F.pad would hand cuDNN an NCHW copy; and CPU autocast runs it in fp32 (an
-                        # upcast copy of the bf16 activation, kept for its backward, then cast back).
+                    if mode == "reflect":
+                        # Not F.pad: it keeps its input for the backward (new memory after a pooling
+                        # layer), hands cuDNN an NCHW copy of NHWC input, and CPU autocast runs it
+                        # in fp32 (an upcast copy of each bf16 activation, kept, then cast back).
                         padded = reflect_pad1(x)
                     else:
                         padded = F.pad(x, (1, 1, 1, 1), mode=mode)
@@ -197,7 +199,7 @@ class VGG19Encoder(nn.Module):
                 # In place is safe unless the conv output itself was requested.
                 x = F.relu(x, inplace=out.get(name.replace("relu", "conv")) is None)
             elif self.pooling == "max":
-                x = F.max_pool2d(x, 2)
+                x = max_pool2(x)
             else:
                 x = F.avg_pool2d(x, 2)
             if name in wanted:

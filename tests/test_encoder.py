@@ -190,3 +190,25 @@ def test_bf16_autocast_keeps_no_fp32_copy_of_an_activation(weights):
     reference = enc(image)
     for name, f in feats.items():
         torch.testing.assert_close(f.float(), reference[name], rtol=0.05, atol=0.05 * reference[name].abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_max_pool_same_gradient_without_indices(dtype, memory_format):
+    import torch.nn.functional as F
+
+    from nst_exp.max_pool import max_pool2
+
+    # Odd sizes (a row and a column dropped) and ties (a coarse grid of values) included.
+    x = (torch.randint(0, 4, (2, 8, 9, 7)).to(dtype) / 4).contiguous(memory_format=memory_format)
+    g = torch.randn(2, 8, 4, 3).to(dtype)
+    results = []
+    for pool in (lambda t: F.max_pool2d(t, 2), max_pool2):
+        saved: list[torch.dtype] = []
+        xi = x.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+            y = pool(xi)
+        results.append((y, torch.autograd.grad(y, xi, g)[0], saved))
+    (y0, g0, saved0), (y1, g1, saved1) = results
+    assert torch.equal(y0, y1) and torch.equal(g0, g1)
+    assert torch.int64 in saved0 and saved1 == [dtype]  # torch keeps int64 indices; this keeps the input only
