@@ -1,9 +1,13 @@
-"""Reflect padding by one pixel that keeps the memory format (NHWC stays NHWC).
+"""Reflect padding by one pixel that keeps the memory format and dtype, and keeps nothing for its backward.
 
-On CUDA, ``F.pad(x, (1, 1, 1, 1), mode="reflect")`` returns an NCHW tensor even for NHWC input,
-so with channels-last weights cuDNN copies every padded activation back to NHWC, and the
-backward does the same for every gradient: at 1024 px that was ~40% of the GPU time of a
-step. This version writes the padded tensor in the input's layout and its gradient in place.
+``F.pad(x, (1, 1, 1, 1), mode="reflect")`` falls short three ways here:
+- on CUDA it returns an NCHW tensor even for NHWC input, so with channels-last weights cuDNN
+  copied every padded activation back to NHWC, and the backward every gradient (at 1024 px
+  ~40% of a step's GPU time);
+- it keeps its input for the backward: new memory where that input is a pooling output;
+- CPU autocast runs it in fp32, so each bf16 activation was upcast, kept, and cast back.
+This version writes the padded tensor in the input's layout and dtype, and its backward needs
+only the gradient.
 """
 
 from __future__ import annotations
