@@ -107,6 +107,8 @@ def _compose(overrides: list[str]) -> None:
             fix = f"a list, e.g. {key}=[{override.partition('=')[2]}]" if "ListConfig" in str(cause) else f"give {key} a value of its type ({KEYS_HINT})"
             raise UserError(f"bad value in '{override}': {_first_line(cause)}; fix: {fix}") from None
         raise UserError(f"{_first_line(exc)}; fix: {KEYS_HINT}") from None
+    except Exception:  # noqa: BLE001 - not a slip this check knows: Hydra reports it as always
+        return
 
 
 def _spelling_fix(key: str) -> str:
