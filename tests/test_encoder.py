@@ -212,3 +212,28 @@ def test_max_pool_same_gradient_without_indices(dtype, memory_format):
     (y0, g0, saved0), (y1, g1, saved1) = results
     assert torch.equal(y0, y1) and torch.equal(g0, g1)
     assert torch.int64 in saved0 and saved1 == [dtype]  # torch keeps int64 indices; this keeps the input only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_reflect_pad1_is_f_pad_keeping_layout_dtype_and_nothing_else(dtype, memory_format):
+    import torch.nn.functional as F
+
+    from nst_exp.padding import reflect_pad1
+
+    x = torch.randn(2, 5, 6, 4).to(dtype).contiguous(memory_format=memory_format)
+    g = torch.randn(2, 5, 8, 6).to(dtype)
+    saved: list[torch.Tensor] = []
+    xi = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = reflect_pad1(xi)
+    (grad,) = torch.autograd.grad(y, xi, g)
+    xr = x.float().contiguous().requires_grad_(True)
+    y_ref = F.pad(xr, (1, 1, 1, 1), mode="reflect")
+    (grad_ref,) = torch.autograd.grad(y_ref, xr, g.float())
+    assert torch.equal(y.float(), y_ref)  # a copy: exact
+    assert y.dtype == dtype and y.is_contiguous(memory_format=memory_format) and not saved
+    # Border gradients are sums of up to four entries, added in another order (fp32: to the last
+    # bit or so); bf16 also rounds each partial sum.
+    tol = {} if dtype == torch.float32 else dict(rtol=0.02, atol=0.05)
+    torch.testing.assert_close(grad.float(), grad_ref, **tol)
