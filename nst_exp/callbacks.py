@@ -155,8 +155,8 @@ class ImageSnapshots(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: StylizeModule, *args: Any) -> None:
         self.write_pending(trainer)
         if crossed(trainer.global_step, pl_module.iters_per_step, self.every):
-            image = pl_module.image.detach()[0].float().clamp(0, 1)
-            self._pending.append((pl_module.logged_step, HostCopy(image)))
+            # The one copy (the image moves on); clamping waits for the host side.
+            self._pending.append((pl_module.logged_step, HostCopy(pl_module.image.detach()[0])))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
         self.write_pending(trainer)
@@ -166,7 +166,7 @@ class ImageSnapshots(pl.Callback):
 
     def write_pending(self, trainer: pl.Trainer) -> None:
         for step, copy in self._pending:
-            image = copy.get()
+            image = copy.get().float().clamp(0, 1)
             writer_of(trainer).add_image("image/generated", image, step)
             if self.snapshot_dir is not None:
                 save_png(image, self.snapshot_dir / f"step_{step:06d}.png")
