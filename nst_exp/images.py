@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +17,40 @@ from nst_exp.errors import UserError
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 BUILTIN_PREFIX = "builtin:"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+
+# Pillow refuses files above twice its MAX_IMAGE_PIXELS as possible decompression bombs.
+PILLOW_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+@contextmanager
+def pixel_limit(max_pixels: int | None) -> Iterator[int | None]:
+    """Within: Pillow's bomb guard off (the caller checks ``max_pixels`` itself, with a better message)."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield PILLOW_PIXEL_LIMIT if max_pixels is None else (max_pixels or None)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def check_pixels(size_wh: tuple[int, int], what: str, where: Any, limit: int | None) -> None:
+    """One line for an image above the limit (``image.max_input_pixels``), and how to allow it."""
+    pixels = size_wh[0] * size_wh[1]
+    if limit and pixels > limit:
+        raise UserError(
+            f"{what} image {where} is {size_wh[0]}x{size_wh[1]} ({pixels / 1e6:.0f} Mpx), above the "
+            f"{limit / 1e6:.0f} Mpx limit that guards against decompression bombs; fix: if you trust the file, "
+            "image.max_input_pixels=0 (no limit) or a larger number of pixels"
+        )
+
+
+def bundled_images() -> list[Path]:
+    """The images shipped in ``nst_exp/assets`` (``builtin:NAME``)."""
+    return sorted(p for p in ASSETS_DIR.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
 
 def resolve_path(path: str | Path, what: str) -> Path:
     """A user path (``~`` expanded, relative to the cwd) or ``builtin:NAME`` for a bundled image."""
@@ -20,11 +58,13 @@ def resolve_path(path: str | Path, what: str) -> Path:
     if not text or text == "???":
         raise UserError(f"{what}.path is not set; fix: pass {what}.path=/path/to/image.jpg or pick a preset with {what}=NAME")
     if text.startswith(BUILTIN_PREFIX):
-        resolved = ASSETS_DIR / text[len(BUILTIN_PREFIX):]
-        if not resolved.is_file():
-            bundled = ", ".join(BUILTIN_PREFIX + p.name for p in sorted(ASSETS_DIR.iterdir()) if p.suffix != ".md")
-            raise UserError(f"{what}.path={text} is not a bundled image; bundled images are: {bundled}")
-        return resolved
+        name = text[len(BUILTIN_PREFIX):]
+        bundled = bundled_images()
+        for image in bundled:
+            if name in (image.name, image.stem):  # builtin:chelsea or builtin:chelsea.png
+                return image
+        listing = ", ".join(BUILTIN_PREFIX + p.stem for p in bundled)
+        raise UserError(f"{what}.path={text} is not a bundled image; fix: one of {listing}, or a path to your own file")
     resolved = Path(text).expanduser()
     if not resolved.exists():
         raise UserError(f"{what} image not found: {resolved}; fix: check {what}.path (relative paths start from {Path.cwd()})")
@@ -52,14 +92,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(source: str | Path | Image.Image, what: str = "image") -> Image.Image:
-    """Open a path (or take a PIL image) as an upright RGB PIL image, or raise a one-line UserError."""
+def open_image(source: str | Path | Image.Image, what: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """Open a path (or take a PIL image) as an upright RGB PIL image, or raise a one-line UserError.
+
+    ``max_pixels``: the largest file accepted (``image.max_input_pixels``); None = Pillow's
+    decompression-bomb limit, 0 = no limit.
+    """
     if isinstance(source, Image.Image):
         img = source
     else:
         path = resolve_path(source, what)
         try:
-            with Image.open(path) as opened:
+            with pixel_limit(max_pixels) as limit, Image.open(path) as opened:
+                check_pixels(opened.size, what, path, limit)
                 img = ImageOps.exif_transpose(opened)  # an upright copy, info (transparency) kept
                 img.load()
         except UnidentifiedImageError:
