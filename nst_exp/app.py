@@ -11,10 +11,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from nst_exp.cluster import register_launchers
 from nst_exp.config import CONF_DIR, register_configs
 from nst_exp.errors import UserError
 from nst_exp.naming import register_resolvers
-from nst_exp.reporting import record_failure
+from nst_exp.reporting import mark_ended, record_failure
+from nst_exp.signals import JobInterrupted
 
 
 def _is_multirun() -> bool:
@@ -32,6 +34,10 @@ def task(cfg: DictConfig) -> float:
 
             cfg = resumed_config(cfg, list(HydraConfig.get().overrides.task))
         result = runner.run(cfg, run_dir)
+    except JobInterrupted as exc:
+        print(f"\ninterrupted: {exc}; the latest image is saved at {run_dir / runner.FINAL_IMAGE}, "
+              f"and last.ckpt continues the run", file=sys.stderr)
+        return _hand_over(exc, run_dir)
     except UserError as exc:
         record_failure(run_dir, str(exc), cfg)
         print(f"error: {exc}", file=sys.stderr)
@@ -47,7 +53,7 @@ def task(cfg: DictConfig) -> float:
         return math.inf
     image = run_dir / runner.FINAL_IMAGE
     if result.status == "interrupted":
-        print(f"interrupted: the latest image is saved at {image}", file=sys.stderr)
+        print(f"\ninterrupted: the latest image is saved at {image}", file=sys.stderr)
     elif result.status == "diverged":
         print(f"error: {result.error} (image: {image})", file=sys.stderr)
     else:
@@ -61,10 +67,39 @@ def task(cfg: DictConfig) -> float:
     return result.metrics.get("hp/objective", math.inf)
 
 
+def _hand_over(stop: JobInterrupted, run_dir: Path) -> float:
+    """After a signal stopped the run: let submitit requeue the job (it exits), else exit 128 + signal.
+
+    The job must not return: submitit would report a result, and the sweep would take this partial
+    run as final. Only when submitit will not requeue (out of ``max_num_timeout``) does the job end
+    here, as ``timed_out``.
+    """
+    try:
+        stop.hand_over()
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - submitit's UncompletedJobError ("timed-out too many times"), or scontrol failed
+        if type(exc).__name__ != "UncompletedJobError":
+            raise SystemExit(128 + stop.signum) from None  # let the cluster decide (a pre-emption requeues it)
+        mark_ended(run_dir, "timed_out", f"{stop} and not requeued: {_first_line(exc)}; fix: a longer "
+                   "hydra.launcher.timeout_min or more hydra.launcher.max_num_timeout, or resume=<this folder>")
+        print(f"error: job timed out: {_first_line(exc)}", file=sys.stderr)
+        if _is_multirun():
+            return math.inf
+        sys.exit(1)
+    raise SystemExit(128 + stop.signum)  # not reached: hand_over always exits or raises
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(argv: list[str]) -> int:
     """Hand the overrides to Hydra (it reads sys.argv) with the config dir of this checkout."""
     register_configs()
     register_resolvers()
+    register_launchers()
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if resume and resume[-1] not in ("", "null") and not any(a.startswith("hydra.run.dir=") for a in argv):
         argv = [*argv, f"hydra.run.dir={resume[-1]}"]  # continue in the run's own folder: one curve, one place

@@ -22,6 +22,7 @@ from nst_exp.errors import UserError
 from nst_exp.images import open_image, pil_to_tensor
 from nst_exp.module import StylizeModule
 from nst_exp.reporting import read_result
+from nst_exp.signals import JobInterrupted
 
 CHECKPOINT = "last.ckpt"
 
@@ -69,7 +70,7 @@ def find_resume_state(run_dir: Path, resume: str | None, last_stage: int) -> Res
 
 
 class Checkpointer(pl.Callback):
-    """Write ``last.ckpt`` every ``every`` steps (0: never periodically) and on Ctrl-C.
+    """Write ``last.ckpt`` every ``every`` steps (0: never periodically), on Ctrl-C and when a signal stops the job.
 
     Before each write the ``flusher`` puts every step's scalars on disk, so that a job killed
     after the checkpoint and resumed from it has no hole in its curves.
@@ -90,7 +91,7 @@ class Checkpointer(pl.Callback):
             self.save(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: StylizeModule, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
+        if isinstance(exception, (KeyboardInterrupt, JobInterrupted)):  # Ctrl-C, or SIGTERM/USR2 at a step boundary
             self.save(trainer, pl_module)
 
     def save(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
