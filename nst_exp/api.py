@@ -12,20 +12,23 @@ if TYPE_CHECKING:
     from nst_exp.runner import RunResult
 
 
-def compose_config(overrides: list[str] | None = None, **settings: Any) -> Any:
+def compose_config(overrides: list[str] | None = None, with_hydra: bool = False, **settings: Any) -> Any:
     """The CLI's config (conf/ + schema) with Hydra-style ``overrides`` and nested ``settings`` merged on top.
 
     ``settings`` are group names mapped to dicts, e.g. ``image={"size": 128}``, or top-level
     keys such as ``seed=1``; they are type-checked against the schema like CLI overrides.
+    ``with_hydra`` keeps the ``hydra`` node (launcher, output folders, the groups' choices).
     """
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from nst_exp.cluster import register_launchers
     from nst_exp.config import CONF_DIR, register_configs
 
     register_configs()
+    register_launchers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="nst_api"):
-        cfg = compose("config", overrides=list(overrides or []))
+        cfg = compose("config", overrides=list(overrides or []), return_hydra_config=with_hydra)
     if settings:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(settings))
     return cfg

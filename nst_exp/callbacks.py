@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from torch import Tensor
 
 from nst_exp.images import save_png
@@ -121,15 +123,38 @@ class ScalarFlusher(pl.Callback):
 
 
 class LossProgressBar(TQDMProgressBar):
-    """Lightning's bar, redrawn once per flush, showing the loss the flusher wrote last.
+    """One bar per stage counting optimiser steps (``320 px: 40/200``), redrawn once per flush with the
+    loss the flusher wrote last; Lightning's "Training"/"Epoch 0" bars do not fit a run of steps.
 
     The loss is a host float passed straight to the bar: ``self.log(..., prog_bar=True)`` would
     copy it to the device and read it back at every redraw, two waits for the GPU per flush.
     """
 
-    def __init__(self, flusher: ScalarFlusher) -> None:
+    def __init__(self, flusher: ScalarFlusher, description: str, steps: int) -> None:
         super().__init__(refresh_rate=flusher.every)
         self.flusher = flusher
+        self.description = description
+        self.steps = steps
+
+    def init_train_tqdm(self) -> Tqdm:
+        return Tqdm(desc=self.description, total=self.steps, disable=self.is_disabled, leave=True, dynamic_ncols=True,
+                    file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+
+    def on_train_epoch_start(self, *_: Any) -> None:
+        pass  # one endless epoch: no "Epoch 0" bar
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: StylizeModule, *args: Any) -> None:
+        bar = self.train_progress_bar
+        step = trainer.global_step
+        if not bar.disable and (crossed(step, pl_module.iters_per_step, self.refresh_rate) or step >= self.steps):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws
+
+    def on_train_epoch_end(self, *_: Any) -> None:
+        pass
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.train_progress_bar.close()  # what is printed next starts on its own line
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
         metrics = super().get_metrics(trainer, pl_module)
@@ -178,14 +203,12 @@ def crossed(step: int, advanced: int, every: int) -> bool:
     return bool(every) and step // every > max(0, step - advanced) // every
 
 
-def log_hparams_start(logger: Any, hparams: dict[str, Any]) -> None:
-    """Declare every HPARAMS metric up front (NaN placeholders); the final values come at the end."""
-    logger.log_hyperparams(hparams, {name: float("nan") for name in HPARAM_METRICS})
-
-
 def log_final_metrics(writer: Any, metrics: dict[str, float], step: int) -> None:
+    """The HPARAMS table's metric values: the last ``hp/*`` scalar of each run (none that is unknown)."""
     for name in HPARAM_METRICS:
-        writer.add_scalar(name, metrics.get(name, float("nan")), step)
+        value = metrics.get(name)
+        if value is not None and math.isfinite(value):
+            writer.add_scalar(name, value, step)
     writer.flush()
 
 

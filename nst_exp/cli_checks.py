@@ -8,7 +8,11 @@ the first failure becomes one line naming the override, the problem and the fix.
 from __future__ import annotations
 
 import re
+import tempfile
+from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from nst_exp.config import CONF_DIR
 from nst_exp.errors import UserError
@@ -73,7 +77,53 @@ def check_overrides_compose(argv: list[str]) -> None:
         fixed + first[:i] + [line] + first[i + 1:] for i, lines in enumerate(sweeps) for line in lines[1:]
     ]
     for overrides in trials[:MAX_COMPOSES]:
-        _compose(overrides)
+        cfg = _compose(overrides)
+        if cfg is not None:
+            check_values(cfg)
+    check_launch(fixed + first, multirun="-m" in argv or "--multirun" in argv)
+
+
+def check_values(cfg: Any) -> None:
+    """What a job would find wrong at its start: values (``validate``) and input images (missing,
+    unreadable, too large, too small a short side at some size), so a sweep fails before any job runs."""
+    from nst_exp.config import validate
+    from nst_exp.input_checks import check_inputs
+
+    validate(cfg)
+    if cfg.resume:
+        return  # the resumed run's own config (its images) is read by the job
+    check_inputs(cfg)
+
+
+def check_launch(overrides: list[str], multirun: bool) -> None:
+    """The output folder can be made, and a cluster time limit leaves time to work (hydra.* settings)."""
+    from hydra.types import RunMode
+
+    from nst_exp.api import compose_config
+    from nst_exp.cluster import check_time_limit
+
+    try:
+        hydra = compose_config(overrides, with_hydra=True).hydra
+    except Exception:  # noqa: BLE001 - composition errors were reported above; the rest is Hydra's to report
+        return
+    raw = OmegaConf.to_container(hydra, resolve=False)  # ${now:...} needs Hydra's run to resolve
+    multirun = multirun or hydra.mode == RunMode.MULTIRUN
+    folder = raw["sweep"]["dir"] if multirun else raw["run"]["dir"]
+    check_writable(str(folder), "hydra.sweep.dir" if multirun else "hydra.run.dir")
+    check_time_limit(raw.get("launcher") or {})
+
+
+def check_writable(template: str, key: str) -> None:
+    """The folder part of ``template`` before any ``${...}`` can be made, and written to (Hydra would
+    otherwise fail with a traceback while making the job's folder)."""
+    static = Path(template.split("${", 1)[0] or ".").expanduser()
+    try:
+        static.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=static):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot create the output folder {template}: {exc.strerror or exc} ({exc.filename or static}); "
+                        f"fix: {key}=/a/writable/path (or run from a folder you can write to)") from None
 
 
 def _is_plain(parser: Any, line: str) -> bool:
@@ -84,14 +134,15 @@ def _is_plain(parser: Any, line: str) -> bool:
         return False
 
 
-def _compose(overrides: list[str]) -> None:
+def _compose(overrides: list[str]) -> Any:
+    """The composed config, or a UserError for a slip this check knows; None when Hydra must judge."""
     from hydra.errors import ConfigCompositionException, MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     from nst_exp.api import compose_config
 
     try:
-        compose_config(overrides)
+        return compose_config(overrides)
     except MissingConfigException as exc:
         problem = re.sub(r"^In '[^']*': ", "", _first_line(exc))
         fix = f"one of {', '.join(exc.options)}" if exc.options else "check the group and preset names"
@@ -108,7 +159,7 @@ def _compose(overrides: list[str]) -> None:
             raise UserError(f"bad value in '{override}': {_first_line(cause)}; fix: {fix}") from None
         raise UserError(f"{_first_line(exc)}; fix: {KEYS_HINT}") from None
     except Exception:  # noqa: BLE001 - not a slip this check knows: Hydra reports it as always
-        return
+        return None
 
 
 def _spelling_fix(key: str) -> str:

@@ -72,13 +72,13 @@ class ColorMode(str, Enum):
 @dataclass
 class ContentConfig:
     path: str = MISSING
-    name: str = "custom"
+    name: Optional[str] = None  # the label in folder names, summaries and TensorBoard; None = the file stem of path
 
 
 @dataclass
 class StyleConfig:
     path: str = MISSING
-    name: str = "custom"
+    name: Optional[str] = None  # the label; None = the file stem of path
     extra_paths: List[str] = field(default_factory=list)  # more style images, blended
     blend_weights: List[float] = field(default_factory=list)  # one per image (path first); empty = equal
     mask_path: Optional[str] = None  # white = apply style, black = keep content
@@ -94,6 +94,7 @@ class ImageConfig:
     multiscale_steps: List[int] = field(default_factory=list)  # steps of each coarse stage
     color: ColorMode = ColorMode.none  # colour preservation
     init_path: Optional[str] = None  # the image for init=image
+    max_input_pixels: Optional[int] = None  # largest input file accepted; null = Pillow's bomb guard (~179 Mpx), 0 = no limit
 
 
 @dataclass
@@ -197,6 +198,8 @@ def validate(cfg: DictConfig | Config) -> None:
         raise UserError(f"image.size={cfg.image.size} is too small for VGG19 (4 poolings); fix: image.size=32 or more")
     if cfg.image.style_size is not None:
         _positive(cfg.image.style_size, "image.style_size")
+    if cfg.image.get("max_input_pixels") is not None:
+        _non_negative(cfg.image.max_input_pixels, "image.max_input_pixels")
     _positive(cfg.image.style_scale, "image.style_scale")
     sizes, steps = list(cfg.image.multiscale_sizes), list(cfg.image.multiscale_steps)
     if len(sizes) != len(steps):

@@ -12,6 +12,8 @@ import hashlib
 import re
 from collections.abc import Iterable
 
+from nst_exp.labels import image_label, run_label
+
 MAX_LEN = 96
 # Overrides that do not distinguish jobs' results (logging, hardware) are left out of names.
 _IGNORED_PREFIXES = (
@@ -51,8 +53,17 @@ def job_dirname(overrides: Iterable[str], max_len: int = MAX_LEN) -> str:
     return name
 
 
+def run_name(content_path: str, content_name: str | None, style_path: str, style_name: str | None,
+             experiment: str | None) -> str:
+    """A single run's folder suffix: ``[experiment_]content_style`` from the images really used."""
+    content = image_label({"path": content_path, "name": content_name})
+    style = image_label({"path": style_path, "name": style_name})
+    return run_label(content, style, experiment)
+
+
 def register_resolvers() -> None:
-    """``${nst_dirname:${hydra.overrides.task}}`` in conf/config.yaml's ``hydra.sweep.subdir``."""
+    """``${nst_dirname:...}`` (sweep job folders) and ``${nst_run_name:...}`` (single runs) in conf/config.yaml."""
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("nst_dirname", lambda overrides: job_dirname(overrides), replace=True)
+    OmegaConf.register_new_resolver("nst_run_name", run_name, replace=True)

@@ -30,7 +30,6 @@ from nst_exp.callbacks import (
     ScalarFlusher,
     divergence_message,
     log_final_metrics,
-    log_hparams_start,
     log_input_images,
 )
 from nst_exp.checkpoint import CHECKPOINT, Checkpointer, find_resume_state
@@ -38,10 +37,14 @@ from nst_exp.config import ColorMode, Init, flatten, to_container, validate
 from nst_exp.encoder import VGG19Encoder, build_encoder
 from nst_exp.errors import UserError
 from nst_exp.evaluate import Evaluator
+from nst_exp.input_checks import check_image_sizes, style_long_side
 from nst_exp.images import open_image, pil_to_tensor, resize_long_side, save_png, tensor_to_pil
 from nst_exp.losses import STYLE_LOSSES, ContentLoss, StyleTransferLoss, layer_weights
 from nst_exp.module import StylizeModule
-from nst_exp.reporting import write_result
+from nst_exp.labels import labels_of
+from nst_exp.reporting import read_result, write_result
+from nst_exp.tb_hparams import write_session_end, write_session_start
+from nst_exp.signals import JobInterrupted, JobSignals, StopOnSignal
 
 FINAL_IMAGE = "final.png"
 AUTO_ITERS_PER_STEP_CUDA = 10
@@ -84,9 +87,11 @@ class Inputs:
     """The user's images as upright RGB PIL images, opened once; tensors are made per stage size."""
 
     def __init__(self, cfg: DictConfig, content: Any = None, styles: list[Any] | None = None) -> None:
-        self.content = open_image(content if content is not None else cfg.content.path, "content")
+        limit = cfg.image.max_input_pixels
+        self.content = open_image(content if content is not None else cfg.content.path, "content", limit)
         sources = styles if styles is not None else [cfg.style.path, *cfg.style.extra_paths]
-        self.styles = [crop_border(open_image(s, "style"), cfg.style.crop) for s in sources]
+        self.styles = [crop_border(open_image(s, "style", limit), cfg.style.crop) for s in sources]
+        check_image_sizes(cfg, self.content.size, [s.size for s in self.styles])
         weights = list(cfg.style.blend_weights) or [1.0] * len(self.styles)
         if len(weights) != len(self.styles):
             raise UserError(f"style.blend_weights has {len(weights)} values for {len(self.styles)} style images")
@@ -94,8 +99,8 @@ class Inputs:
         if total <= 0:
             raise UserError("style.blend_weights sum to 0; fix: give at least one positive weight")
         self.style_weights = [w / total for w in weights]
-        self.mask = open_image(cfg.style.mask_path, "style mask").convert("L") if cfg.style.mask_path else None
-        self.init = open_image(cfg.image.init_path, "init") if cfg.init == Init.image else None
+        self.mask = open_image(cfg.style.mask_path, "style mask", limit).convert("L") if cfg.style.mask_path else None
+        self.init = open_image(cfg.image.init_path, "init", limit) if cfg.init == Init.image else None
 
     def content_at(self, size: int) -> Tensor:
         return pil_to_tensor(resize_long_side(self.content, size))
@@ -139,9 +144,7 @@ def iters_per_step(cfg: DictConfig, device: torch.device) -> int:
 
 def style_size(cfg: DictConfig, stage: Stage) -> int:
     """Long side of the style image for a stage: image.style_size (scaled with the stage) or style_scale * size."""
-    if cfg.image.style_size:
-        return max(16, round(cfg.image.style_size * stage.size / cfg.image.size))
-    return max(16, round(cfg.image.style_scale * stage.size))
+    return style_long_side(cfg, stage.size)
 
 
 def build_loss(cfg: DictConfig, encoder: VGG19Encoder, inputs: Inputs, stage: Stage, device: torch.device) -> tuple[StyleTransferLoss, Tensor]:
@@ -212,6 +215,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*tensorboardX.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+    if "SLURM_JOB_ID" not in os.environ:  # a cluster machine, but not a SLURM job: srun is not for this run
+        warnings.filterwarnings("ignore", ".*`srun` command is available on your system but is not used.*")
 
 
 class RunLogger(TensorBoardLogger):
@@ -227,6 +232,10 @@ class RunLogger(TensorBoardLogger):
     def finalize(self, status: str) -> None:
         self.experiment.flush()
 
+    def save(self) -> None:
+        """Only flush: the run folder's config.yaml is the config (no Lightning hparams.yaml)."""
+        self.experiment.flush()
+
     def close(self, status: str) -> None:
         super().finalize(status)
 
@@ -239,7 +248,8 @@ class _Forever:
             yield 0
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, logger: RunLogger, steps: int, callbacks: list[pl.Callback], device: torch.device) -> pl.Trainer:
+def make_trainer(cfg: DictConfig, run_dir: Path, logger: RunLogger, steps: int, callbacks: list[pl.Callback], device: torch.device,
+                 description: str = "steps") -> pl.Trainer:
     plugins = []
     if "SLURM_JOB_ID" in os.environ:
         # submitit owns requeueing (USR2 + max_num_timeout); Lightning must not requeue too.
@@ -249,7 +259,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, logger: RunLogger, steps: int, 
     if cfg.logging.progress_bar:
         # Redrawn once per flush: every step costs ~3 ms on a fast GPU, and the loss it shows changes per flush.
         flusher = next(c for c in callbacks if isinstance(c, ScalarFlusher))
-        callbacks = [*callbacks, LossProgressBar(flusher)]
+        callbacks = [*callbacks, LossProgressBar(flusher, description, steps)]
     return pl.Trainer(
         max_steps=steps,
         max_epochs=-1,
@@ -277,33 +287,42 @@ def run(
     content: Any = None,
     styles: list[Any] | None = None,
     extra_callbacks: tuple[pl.Callback, ...] = (),
+    experiment: str | None = None,
 ) -> RunResult:
     """Run one style transfer into ``run_dir``. Raises UserError for bad input (before any work).
 
-    ``extra_callbacks`` join every stage's Trainer (the benchmark times steps with one).
+    ``extra_callbacks`` join every stage's Trainer (the benchmark times steps with one);
+    ``experiment`` labels the run (default: the Hydra job's ``experiment=`` choice).
+    A SIGTERM (or submitit's SIGUSR2) stops the run at the next step boundary: the folder is
+    saved (last.ckpt, final.png, result.json "interrupted") and ``JobInterrupted`` is raised.
     """
     validate(cfg)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = prepare_run_dir(Path(run_dir), cfg)
     quiet_lightning()
     inputs = Inputs(cfg, content, styles)
+    labels = labels_of(cfg, experiment)
+    cfg.content.name, cfg.style.name = labels["content"], labels["style"]  # config.yaml and HPARAMS name them too
     device = pick_device(cfg.trainer.accelerator, cfg.trainer.device_index)
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
     encoder, step_encoder = build_network(cfg, device)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     logger = RunLogger(run_dir)
-    log_hparams_start(logger, flatten(to_container(cfg)))
+    write_session_start(logger.experiment, {**flatten(to_container(cfg)), "experiment": labels["experiment"] or "none"})
     stages = stages_of(cfg)
     resume = find_resume_state(run_dir, cfg.resume, len(stages) - 1)
+    interruptions = list((read_result(run_dir) or {}).get("interruptions") or []) if resume and resume.optimizer else []
     clock_start = time.perf_counter()
     clock = lambda: time.perf_counter() - clock_start  # noqa: E731
     wall_offset = resume.wall_time_s if resume else 0.0
     step = resume.logged_step if resume else 0
     status, error, image = "completed", None, None
+    stop: BaseException | None = None  # a signal's stop (or a foreign SystemExit): re-raised once the folder is saved
     module: StylizeModule | None = None
     flusher = ScalarFlusher(cfg.logging.flush_every)
+    signals = JobSignals()
     try:
+        signals.install()
         for index, stage in enumerate(stages):
             if resume and index < resume.stage:
                 continue
@@ -332,6 +351,7 @@ def run(
                 ImageSnapshots(cfg.logging.image_every, run_dir / "snapshots" if cfg.logging.save_snapshots else None),
                 Checkpointer(run_dir / CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, wall_offset, clock, flusher),
                 *extra_callbacks,
+                StopOnSignal(signals),  # last: the others have seen the batch when it stops training
             ]
             iters = iters_per_step(cfg, device)
             module = StylizeModule(
@@ -342,10 +362,18 @@ def run(
                 iters_per_step=iters,
                 cuda_graph=cfg.trainer.cuda_graph,
             )
-            trainer = make_trainer(cfg, run_dir, logger, steps, callbacks, device)
+            where = f"stage {index + 1}/{len(stages)}, {stage.size} px" if len(stages) > 1 else f"{stage.size} px"
+            trainer = make_trainer(cfg, run_dir, logger, steps, callbacks, device, description=where)
             try:
                 trainer.fit(module, train_dataloaders=_Forever())
-            except (SystemExit, KeyboardInterrupt):  # Lightning turns Ctrl-C into sys.exit(1) after its cleanup
+            except JobInterrupted as exc:  # SIGTERM/USR2, acted on at a step boundary (checkpoint written)
+                status, stop = "interrupted", exc
+                error = f"{exc} at step {module.logged_step}; last.ckpt continues it (a requeued job does so by itself)"
+            except SystemExit as exc:
+                status = "interrupted"
+                if not isinstance(exc.__context__, KeyboardInterrupt):  # Lightning turns Ctrl-C into sys.exit(1)
+                    stop = exc  # someone else's exit (e.g. Lightning's SIGTERM): not ours to swallow
+            except KeyboardInterrupt:
                 status = "interrupted"
             step += module.global_step
             if trainer.interrupted and status == "completed":
@@ -358,12 +386,22 @@ def run(
     except KeyboardInterrupt:
         status = "interrupted"
     finally:
+        signals.restore()
         if module is not None:
             image = finish_image(cfg, module.image.detach(), inputs)
             save_png(image, run_dir / FINAL_IMAGE)
     if status == "completed":
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
     metrics = final_metrics(flusher.latest, wall_offset + clock(), step)
+    saved = FINAL_IMAGE if image is not None else None
+    if stop is not None:
+        # The job goes on elsewhere (requeued) or was cancelled: no final metrics, no evaluation (the
+        # cluster's grace time is short); the folder says where it stopped, last.ckpt how to go on.
+        interruptions.append({"signal": getattr(stop, "signal", type(stop).__name__), "step": step,
+                              "wall_time_s": round(metrics["hp/wall_time_s"], 1)})
+        logger.close(status)
+        write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels)
+        raise stop
     if image is not None:
         metrics.update(Evaluator(device, encoder if _evaluator_compatible(cfg) else None).score(
             image, inputs.content_at(cfg.image.size), [inputs.style_at(i, cfg.image.size) for i in range(len(inputs.styles))],
@@ -371,9 +409,27 @@ def run(
         metrics["hp/objective"] = objective(cfg, metrics)
         logger.experiment.add_image("image/final", image[0].cpu(), step)
     log_final_metrics(logger.experiment, metrics, step)
+    write_session_end(logger.experiment, completed=status == "completed")
     logger.close("success" if status == "completed" else status)
-    write_result(run_dir, status, error, FINAL_IMAGE if image is not None else None, metrics, cfg)
+    write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels)
     return RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, error)
+
+
+def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> Path:
+    """Create the run folder (one-line error if it cannot be), and never reuse a finished run's folder:
+    a folder with a final image and no last.ckpt is only continued by ``resume=`` pointing at it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write the run folder {run_dir}: {exc.strerror or exc}; fix: a writable place "
+                        "(hydra.run.dir=/path for a run, hydra.sweep.dir=/path for a sweep, output_dir= in Python)") from None
+    resuming_here = bool(cfg.resume) and Path(cfg.resume).resolve() == run_dir.resolve()
+    if (run_dir / FINAL_IMAGE).exists() and not (run_dir / CHECKPOINT).exists() and not resuming_here:
+        raise UserError(f"{run_dir} already holds a finished run; fix: another folder, or resume={run_dir} to continue it")
+    return run_dir
 
 
 def _evaluator_compatible(cfg: DictConfig) -> bool:
