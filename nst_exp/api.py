@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import time
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from omegaconf import open_dict
+
+from nst_exp.compose import compose_config
+from nst_exp.errors import UserError
+from nst_exp.labels import labels_of, run_label
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -12,26 +18,18 @@ if TYPE_CHECKING:
     from nst_exp.runner import RunResult
 
 
-def compose_config(overrides: list[str] | None = None, with_hydra: bool = False, **settings: Any) -> Any:
-    """The CLI's config (conf/ + schema) with Hydra-style ``overrides`` and nested ``settings`` merged on top.
-
-    ``settings`` are group names mapped to dicts, e.g. ``image={"size": 128}``, or top-level
-    keys such as ``seed=1``; they are type-checked against the schema like CLI overrides.
-    ``with_hydra`` keeps the ``hydra`` node (launcher, output folders, the groups' choices).
-    """
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from nst_exp.cluster import register_launchers
-    from nst_exp.config import CONF_DIR, register_configs
-
-    register_configs()
-    register_launchers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="nst_api"):
-        cfg = compose("config", overrides=list(overrides or []), return_hydra_config=with_hydra)
-    if settings:
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(settings))
-    return cfg
+def new_run_dir(root: Path, label: str) -> Path:
+    """A folder no other run has: ``root/<date>/<time with microseconds>_<label>``, created here."""
+    while True:
+        now = datetime.now()
+        path = root / now.strftime("%Y-%m-%d") / f"{now.strftime('%H-%M-%S-%f')}_{label}"
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue  # another call in the same microsecond: take the next one
+        except OSError as exc:
+            raise UserError(f"cannot create the run folder {path}: {exc.strerror or exc}; fix: output_dir=/a/writable/path") from None
 
 
 def stylize(
@@ -48,24 +46,28 @@ def stylize(
     ``content``/``style`` default to the CLI's defaults. ``overrides`` are CLI-style strings
     (``["loss.style_weight=1e5", "optimizer=adam"]``); keyword settings are nested dicts
     (``image={"size": 128}, trainer={"max_steps": 50}``). The run folder (final.png,
-    TensorBoard events, config.yaml) is ``output_dir`` or ``outputs/api/<timestamp>``.
+    TensorBoard events, config.yaml) is ``output_dir`` or a new ``outputs/api/<date>/<time>_<labels>``
+    (never one an earlier call made: a finished run's folder is refused).
     """
     from nst_exp import runner
-    from nst_exp.errors import UserError
 
-    cfg = compose_config(overrides, **settings)
+    cfg = compose_config(overrides, with_hydra=True, **settings)
+    experiment = cfg.hydra.runtime.choices.get("experiment")
+    with open_dict(cfg):
+        del cfg["hydra"]
     images: dict[str, Any] = {}
     for key, value in (("content", content), ("style", style)):
         if value is None:
             continue
         if isinstance(value, (str, Path)):
-            cfg[key].path = str(value)
-            cfg[key].name = Path(value).stem
+            cfg[key].path, cfg[key].name = str(value), None  # labelled by its file stem
         else:
             images[key] = value
             cfg[key].name = f"{key}_image"
-    run_dir = Path(output_dir) if output_dir else Path("outputs/api") / time.strftime("%Y-%m-%d/%H-%M-%S")
-    result = runner.run(cfg, run_dir, images.get("content"), [images["style"]] if "style" in images else None)
+    labels = labels_of(cfg, experiment)
+    run_dir = Path(output_dir) if output_dir else new_run_dir(Path("outputs/api"), run_label(labels["content"], labels["style"], experiment))
+    result = runner.run(cfg, run_dir, images.get("content"), [images["style"]] if "style" in images else None,
+                        experiment=experiment)
     if result.image is None:
         raise UserError(f"the run produced no image ({result.status}): {result.error}")
     return result if return_result else result.image

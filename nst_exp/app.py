@@ -12,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from nst_exp.cluster import register_launchers
+from nst_exp.compose import first_line
 from nst_exp.config import CONF_DIR, register_configs
 from nst_exp.errors import UserError
 from nst_exp.naming import register_resolvers
@@ -81,18 +82,13 @@ def _hand_over(stop: JobInterrupted, run_dir: Path) -> float:
     except Exception as exc:  # noqa: BLE001 - submitit's UncompletedJobError ("timed-out too many times"), or scontrol failed
         if type(exc).__name__ != "UncompletedJobError":
             raise SystemExit(128 + stop.signum) from None  # let the cluster decide (a pre-emption requeues it)
-        mark_ended(run_dir, "timed_out", f"{stop} and not requeued: {_first_line(exc)}; fix: a longer "
+        mark_ended(run_dir, "timed_out", f"{stop} and not requeued: {first_line(exc)}; fix: a longer "
                    "hydra.launcher.timeout_min or more hydra.launcher.max_num_timeout, or resume=<this folder>")
-        print(f"error: job timed out: {_first_line(exc)}", file=sys.stderr)
+        print(f"error: job timed out: {first_line(exc)}", file=sys.stderr)
         if _is_multirun():
             return math.inf
         sys.exit(1)
     raise SystemExit(128 + stop.signum)  # not reached: hand_over always exits or raises
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main(argv: list[str]) -> int:

@@ -14,11 +14,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from nst_exp.compose import compose_config, first_line
 from nst_exp.config import CONF_DIR
 from nst_exp.errors import UserError
 
 MAX_COMPOSES = 64  # a sweep's values are checked one override at a time, up to this many compositions
-KEYS_HINT = "python -m nst_exp run --cfg job prints every key with its value"
 
 
 def presets(group: str) -> list[str]:
@@ -58,7 +58,7 @@ def check_overrides_compose(argv: list[str]) -> None:
     try:
         parsed = parser.parse_overrides([a for a in argv if not a.startswith("-")])
     except OverrideParseException as exc:
-        raise UserError(f"cannot read the override {exc.override!r}: {_first_line(exc)}; fix: key=value, "
+        raise UserError(f"cannot read the override {exc.override!r}: {first_line(exc)}; fix: key=value, "
                         "quote values with spaces or commas ('key=\"a, b\"')") from None
     fixed: list[str] = []
     sweeps: list[list[str]] = []
@@ -77,9 +77,13 @@ def check_overrides_compose(argv: list[str]) -> None:
         fixed + first[:i] + [line] + first[i + 1:] for i, lines in enumerate(sweeps) for line in lines[1:]
     ]
     for overrides in trials[:MAX_COMPOSES]:
-        cfg = _compose(overrides)
-        if cfg is not None:
-            check_values(cfg)
+        try:
+            cfg = compose_config(overrides)
+        except UserError:
+            raise
+        except Exception:  # noqa: BLE001 - not a slip this check knows: Hydra reports it as always
+            continue
+        check_values(cfg)
     check_launch(fixed + first, multirun="-m" in argv or "--multirun" in argv)
 
 
@@ -99,7 +103,6 @@ def check_launch(overrides: list[str], multirun: bool) -> None:
     """The output folder can be made, and a cluster time limit leaves time to work (hydra.* settings)."""
     from hydra.types import RunMode
 
-    from nst_exp.api import compose_config
     from nst_exp.cluster import check_time_limit
 
     try:
@@ -132,53 +135,3 @@ def _is_plain(parser: Any, line: str) -> bool:
         return not parser.parse_overrides([line])[0].is_sweep_override()
     except Exception:  # noqa: BLE001 - an odd value: Hydra will judge it
         return False
-
-
-def _compose(overrides: list[str]) -> Any:
-    """The composed config, or a UserError for a slip this check knows; None when Hydra must judge."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    from nst_exp.api import compose_config
-
-    try:
-        return compose_config(overrides)
-    except MissingConfigException as exc:
-        problem = re.sub(r"^In '[^']*': ", "", _first_line(exc))
-        fix = f"one of {', '.join(exc.options)}" if exc.options else "check the group and preset names"
-        raise UserError(f"{problem}; fix: {fix}") from None
-    except ConfigCompositionException as exc:
-        cause = exc.__cause__
-        override = _first_line(exc).rsplit(" ", 1)[-1].strip("'.")
-        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
-            key = getattr(cause, "full_key", None) or override.split("=")[0]
-            raise UserError(f"unknown config key '{key}'; fix: {_spelling_fix(key)}") from None
-        if isinstance(cause, OmegaConfBaseException):
-            key = getattr(cause, "full_key", None) or override.split("=")[0]
-            fix = f"a list, e.g. {key}=[{override.partition('=')[2]}]" if "ListConfig" in str(cause) else f"give {key} a value of its type ({KEYS_HINT})"
-            raise UserError(f"bad value in '{override}': {_first_line(cause)}; fix: {fix}") from None
-        raise UserError(f"{_first_line(exc)}; fix: {KEYS_HINT}") from None
-    except Exception:  # noqa: BLE001 - not a slip this check knows: Hydra reports it as always
-        return None
-
-
-def _spelling_fix(key: str) -> str:
-    """'did you mean ...' from the keys next to ``key`` in the default config, else where to look."""
-    import difflib
-
-    from omegaconf import DictConfig, OmegaConf
-
-    from nst_exp.api import compose_config
-
-    parent, _, name = key.rpartition(".")
-    node = OmegaConf.select(compose_config(), parent) if parent else compose_config()
-    keys = list(node.keys()) if isinstance(node, DictConfig) else []
-    close = difflib.get_close_matches(name, [str(k) for k in keys], n=1)
-    if close:
-        return f"did you mean {parent + '.' if parent else ''}{close[0]}?"
-    return f"check its spelling ({KEYS_HINT})"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from omegaconf import DictConfig
 from nst_exp.reporting import RESULT_FILE, read_result, record_failure
 
 
-FAILED_JOBS: list[int] = []  # failed-job count of the last sweep in this process (the exit code reads it)
+FAILED_JOBS: list[int] = []  # jobs of the last sweep in this process that did not complete (the exit code reads it)
 
 
 class SweepSummary(Callback):
@@ -38,9 +39,10 @@ class SweepSummary(Callback):
             return
         jobs = collect_jobs([sweep_dir])
         paths = summarize(jobs, sweep_dir, title=f"sweep {sweep_dir}")
-        failed = [j for j in jobs if j.status == "failed"]
-        FAILED_JOBS.append(len(failed))
-        print(f"sweep:       {len(jobs)} jobs, {len(failed)} failed")
+        counts = Counter(j.status for j in jobs)
+        FAILED_JOBS.append(len(jobs) - counts["completed"])
+        others = ", ".join(f"{n} {status}" for status, n in counts.items() if status != "completed")
+        print(f"sweep:       {len(jobs)} jobs, {counts['completed']} completed" + (f", {others}" if others else ""))
         print(f"summary:     {paths['md']}")
         print(f"contact:     {paths['contact_sheet']}")
         print(f"tensorboard: tensorboard --logdir {sweep_dir}")

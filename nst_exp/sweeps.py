@@ -18,9 +18,14 @@ from typing import Any
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
+from nst_exp.config import flatten
+from nst_exp.labels import image_label
+from nst_exp.naming import override_label
 from nst_exp.reporting import HPARAM_METRICS, RESULT_FILE, read_result
+from nst_exp.tb_hparams import write_experiment
 
 TILE = 224  # px, the box each final image is fitted into
+CAPTION_WIDTH = 34  # characters per caption line under a tile
 METRIC_COLUMNS = HPARAM_METRICS
 
 
@@ -32,6 +37,7 @@ class Job:
     metrics: dict[str, float]
     overrides: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, str | None] = field(default_factory=dict)  # content, style, experiment (nst_exp.labels)
 
     @property
     def image(self) -> Path | None:
@@ -54,13 +60,17 @@ def load_job(path: Path) -> Job | None:
     if result is None:
         return None
     overrides = result.get("overrides") or _read_yaml(path / ".hydra" / "overrides.yaml") or []
+    config = _read_yaml(path / "config.yaml") or _read_yaml(path / ".hydra" / "config.yaml") or {}
     return Job(
         path=path,
         status=result.get("status", "unknown"),
         error=result.get("error"),
         metrics=result.get("metrics") or {},
         overrides=[str(o) for o in overrides],
-        config=_read_yaml(path / "config.yaml") or _read_yaml(path / ".hydra" / "config.yaml") or {},
+        config=config,
+        labels={"content": result.get("content") or image_label(config.get("content")),
+                "style": result.get("style") or image_label(config.get("style")),
+                "experiment": result.get("experiment")},
     )
 
 
@@ -106,11 +116,12 @@ def _relative_to(path: Path, base: Path) -> str:
 
 def write_tables(jobs: Sequence[Job], out_dir: Path) -> tuple[Path, Path]:
     """summary.csv and summary.md: one row per job."""
-    header = ["job", "overrides", "status", "error", *METRIC_COLUMNS, "image"]
+    header = ["job", "content", "style", "experiment", "overrides", "status", "error", *METRIC_COLUMNS, "image"]
     rows = []
     for job in jobs:
         rows.append([
             job.path.name,
+            *[job.labels.get(k) or "" for k in ("content", "style", "experiment")],
             " ".join(job.overrides),
             job.status,
             job.error or "",
@@ -144,10 +155,20 @@ def _fit(img: Image.Image, box: int) -> Image.Image:
     return resize_long_side(img.convert("RGB"), box)
 
 
+def _wrap(text: str, lines: int, width: int = CAPTION_WIDTH) -> list[str]:
+    """At most ``lines`` lines, broken between words (a long word is cut with an ellipsis, never split)."""
+    out = textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+    out = [line if len(line) <= width else line[: width - 1] + "…" for line in out]
+    if len(out) > lines:
+        out = out[:lines]
+        out[-1] = out[-1][: width - 1].rstrip(" ,") + "…"
+    return out
+
+
 def _caption(job: Job, keys: Sequence[str]) -> list[str]:
     shown = {k: v for k, v in job.override_dict().items() if k in keys} or job.override_dict()
-    text = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in shown.items()) or job.path.name
-    lines = textwrap.wrap(text, 34)[:2]
+    labels = [label for k, v in shown.items() if (label := override_label(f"{k}={v}"))]
+    lines = _wrap(", ".join(labels) or job.path.name, 2)
     if job.status in ("completed", "interrupted", "diverged"):
         m = job.metrics
         lines.append(f"style {_fmt(m.get('hp/eval_style'))}  content {_fmt(m.get('hp/eval_content'))}")
@@ -155,8 +176,8 @@ def _caption(job: Job, keys: Sequence[str]) -> list[str]:
         if job.status != "completed":
             lines.append(job.status.upper())
     else:
-        lines.append("FAILED")
-        lines += textwrap.wrap(job.error or "", 34)[:3]
+        lines.append(job.status.upper())
+        lines += _wrap(job.error or "", 3)
     return lines
 
 
@@ -172,7 +193,7 @@ def _inputs(jobs: Sequence[Job]) -> list[tuple[str, Path]]:
             if not path or path in found:
                 continue
             try:
-                found[path] = (f"{what}: {node.get('name', '')}", resolve_path(path, what))
+                found[path] = (f"{what}: {image_label(node)}", resolve_path(path, what))
             except Exception:  # noqa: BLE001 - a moved input only loses its thumbnail
                 continue
     return list(found.values())
@@ -187,7 +208,7 @@ def grid_layout(jobs: Sequence[Job], keys: Sequence[str]) -> tuple[list[list[Job
         for job in jobs:
             d = job.override_dict()
             grid[rows_v.index(d.get(keys[0], ""))][cols_v.index(d.get(keys[1], ""))] = job
-        return grid, [f"{keys[0].rsplit('.', 1)[-1]}={v}" for v in rows_v], [f"{keys[1].rsplit('.', 1)[-1]}={v}" for v in cols_v]
+        return grid, [override_label(f"{keys[0]}={v}") or v for v in rows_v], [override_label(f"{keys[1]}={v}") or v for v in cols_v]
     cols = max(1, math.ceil(math.sqrt(len(jobs))))
     grid = [list(jobs[i:i + cols]) + [None] * (cols - len(jobs[i:i + cols])) for i in range(0, len(jobs), cols)]
     return grid, [], []
@@ -243,6 +264,8 @@ def summarize(jobs: Sequence[Job], out_dir: Path, title: str = "", log_to_tensor
     sheet.save(sheet_path)
     if log_to_tensorboard:
         _log_sheet(sheet, out_dir / "_summary")
+        sessions = [{**flatten(job.config), "experiment": job.labels.get("experiment") or "none"} for job in jobs if job.config]
+        write_experiment(out_dir / "_summary", sessions, swept_keys(jobs))
     return {"contact_sheet": sheet_path, "csv": csv_path, "md": md_path}
 
 

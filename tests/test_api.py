@@ -2,25 +2,48 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
 import nst_exp
 from nst_exp.api import compose_config
 from nst_exp.errors import UserError
+from nst_exp.labels import image_label
 
 
 def test_compose_matches_cli_defaults():
     cfg = compose_config()
-    assert cfg.style.name == "starry_night" and cfg.content.name == "chelsea"
+    assert (image_label(cfg.content), image_label(cfg.style)) == ("chelsea", "starry_night")
     assert cfg.loss.content_layers == ["relu4_2"] and cfg.optimizer.name.value == "lbfgs"
 
 
-def test_settings_are_type_checked():
-    with pytest.raises(Exception, match="size"):
+def test_settings_are_type_checked_with_the_cli_s_one_line_errors():
+    with pytest.raises(UserError, match="bad value for 'image.size'"):
         compose_config(image={"size": "big"})
-    with pytest.raises(Exception, match="nonsense"):
-        compose_config(loss={"nonsense": 1})
+    with pytest.raises(UserError, match=r"unknown config key 'loss.styl_weight'; fix: did you mean loss.style_weight\?"):
+        compose_config(loss={"styl_weight": 1})
+    with pytest.raises(UserError, match=r"unknown config key 'trainer.max_step'; fix: did you mean trainer.max_steps\?"):
+        nst_exp.stylize(overrides=["trainer.max_step=3"])
+    with pytest.raises(UserError, match="unknown config key 'image.sise'; fix: did you mean image.size"):
+        nst_exp.stylize(image={"sise": 3})
+
+
+def test_stylize_never_shares_a_folder(tmp_path, monkeypatch, photo):
+    """Three calls within one second: three folders, each named by its images and experiment."""
+    monkeypatch.chdir(tmp_path)
+    args = {"overrides": ["image.size=32", "trainer.max_steps=1", "logging.progress_bar=false", "experiment=plain"],
+            "return_result": True}
+    runs = [nst_exp.stylize(photo, **args).run_dir for _ in range(3)]
+    assert len(set(runs)) == 3 and all(r.parent.parent == Path("outputs/api") for r in runs)
+    assert all(r.name.endswith("_plain_photo_starry_night") for r in runs)
+    for run in runs:
+        result = json.loads((run / "result.json").read_text())
+        assert (result["content"], result["style"], result["experiment"]) == ("photo", "starry_night", "plain")
+    with pytest.raises(UserError, match="already holds a finished run; fix: another folder, or resume="):
+        nst_exp.stylize(photo, output_dir=runs[0], **args)
 
 
 def test_stylize_with_pil_images(tmp_path, photo, painting):
