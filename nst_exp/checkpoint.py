@@ -43,8 +43,12 @@ def save_state(path: Path, state: ResumeState) -> None:
     tmp.replace(path)
 
 
-def find_resume_state(run_dir: Path, resume: str | None, last_stage: int) -> ResumeState | None:
-    """The state to continue from: ``run_dir/last.ckpt``, else a finished ``resume`` folder's final image."""
+def find_resume_state(run_dir: Path, resume: str | None, last_stage: int, coarse_steps: int = 0) -> ResumeState | None:
+    """The state to continue from: ``run_dir/last.ckpt``, else a finished ``resume`` folder's final image.
+
+    A finished run continues its last stage (``coarse_steps`` were spent in the stages before it),
+    with a fresh optimiser; its steps so far count towards ``trainer.max_steps``, as a checkpoint's do.
+    """
     ckpt = run_dir / CHECKPOINT
     if ckpt.is_file():
         try:
@@ -59,10 +63,11 @@ def find_resume_state(run_dir: Path, resume: str | None, last_stage: int) -> Res
         raise UserError(f"resume={src} holds neither {CHECKPOINT} nor final.png; fix: point resume at a run folder")
     result = read_result(src) or {}
     metrics = result.get("metrics") or {}
+    logged = int(metrics.get("hp/steps") or 0)
     return ResumeState(
         stage=last_stage,
-        stage_step=0,
-        logged_step=int(metrics.get("hp/steps") or 0),
+        stage_step=max(0, logged - coarse_steps),
+        logged_step=logged,
         wall_time_s=float(metrics.get("hp/wall_time_s") or 0.0),
         image=pil_to_tensor(open_image(final, "resume")),
         optimizer=None,

@@ -119,14 +119,19 @@ def check_launch(overrides: list[str], multirun: bool) -> None:
 def check_writable(template: str, key: str) -> None:
     """The folder part of ``template`` before any ``${...}`` can be made, and written to (Hydra would
     otherwise fail with a traceback while making the job's folder)."""
-    static = Path(template.split("${", 1)[0] or ".").expanduser()
-    try:
-        static.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=static):
-            pass
-    except OSError as exc:
-        raise UserError(f"cannot create the output folder {template}: {exc.strerror or exc} ({exc.filename or static}); "
-                        f"fix: {key}=/a/writable/path (or run from a folder you can write to)") from None
+    existing = Path(template.split("${", 1)[0] or ".").expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    problem = None if existing.is_dir() else "is not a folder"
+    if problem is None:
+        try:
+            with tempfile.TemporaryDirectory(dir=existing):  # made and removed: nothing is left behind
+                pass
+        except OSError as exc:
+            problem = f"cannot be written to ({exc.strerror or exc})"
+    if problem:
+        raise UserError(f"cannot create the output folder {template}: {existing} {problem}; "
+                        f"fix: {key}=/a/writable/path (or run from a folder you can write to)")
 
 
 def _is_plain(parser: Any, line: str) -> bool:

@@ -41,8 +41,8 @@ def check_pixels(size_wh: tuple[int, int], what: str, where: Any, limit: int | N
     pixels = size_wh[0] * size_wh[1]
     if limit and pixels > limit:
         raise UserError(
-            f"{what} image {where} is {size_wh[0]}x{size_wh[1]} ({pixels / 1e6:.0f} Mpx), above the "
-            f"{limit / 1e6:.0f} Mpx limit that guards against decompression bombs; fix: if you trust the file, "
+            f"{what} image {where} is {size_wh[0]}x{size_wh[1]} ({pixels / 1e6:.3g} Mpx), above the "
+            f"{limit / 1e6:.3g} Mpx limit that guards against decompression bombs; fix: if you trust the file, "
             "image.max_input_pixels=0 (no limit) or a larger number of pixels"
         )
 

@@ -298,6 +298,12 @@ def run(
     """
     validate(cfg)
     run_dir = prepare_run_dir(Path(run_dir), cfg)
+    stages = stages_of(cfg)
+    resume = find_resume_state(run_dir, cfg.resume, len(stages) - 1, sum(cfg.image.multiscale_steps))
+    if resume and resume.stage == len(stages) - 1 and cfg.trainer.max_steps <= resume.stage_step:
+        raise UserError(f"resume: the run has done {resume.stage_step} steps at its final size and trainer.max_steps="
+                        f"{cfg.trainer.max_steps} is the total; fix: trainer.max_steps={resume.stage_step + 100} "
+                        f"(or any number above {resume.stage_step})")
     quiet_lightning()
     inputs = Inputs(cfg, content, styles)
     labels = labels_of(cfg, experiment)
@@ -309,8 +315,6 @@ def run(
 
     logger = RunLogger(run_dir)
     write_session_start(logger.experiment, {**flatten(to_container(cfg)), "experiment": labels["experiment"] or "none"})
-    stages = stages_of(cfg)
-    resume = find_resume_state(run_dir, cfg.resume, len(stages) - 1)
     interruptions = list((read_result(run_dir) or {}).get("interruptions") or []) if resume and resume.optimizer else []
     clock_start = time.perf_counter()
     clock = lambda: time.perf_counter() - clock_start  # noqa: E731
@@ -334,9 +338,9 @@ def run(
                 init = upscale(resume.image.to(device), content_t)
                 if cfg.image.color == ColorMode.luminance and resume.optimizer is None:
                     init = color.luminance(init)  # a finished run's final.png carries the content's chroma
-                if resume.optimizer is not None:  # mid-stage checkpoint: finish this stage's steps
-                    optimizer_state, stage_done = resume.optimizer, resume.stage_step
-                    steps = stage.steps - stage_done
+                # trainer.max_steps (and each stage's steps) is a total: do what is left of it
+                optimizer_state, stage_done = resume.optimizer, resume.stage_step
+                steps = stage.steps - stage_done
             elif module is None:
                 log_input_images(logger.experiment, {"input/content": inputs.content_at(stage.size), **{
                     f"input/style_{i}": inputs.style_at(i, style_size(cfg, stage)) for i in range(len(inputs.styles))}})

@@ -70,6 +70,8 @@ def test_event_file_tags_and_loss_fell(default_run):
 
 
 def test_hparams_logged_with_final_metrics(default_run):
+    """A session with the labels of the images used; the final metrics once, at the last step (no NaN
+    placeholder at step 0); no per-run experiment (TensorBoard builds one from all runs)."""
     run_dir, _ = default_run
     from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -78,12 +80,33 @@ def test_hparams_logged_with_final_metrics(default_run):
     data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hparams = data.session_start_info.hparams
     assert hparams["loss.style_weight"].number_value > 0
-    assert hparams["style.name"].string_value == "starry_night"
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    metric_tags = {m.name.tag for m in experiment.metric_infos}
-    assert {"hp/loss_total", "hp/loss_style", "hp/eval_style", "hp/wall_time_s", "hp/steps"} <= metric_tags
-    final = acc.Scalars("hp/loss_total")  # a NaN placeholder at step 0, then the final value
-    assert final[-1].step == 8 and math.isfinite(final[-1].value)
+    assert hparams["style.name"].string_value == "starry_night" and hparams["content.name"].string_value == "chelsea"
+    assert "_hparams_/experiment" not in content and "_hparams_/session_end_info" in content
+    for tag in ("hp/loss_total", "hp/loss_style", "hp/eval_style", "hp/wall_time_s", "hp/steps"):
+        assert [(e.step, math.isfinite(e.value)) for e in acc.Scalars(tag)] == [(8, True)]
+
+
+def test_console_is_clean(default_run):
+    """Steps, not Lightning's epochs; no SLURM hint outside a SLURM job; no empty log file in the run folder."""
+    run_dir, proc = default_run
+    console = proc.stdout + proc.stderr
+    for noise in ("Training:", "Epoch", "srun", "Traceback", "LOCAL_RANK"):
+        assert noise not in console
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "config.yaml", next(run_dir.glob("events*")).name,
+                                                         "final.png", "result.json"]
+
+
+def test_labels_name_the_images_really_used(tmp_path, photo):
+    """content.path=/x/photo.png is labelled 'photo' (not the preset's cat) in the folder, result.json,
+    config.yaml and HPARAMS, and experiment=fast is named too."""
+    proc = run_cli(["run", f"content.path={photo}", "experiment=fast", "image.multiscale_sizes=[32,40]",
+                    "image.multiscale_steps=[1,1]", *TINY, "trainer.max_steps=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    assert run_dir.name.endswith("_fast_photo_starry_night")
+    result = json.loads((run_dir / "result.json").read_text())
+    assert (result["content"], result["style"], result["experiment"]) == ("photo", "starry_night", "fast")
+    assert "name: photo" in (run_dir / "config.yaml").read_text()
 
 
 def test_user_images(tmp_path, photo, painting):
@@ -113,6 +136,10 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> 
         ("trainer.max_steps=-3", ["trainer.max_steps must be a positive number"]),
         ("image.size=large", ["bad value in 'image.size=large'", "Integer", "fix:"]),
         ("model.padding=mirror", ["bad value in 'model.padding=mirror'", "reflect", "fix:"]),
+        ("style.path=builtin:nope", ["not a bundled image", "builtin:starry_night", "fix:"]),
+        ("image.max_input_pixels=1000", ["content image", "above the 0.001 Mpx limit", "image.max_input_pixels=0"]),
+        ("image.size=20", ["becomes 20x13 px at image.size=20", "VGG19 needs up to relu5_1", "fix:"]),
+        ("hydra.run.dir=/proc/no/such/run", ["cannot create the output folder /proc/no/such/run", "fix: hydra.run.dir="]),
     ],
 )
 def test_bad_input_one_line(tmp_path, override, needles):
@@ -164,6 +191,36 @@ def test_ctrl_c_saves_latest_image(tmp_path):
     assert json.loads((run_dir / "result.json").read_text())["status"] == "interrupted"
     assert Image.open(run_dir / "final.png").size == (48, 32)
     assert f"latest image is saved at {run_dir / 'final.png'}" in err
+    assert any(line.startswith("interrupted: the latest image") for line in err.splitlines())  # on its own line
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_the_rerun_has_every_step_once(tmp_path):
+    """SIGTERM (a cluster's cancel or time limit) stops at the next step: last.ckpt there, exit 143, and the
+    same command in the same folder (what a requeued job runs) continues with no step twice or missing."""
+    run = tmp_path / "outputs" / "job"
+    args = ["run", f"hydra.run.dir={run}", "image.size=32", "trainer.max_steps=100000", "logging.progress_bar=false",
+            "logging.flush_every=5"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "nst_exp", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not [p for p in run.glob("events*") if p.stat().st_size > 20000]:
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["interruptions"][0]["signal"] == "SIGTERM"
+    import torch
+
+    stopped = torch.load(run / "last.ckpt", weights_only=True)["stage_step"]
+    assert stopped == result["interruptions"][0]["step"] and stopped > 0
+    assert [e.step for e in load_events(run).Scalars("loss/total")] == list(range(stopped))  # flushed, not every 5th
+    proc = run_cli(args[:3] + [f"trainer.max_steps={stopped + 3}"] + args[4:], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [e.step for e in load_events(run).Scalars("loss/total")] == list(range(stopped + 3))
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "completed" and len(result["interruptions"]) == 1
 
 
 def test_interrupt_loses_no_snapshot(tmp_path):

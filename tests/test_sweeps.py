@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,10 +16,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
 from conftest import run_cli, run_dirs
 from nst_exp.naming import MAX_LEN, job_dirname
+from nst_exp.reporting import HPARAM_METRICS
 from nst_exp.sweeps import TILE, collect_jobs, grid_layout, swept_keys
 
 FAST = ["image.size=32", "trainer.max_steps=3", "logging.progress_bar=false", "logging.image_every=2", "logging.flush_every=2"]
@@ -29,13 +31,22 @@ def sweep_dirs(cwd: Path) -> list[Path]:
 
 
 def hparams_of(run_dir: Path) -> tuple[dict, set[str], dict[str, float]]:
+    """A run's HPARAMS session (its hyperparameters), the tags of the experiment it is in, and every
+    ``hp/*`` scalar of the run (the table's metric values) as (step, value) lists."""
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     content = acc.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" not in content  # per-run experiments would hide what the sweep varied
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    metrics = {m.name.tag: acc.Scalars(m.name.tag)[-1].value for m in exp.metric_infos}
-    return dict(start.hparams), {m.name.tag for m in exp.metric_infos}, metrics
+    metrics = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if tag.startswith("hp/")}
+    return dict(start.hparams), set(content), metrics
+
+
+def sweep_experiment(sweep: Path) -> api_pb2.Experiment:
+    acc = EventAccumulator(str(sweep / "_summary"), size_guidance={"tensors": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    return plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
 
 
 def test_job_dirname_is_safe_and_short():
@@ -68,22 +79,35 @@ def test_multirun_one_folder_named_jobs(grid_sweep):
         "2_style=hubble,style_weight=5,size=32,max_steps=3",
         "3_style=hubble,style_weight=50,size=32,max_steps=3",
     ]
-    assert "4 jobs, 0 failed" in proc.stdout and f"tensorboard --logdir {sweep.relative_to(sweep.parents[3])}" in proc.stdout
+    assert "sweep:       4 jobs, 4 completed\n" in proc.stdout and f"tensorboard --logdir {sweep.relative_to(sweep.parents[3])}" in proc.stdout
 
 
 def test_hparams_complete_for_every_run(grid_sweep):
+    """Every run: the same hyperparameter keys, labels of the images really used, and each final metric
+    once, at the last step (no NaN placeholder at step 0 in the SCALARS charts)."""
     sweep, _ = grid_sweep
-    seen_keys, seen_metrics, styles = None, None, set()
+    seen_keys, styles = None, set()
     for run in run_dirs(sweep):
-        hparams, metric_tags, metrics = hparams_of(run)
+        hparams, _, metrics = hparams_of(run)
         seen_keys = seen_keys or set(hparams)
-        seen_metrics = seen_metrics or metric_tags
-        assert set(hparams) == seen_keys and metric_tags == seen_metrics  # same keys in every run
+        assert set(hparams) == seen_keys  # same keys in every run
         styles.add((hparams["style.name"].string_value, hparams["loss.style_weight"].number_value))
-        for tag in ("hp/loss_total", "hp/loss_content", "hp/loss_style", "hp/wall_time_s", "hp/steps"):
-            assert metrics[tag] == metrics[tag]  # not NaN
-        assert metrics["hp/steps"] == 3
-    assert styles == {("starry_night", 5.0), ("starry_night", 50.0), ("hubble", 5.0), ("hubble", 50.0)}
+        assert hparams["content.name"].string_value == "chelsea" and hparams["experiment"].string_value == "none"
+        assert set(metrics) == set(HPARAM_METRICS)
+        for tag, points in metrics.items():
+            assert len(points) == 1 and points[0][0] == 3 and math.isfinite(points[0][1]), tag
+        assert metrics["hp/steps"][0][1] == 3
+    assert styles == {("starry_night", 5.0), ("starry_night", 50.0), ("hubble_deep_field", 5.0), ("hubble_deep_field", 50.0)}
+
+
+def test_sweep_experiment_lists_swept_keys_first_and_final_metrics(grid_sweep):
+    sweep, _ = grid_sweep
+    experiment = sweep_experiment(sweep)
+    names = [h.name for h in experiment.hparam_infos]
+    differing = [h.name for h in experiment.hparam_infos if h.differs]
+    assert set(differing) == {"style.path", "style.name", "loss.style_weight"}
+    assert names[: len(differing)] == sorted(differing)  # the swept ones lead the table
+    assert [m.name.tag for m in experiment.metric_infos] == list(HPARAM_METRICS)
 
 
 def test_contact_sheet_and_summary(grid_sweep):
@@ -105,15 +129,32 @@ def test_contact_sheet_and_summary(grid_sweep):
 
 
 def test_failed_job_does_not_stop_sweep(tmp_path):
-    proc = run_cli(["run", "-m", "style.path=builtin:starry_night.jpg,/no/such/painting.jpg", *FAST], tmp_path, timeout=600)
+    """A file whose header reads but whose pixels do not (a cut-off JPEG) fails in its job only."""
+    cut = tmp_path / "cut_painting.jpg"
+    Image.new("RGB", (64, 48), (90, 30, 200)).save(cut, quality=95)
+    cut.write_bytes(cut.read_bytes()[:400])
+    proc = run_cli(["run", "-m", f"style.path=builtin:starry_night.jpg,{cut}", *FAST], tmp_path, timeout=600)
     assert proc.returncode == 1  # the sweep finished, but says a job failed
-    assert "2 jobs, 1 failed" in proc.stdout
+    assert "sweep:       2 jobs, 1 completed, 1 failed" in proc.stdout
     (sweep,) = sweep_dirs(tmp_path)
     with (sweep / "summary.csv").open() as fh:
         rows = {r["job"]: r for r in csv.DictReader(fh)}
     failed = [r for r in rows.values() if r["status"] == "failed"]
-    assert len(failed) == 1 and "style image not found: /no/such/painting.jpg" in failed[0]["error"]
+    assert len(failed) == 1 and "cannot read style image" in failed[0]["error"]
+    assert failed[0]["style"] == "cut_painting" and failed[0]["job"] == "1_style=cut_painting,size=32,max_steps=3"
     assert [r["status"] for r in rows.values()].count("completed") == 1
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ("style.path=builtin:starry_night.jpg,/no/such/painting.jpg", "style image not found: /no/such/painting.jpg"),
+    ("image.size=64,0", "image.size must be a positive number, got 0"),
+    ("image.multiscale_sizes=[32],[8] image.multiscale_steps=[2]", "becomes 8x5 px at a stage of image.multiscale_sizes=8"),
+])
+def test_bad_sweep_value_fails_before_any_job(tmp_path, values, message):
+    proc = run_cli(["run", "-m", *values.split(), *FAST], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not sweep_dirs(tmp_path)  # no job ran
 
 
 def test_compare_any_runs(tmp_path, grid_sweep):
@@ -172,7 +213,9 @@ def test_resume_by_hand_continues_the_curve(tmp_path):
     proc = run_cli(["run", *FAST, "trainer.max_steps=4"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     (run,) = run_dirs(tmp_path / "outputs")
-    proc = run_cli(["run", f"resume={run}", "trainer.max_steps=3"], tmp_path)
+    proc = run_cli(["run", f"resume={run}"], tmp_path)  # its own max_steps=4: nothing left to do
+    assert proc.returncode == 2 and "trainer.max_steps=4 is the total; fix: trainer.max_steps=104" in proc.stderr
+    proc = run_cli(["run", f"resume={run}", "trainer.max_steps=7"], tmp_path)  # the total, as for a checkpoint
     assert proc.returncode == 0, proc.stderr
     assert run_dirs(tmp_path / "outputs") == [run]  # continued in its own folder
     assert _steps(run) == list(range(7))

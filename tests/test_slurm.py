@@ -1,0 +1,157 @@
+"""The slurm launcher on a real SLURM cluster: pre-emption, time limits and cancellation.
+
+Needs a running cluster with the partitions of ``shared/tools/local-slurm.sh`` (``debug``, and
+``urgent`` that pre-empts it). Start one on this machine (root, about a minute) and run:
+
+    bash ../shared/tools/local-slurm.sh && python -m pytest -q tests/test_slurm.py
+
+Without a cluster these tests are skipped, saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+
+def _cluster_problem() -> str | None:
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "no SLURM client here"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %t"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sinfo failed: {exc}"
+    parts = {line.split()[0].rstrip("*") for line in out.stdout.splitlines() if line.split()[1:] and line.split()[1] in ("idle", "mix")}
+    if out.returncode != 0 or not {"debug", "urgent"} <= parts:
+        return f"no idle debug+urgent partitions (sinfo: {out.stdout.strip() or out.stderr.strip()})"
+    return None
+
+
+PROBLEM = _cluster_problem()
+pytestmark = pytest.mark.skipif(
+    PROBLEM is not None,
+    reason=f"no SLURM cluster ({PROBLEM}): start one with `bash ../shared/tools/local-slurm.sh` (root, ~1 min)",
+)
+
+SLURM = ["launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
+         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.array_parallelism=1",
+         "image.size=32", "logging.progress_bar=false", "logging.flush_every=1", "trainer.checkpoint_every=1000"]
+
+
+def _steps(run_dir: Path) -> list[int]:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars("loss/total")]
+
+
+def _squeue() -> list[tuple[str, str, str]]:
+    """(job id, state, reason) of this user's jobs."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i %t %r"], capture_output=True, text=True).stdout
+    return [tuple(line.split(maxsplit=2)) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
+
+
+def _release_requeued() -> None:
+    """A requeued job waits ~2 minutes (its BeginTime) before it may start again: let it start now."""
+    for job_id, state, reason in _squeue():
+        if state == "PD" and "BeginTime" in reason:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+
+
+def _start_sweep(cwd: Path, args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen([sys.executable, "-m", "nst_exp", "run", "-m", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        _release_requeued()
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}; squeue: {_squeue()}")
+
+
+def _sweep_dir(cwd: Path) -> Path:
+    (sweep,) = [p for p in (cwd / "outputs" / "multirun").glob("*/*") if p.is_dir()]
+    return sweep
+
+
+def test_preempted_and_timed_out_jobs(tmp_path):
+    """Job 0 is pre-empted by a job in the urgent partition, requeued, and completes; job 1 runs into its
+    time limit twice (submitit's USR2, 60 s before the 3-minute limit) and ends timed_out once out of
+    requeues (max_num_timeout=1; submitit counts job 0's pre-emption as a time-out too, as it does for
+    limits of 10 minutes or less). Each
+    stop checkpoints at a step boundary: the curves have every step once. The driver waits for the
+    requeued jobs, reports both outcomes and exits 1."""
+    proc = _start_sweep(tmp_path, [*SLURM, "trainer.max_steps=200,100000", "hydra.launcher.timeout_min=3",
+                                   "hydra.launcher.signal_delay_s=60", "hydra.launcher.max_num_timeout=1"])
+    try:
+        def job0_training() -> bool:
+            return any(tmp_path.glob("outputs/multirun/*/*/0_*/events.out.tfevents*"))
+
+        _wait_for(job0_training, 180, "job 0 to start training")
+        urgent = subprocess.run(["sbatch", "-p", "urgent", "-c", "2", "--mem=1G", "--wrap", "sleep 5"],
+                                capture_output=True, text=True, check=True)
+        assert "Submitted" in urgent.stdout
+        _wait_for(lambda: proc.poll() is not None, 900, "the sweep to finish")
+        stdout, stderr = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", "-u", "root"], capture_output=True)
+    assert proc.returncode == 1, stderr  # one job did not complete
+    assert "sweep:       2 jobs, 1 completed, 1 timed_out" in stdout
+    sweep = _sweep_dir(tmp_path)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]  # no extra folders from requeues
+
+    done, timed_out = (json.loads((p / "result.json").read_text()) for p in jobs)
+    assert done["status"] == "completed" and done["metrics"]["hp/steps"] == 200
+    assert len(done["interruptions"]) >= 1  # the pre-emption (SIGUSR2 or SIGTERM)
+    assert _steps(jobs[0]) == list(range(200))  # resumed where it stopped: no step twice, none missing
+
+    assert timed_out["status"] == "timed_out" and "not requeued" in timed_out["error"]
+    assert [i["signal"] for i in timed_out["interruptions"]] == ["SIGUSR2", "SIGUSR2"]
+    steps = _steps(jobs[1])
+    assert steps == list(range(len(steps))) and len(steps) >= timed_out["interruptions"][-1]["step"] > 0
+    assert (jobs[1] / "last.ckpt").is_file() and (jobs[1] / "final.png").is_file()
+
+    summary = (sweep / "summary.csv").read_text()
+    assert ",completed," in summary and ",timed_out," in summary
+
+
+def test_cancelled_job_is_reported_and_fails_the_sweep(tmp_path):
+    """``scancel`` (SIGTERM, no requeue): the job checkpoints and exits without a result; the driver
+    records it as cancelled (with how to continue it) and exits 1, not 0."""
+    proc = _start_sweep(tmp_path, [*SLURM, "trainer.max_steps=100000"])
+    try:
+        _wait_for(lambda: any(tmp_path.glob("outputs/multirun/*/*/0_*/events.out.tfevents*")), 180, "the job to train")
+        time.sleep(2)
+        (job_id, _, _), = _squeue()
+        subprocess.run(["scancel", job_id], check=True)
+        _wait_for(lambda: proc.poll() is not None, 300, "the sweep to finish")
+        stdout, stderr = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", "-u", "root"], capture_output=True)
+    assert proc.returncode == 1, stderr
+    assert "sweep:       1 jobs, 0 completed, 1 cancelled" in stdout
+    (job,) = [p for p in _sweep_dir(tmp_path).iterdir() if p.name.startswith("0_")]
+    result = json.loads((job / "result.json").read_text())
+    assert result["status"] == "cancelled" and "CANCELLED" in result["error"] and "resume=" in result["error"]
+    assert result["interruptions"][0]["signal"] == "SIGTERM"
+    assert (job / "last.ckpt").is_file() and (job / "final.png").is_file()
+    assert _steps(job) == list(range(result["interruptions"][0]["step"]))  # checkpointed where it stopped
+
