@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,17 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         jobs = collect_jobs([sweep_dir])
-        paths = summarize(jobs, sweep_dir, title=f"sweep {sweep_dir}")
         counts = Counter(j.status for j in jobs)
         FAILED_JOBS.append(len(jobs) - counts["completed"])
         others = ", ".join(f"{n} {status}" for status, n in counts.items() if status != "completed")
         print(f"sweep:       {len(jobs)} jobs, {counts['completed']} completed" + (f", {others}" if others else ""))
+        try:
+            paths = summarize(jobs, sweep_dir, title=f"sweep {sweep_dir}")
+        except Exception as exc:  # noqa: BLE001 - the jobs' own folders stand; say what is missing
+            FAILED_JOBS[-1] += 1
+            print(f"error: the sweep summary could not be written: {type(exc).__name__}: {exc}; "
+                  f"fix: python -m nst_exp compare {sweep_dir} --out <folder> once the cause is mended", file=sys.stderr)
+            return
         print(f"summary:     {paths['md']}")
         print(f"contact:     {paths['contact_sheet']}")
         print(f"tensorboard: tensorboard --logdir {sweep_dir}")

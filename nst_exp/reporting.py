@@ -52,7 +52,14 @@ def write_result(
 
 
 def record_failure(run_dir: Path, message: str, cfg: Any = None) -> None:
-    write_result(run_dir, "failed", error=message, cfg=cfg)
+    """A run that failed: a new folder gets a failed result.json; a folder with an earlier run keeps what
+    it holds (image, metrics), marked failed, and a completed run's record is never overwritten by a
+    failed attempt to continue it."""
+    existing = read_result(run_dir)
+    if existing is None:
+        write_result(run_dir, "failed", error=message, cfg=cfg)
+    elif existing.get("status") != "completed":
+        mark_ended(run_dir, "failed", message)
 
 
 def mark_ended(run_dir: Path, status: str, error: str, overrides: list[str] | None = None) -> None:

@@ -165,6 +165,15 @@ def _wrap(text: str, lines: int, width: int = CAPTION_WIDTH) -> list[str]:
     return out
 
 
+def _thumbnail(path: Path, box: int) -> Image.Image:
+    """The image fitted into ``box``; a grey square if it cannot be read (a broken input must not cost the sheet)."""
+    try:
+        with Image.open(path) as img:
+            return _fit(img, box)
+    except (OSError, ValueError):
+        return Image.new("RGB", (box, box), (200, 200, 200))
+
+
 def _caption(job: Job, keys: Sequence[str]) -> list[str]:
     shown = {k: v for k, v in job.override_dict().items() if k in keys} or job.override_dict()
     labels = [label for k, v in shown.items() if (label := override_label(f"{k}={v}"))]
@@ -230,7 +239,7 @@ def contact_sheet(jobs: Sequence[Job], title: str = "") -> Image.Image:
     draw.text((pad, 4), title or f"{len(jobs)} runs", fill="black", font=font)
     x = pad
     for label, path in inputs:
-        thumb = _fit(Image.open(path), TILE // 2)
+        thumb = _thumbnail(path, TILE // 2)
         sheet.paste(thumb, (x, 24))
         draw.text((x, 24 + thumb.height + 2), label, fill="black", font=small)
         x += max(thumb.width, 100) + pad
@@ -246,7 +255,7 @@ def contact_sheet(jobs: Sequence[Job], title: str = "") -> Image.Image:
                 continue
             x = label_w + pad + c * cell_w
             if job.image:
-                tile = _fit(Image.open(job.image), TILE)
+                tile = _thumbnail(job.image, TILE)
                 sheet.paste(tile, (x + (TILE - tile.width) // 2, y + (TILE - tile.height) // 2))
             else:
                 draw.rectangle((x, y, x + TILE, y + TILE), fill=(200, 200, 200))
@@ -265,7 +274,7 @@ def summarize(jobs: Sequence[Job], out_dir: Path, title: str = "", log_to_tensor
     if log_to_tensorboard:
         _log_sheet(sheet, out_dir / "_summary")
         sessions = [{**flatten(job.config), "experiment": job.labels.get("experiment") or "none"} for job in jobs if job.config]
-        write_experiment(out_dir / "_summary", sessions, swept_keys(jobs))
+        write_experiment(out_dir / "_summary", sessions)
     return {"contact_sheet": sheet_path, "csv": csv_path, "md": md_path}
 
 

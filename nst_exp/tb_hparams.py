@@ -5,8 +5,7 @@ placeholders would draw NaN points at step 0 in the SCALARS charts) and, when it
 final metrics as plain ``hp/*`` scalars and a ``session_end_info``. No run writes an experiment:
 given none, TensorBoard builds one from every session under the logdir and lists the
 hyperparameters that differ between them first, which is what a sweep varied. When a sweep ends,
-its ``_summary`` run receives the sweep's experiment: every key, the swept ones marked as
-differing (so first), and the final metrics as the table's metric columns rather than every curve.
+its ``_summary`` run receives the sweep's experiment: every key, those that differ first, and the final metrics as the table's metric columns rather than every curve.
 """
 
 from __future__ import annotations
@@ -59,24 +58,22 @@ def _hparam_info(name: str, values: Sequence[Any]) -> api_pb2.HParamInfo:
     return api_pb2.HParamInfo(name=name, type=kind, differs=len(distinct) > 1)
 
 
-def experiment(sessions: Sequence[Mapping[str, Any]], swept: Sequence[str] = ()) -> api_pb2.Experiment:
-    """The experiment of a set of runs: hyperparameters that differ (or were swept) first, then the rest."""
+def experiment(sessions: Sequence[Mapping[str, Any]]) -> api_pb2.Experiment:
+    """The experiment of a set of runs: the hyperparameters that differ between them first, then the rest."""
     keys = list(dict.fromkeys(k for s in sessions for k in s))
     infos = [_hparam_info(k, [s[k] for s in sessions if k in s]) for k in keys]
-    for info in infos:
-        info.differs = info.differs or any(info.name == k or info.name.startswith(k + ".") for k in swept)
     infos.sort(key=lambda i: (not i.differs, i.name))
     metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in HPARAM_METRICS]
     return api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
 
 
-def write_experiment(log_dir: Path, sessions: Sequence[Mapping[str, Any]], swept: Sequence[str] = ()) -> None:
+def write_experiment(log_dir: Path, sessions: Sequence[Mapping[str, Any]]) -> None:
     """Write the sweep's experiment into the run ``log_dir`` (the sweep's ``_summary``)."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(log_dir))
     try:
-        data = plugin_data_pb2.HParamsPluginData(experiment=experiment(sessions, swept))
+        data = plugin_data_pb2.HParamsPluginData(experiment=experiment(sessions))
         _file_writer(writer).add_summary(_summary(metadata.EXPERIMENT_TAG, data))
     finally:
         writer.close()
