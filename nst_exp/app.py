@@ -61,7 +61,9 @@ def task(cfg: DictConfig) -> float:
         print(f"image:       {image}")
     print(f"logs:        {run_dir}")
     print(f"tensorboard: tensorboard --logdir {run_dir}")
-    if result.status == "interrupted" and not _is_multirun():
+    if result.status == "interrupted":  # Ctrl-C: stop here, a sweep too (its partial run is no result)
+        if _is_multirun():
+            raise KeyboardInterrupt
         sys.exit(130)
     if result.status == "diverged" and not _is_multirun():
         sys.exit(3)
@@ -101,7 +103,12 @@ def main(argv: list[str]) -> int:
         argv = [*argv, f"hydra.run.dir={resume[-1]}"]  # continue in the run's own folder: one curve, one place
     sys.argv = [sys.argv[0], *argv]
     entry = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
-    entry()
+    try:
+        entry()
+    except KeyboardInterrupt:
+        print("interrupted: the sweep stopped; finished jobs keep their folders "
+              "(python -m nst_exp compare <sweep folder> summarises them)", file=sys.stderr)
+        return 130
     from nst_exp.hydra_callbacks import FAILED_JOBS
 
     return 1 if FAILED_JOBS and FAILED_JOBS[-1] else 0  # a sweep with failed jobs still ran the rest

@@ -8,9 +8,11 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +111,51 @@ def test_sweep_experiment_lists_swept_keys_first_and_final_metrics(grid_sweep):
     assert set(differing) == {"style.path", "style.name", "loss.style_weight"}
     assert names[: len(differing)] == sorted(differing)  # the swept ones lead the table
     assert [m.name.tag for m in experiment.metric_infos] == list(HPARAM_METRICS)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_tensorboard_server_hparams_show_swept_first_and_every_job(grid_sweep):
+    """A real TensorBoard on loopback, through the HTTP API its HPARAMS tab uses: the swept parameters lead
+    the table (the tab ticks the first ones), the final metrics are its metric columns, one row per job."""
+    sweep, _ = grid_sweep
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/data/plugin/hparams"
+    try:
+        deadline, experiment = time.time() + 90, None
+        while time.time() < deadline and experiment is None:
+            try:
+                experiment = _post(f"{base}/experiment", {"experimentName": ""})
+            except OSError:
+                time.sleep(0.5)
+        assert experiment is not None, "TensorBoard did not answer"
+        names = [h["name"] for h in experiment["hparamInfos"]]
+        assert names[:3] == ["loss.style_weight", "style.name", "style.path"]
+        assert [m["name"]["tag"] for m in experiment["metricInfos"]] == list(HPARAM_METRICS)
+        groups = _post(f"{base}/session_groups", {"experimentName": "", "startIndex": 0, "sliceSize": 100,
+                                                  "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+                                                  "colParams": []})["sessionGroups"]
+        assert len(groups) == 4
+        for group in groups:
+            values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
+            assert set(values) == set(HPARAM_METRICS) and all(math.isfinite(v) for v in values.values())
+        rows = {(g["hparams"]["style.name"], g["hparams"]["loss.style_weight"]) for g in groups}
+        assert rows == {("starry_night", 5.0), ("starry_night", 50.0), ("hubble_deep_field", 5.0), ("hubble_deep_field", 50.0)}
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_contact_sheet_and_summary(grid_sweep):
