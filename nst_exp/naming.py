@@ -12,7 +12,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 
-from nst_exp.labels import image_label, run_label
+from nst_exp.labels import image_label, path_stem, run_label
 
 MAX_LEN = 96
 # Overrides that do not distinguish jobs' results (logging, hardware) are left out of names.
@@ -34,11 +34,27 @@ def _short_value(value: str) -> str:
     return value
 
 
+def _preset_image_stem(group: str, preset: str) -> str:
+    """``style=hubble`` names the image the preset opens (``hubble_deep_field``), as a path override would."""
+    import yaml
+
+    from nst_exp.config import CONF_DIR
+
+    try:
+        path = (yaml.safe_load((CONF_DIR / group / f"{preset}.yaml").read_text()) or {}).get("path")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return preset
+    return path_stem(path) or preset
+
+
 def override_label(override: str) -> str | None:
-    """``loss.style_weight=1e4`` -> ``style_weight=1e4``; ignored keys -> None."""
+    """``loss.style_weight=1e4`` -> ``style_weight=1e4``; paths and image presets -> their file stem
+    (``style=hubble`` -> ``style=hubble_deep_field``); ignored keys -> None."""
     key, sep, value = override.lstrip("+~").partition("=")
     if not sep or key.startswith(_IGNORED_PREFIXES):
         return None
+    if key in ("content", "style") and "/" not in value:
+        return f"{key}={_preset_image_stem(key, value.strip())}"
     parts = key.split(".")
     short_key = parts[-2] if len(parts) > 1 and parts[-1] in ("path", "name") else parts[-1]
     return f"{short_key}={_short_value(value)}"

@@ -53,7 +53,7 @@ def sweep_experiment(sweep: Path) -> api_pb2.Experiment:
 
 
 def test_job_dirname_is_safe_and_short():
-    assert job_dirname(["style=hubble", "loss.style_weight=1e4"]) == "style=hubble,style_weight=1e4"
+    assert job_dirname(["style=hubble", "loss.style_weight=1e4"]) == "style=hubble_deep_field,style_weight=1e4"  # the image used
     assert job_dirname(["content.path=/home/me/My Photos/cat.jpg"]) == "content=cat"
     assert job_dirname(["style.path=builtin\\:starry_night.jpg", "loss.style_layers=[relu1_1,relu2_1]"]) == (
         "style=starry_night,style_layers=-relu1_1,relu2_1"
@@ -79,8 +79,8 @@ def test_multirun_one_folder_named_jobs(grid_sweep):
     assert names == [
         "0_style=starry_night,style_weight=5,size=32,max_steps=3",
         "1_style=starry_night,style_weight=50,size=32,max_steps=3",
-        "2_style=hubble,style_weight=5,size=32,max_steps=3",
-        "3_style=hubble,style_weight=50,size=32,max_steps=3",
+        "2_style=hubble_deep_field,style_weight=5,size=32,max_steps=3",
+        "3_style=hubble_deep_field,style_weight=50,size=32,max_steps=3",
     ]
     assert "sweep:       4 jobs, 4 completed\n" in proc.stdout and f"tensorboard --logdir {sweep.relative_to(sweep.parents[3])}" in proc.stdout
 
@@ -163,7 +163,7 @@ def test_contact_sheet_and_summary(grid_sweep):
     jobs = collect_jobs([sweep])
     assert swept_keys(jobs) == ["style", "loss.style_weight"]
     grid, rows, cols = grid_layout(jobs, swept_keys(jobs))
-    assert (len(grid), len(grid[0])) == (2, 2) and rows == ["style=starry_night", "style=hubble"]
+    assert (len(grid), len(grid[0])) == (2, 2) and rows == ["style=starry_night", "style=hubble_deep_field"]
     sheet = Image.open(sweep / "contact_sheet.png")
     assert sheet.width >= 2 * TILE and sheet.height >= 2 * TILE + TILE // 2  # inputs row + 2x2 tiles
     with (sweep / "summary.csv").open() as fh:
@@ -323,3 +323,17 @@ def test_killed_job_rerun_in_its_folder_resumes_from_checkpoint(tmp_path):
     steps = _steps(run)
     assert sorted(set(steps)) == list(range(done + 4))  # one continuous curve (steps after the checkpoint re-run)
     assert not (run / "last.ckpt").exists()
+
+
+def test_captions_name_files_by_stem_and_never_cut_mid_word(tmp_path):
+    from nst_exp.sweeps import CAPTION_WIDTH, Job, _caption
+
+    long_path = "/home/me/photos/holiday/an_extremely_long_photo_file_name_from_my_camera_2026_11_25.png"
+    job = Job(tmp_path, "completed", None, {"hp/eval_style": 0.2, "hp/eval_content": 0.9, "hp/loss_total": 3.0,
+                                            "hp/wall_time_s": 10.0},
+              overrides=[f"content.path={long_path}", "loss.style_weight=20", "style=hubble"])
+    lines = _caption(job, ["content.path", "loss.style_weight", "style"])
+    assert all(len(line) <= CAPTION_WIDTH for line in lines)
+    assert lines[0].startswith("content=an_extremely_long_photo") and lines[0].endswith("…")  # one word: shortened, not split
+    words = " ".join(lines[:2]).replace(",", " ").split()
+    assert "style_weight=20" in words and "style=hubble_deep_field" in words  # whole words only
