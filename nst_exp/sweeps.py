@@ -161,7 +161,7 @@ def _wrap(text: str, lines: int, width: int = CAPTION_WIDTH) -> list[str]:
     out = [line if len(line) <= width else line[: width - 1] + "…" for line in out]
     if len(out) > lines:
         out = out[:lines]
-        out[-1] = out[-1][: width - 1].rstrip(" ,") + "…"
+        out[-1] = out[-1][: width - 2].rstrip(" ,") + " …"  # more follows
     return out
 
 
