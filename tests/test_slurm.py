@@ -94,7 +94,7 @@ def test_preempted_and_timed_out_jobs(tmp_path):
     limits of 10 minutes or less). Each
     stop checkpoints at a step boundary: the curves have every step once. The driver waits for the
     requeued jobs, reports both outcomes and exits 1."""
-    proc = _start_sweep(tmp_path, [*SLURM, "trainer.max_steps=200,100000", "hydra.launcher.timeout_min=3",
+    proc = _start_sweep(tmp_path, [*SLURM, "trainer.max_steps=100,100000", "hydra.launcher.timeout_min=3",
                                    "hydra.launcher.signal_delay_s=60", "hydra.launcher.max_num_timeout=1"])
     try:
         def job0_training() -> bool:
@@ -117,9 +117,9 @@ def test_preempted_and_timed_out_jobs(tmp_path):
     assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]  # no extra folders from requeues
 
     done, timed_out = (json.loads((p / "result.json").read_text()) for p in jobs)
-    assert done["status"] == "completed" and done["metrics"]["hp/steps"] == 200
+    assert done["status"] == "completed" and done["metrics"]["hp/steps"] == 100
     assert len(done["interruptions"]) >= 1  # the pre-emption (SIGUSR2 or SIGTERM)
-    assert _steps(jobs[0]) == list(range(200))  # resumed where it stopped: no step twice, none missing
+    assert _steps(jobs[0]) == list(range(100))  # resumed where it stopped: no step twice, none missing
 
     assert timed_out["status"] == "timed_out" and "not requeued" in timed_out["error"]
     assert [i["signal"] for i in timed_out["interruptions"]] == ["SIGUSR2", "SIGUSR2"]
