@@ -100,7 +100,7 @@ def test_step_clock_refuses_an_unfinished_window():
 
 def _table_rows(stdout: str) -> dict[str, list[str]]:
     """The printed table's rows by variant (the 32 px runs)."""
-    rows = [line.split() for line in stdout.splitlines() if line.strip().startswith("32 ")]
+    rows = [line.split() for line in stdout.splitlines() if line.strip().startswith("32 ") and "%|" not in line]  # not the progress bar
     return {cells[2]: cells for cells in rows if len(cells) > 4}
 
 
