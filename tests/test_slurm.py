@@ -101,7 +101,7 @@ def test_preempted_and_timed_out_jobs(tmp_path):
             return any(tmp_path.glob("outputs/multirun/*/*/0_*/events.out.tfevents*"))
 
         _wait_for(job0_training, 180, "job 0 to start training")
-        urgent = subprocess.run(["sbatch", "-p", "urgent", "-c", "2", "--mem=1G", "--wrap", "sleep 5"],
+        urgent = subprocess.run(["sbatch", "-p", "urgent", "-c", "2", "--mem=1G", "-o", "/dev/null", "--wrap", "sleep 5"],
                                 capture_output=True, text=True, check=True)
         assert "Submitted" in urgent.stdout
         _wait_for(lambda: proc.poll() is not None, 900, "the sweep to finish")
