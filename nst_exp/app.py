@@ -16,7 +16,7 @@ from nst_exp.compose import first_line
 from nst_exp.config import CONF_DIR, register_configs
 from nst_exp.errors import UserError
 from nst_exp.naming import register_resolvers
-from nst_exp.reporting import mark_ended, record_failure
+from nst_exp.reporting import mark_ended, read_result, record_failure
 from nst_exp.signals import JobInterrupted
 
 
@@ -29,6 +29,11 @@ def task(cfg: DictConfig) -> float:
     from nst_exp import runner  # heavy imports (torch, lightning) only once a job runs
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    done = read_result(run_dir)
+    if _is_multirun() and done and done.get("status") == "completed" and not (run_dir / "last.ckpt").exists():
+        # A job that finished just before the cluster pre-empted it, requeued into its folder: its result stands.
+        print(f"done already: {run_dir}")
+        return float((done.get("metrics") or {}).get("hp/objective", math.inf))
     try:
         if cfg.resume:
             from nst_exp.checkpoint import resumed_config
