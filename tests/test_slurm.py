@@ -87,39 +87,54 @@ def _sweep_dir(cwd: Path) -> Path:
     return sweep
 
 
-def test_preempted_and_timed_out_jobs(tmp_path):
-    """Job 0 is pre-empted by a job in the urgent partition, requeued, and completes; job 1 runs into its
-    time limit twice (submitit's USR2, 60 s before the 3-minute limit) and ends timed_out once out of
-    requeues (max_num_timeout=1; submitit counts job 0's pre-emption as a time-out too, as it does for
-    limits of 10 minutes or less). Each
-    stop checkpoints at a step boundary: the curves have every step once. The driver waits for the
-    requeued jobs, reports both outcomes and exits 1."""
-    proc = _start_sweep(tmp_path, [*SLURM, "trainer.max_steps=100,100000", "hydra.launcher.timeout_min=3",
-                                   "hydra.launcher.signal_delay_s=60", "hydra.launcher.max_num_timeout=1"])
+def _run_sweep(cwd: Path, args: list[str], meanwhile, timeout: float) -> tuple[int, str, str]:
+    """Run a sweep, call ``meanwhile()`` while it runs, and return (exit code, stdout, stderr).
+    Whatever happens, no job of it is left on the cluster."""
+    proc = _start_sweep(cwd, args)
     try:
-        def job0_training() -> bool:
-            return any(tmp_path.glob("outputs/multirun/*/*/0_*/events.out.tfevents*"))
-
-        _wait_for(job0_training, 180, "job 0 to start training")
-        urgent = subprocess.run(["sbatch", "-p", "urgent", "-c", "2", "--mem=1G", "-o", "/dev/null", "--wrap", "sleep 5"],
-                                capture_output=True, text=True, check=True)
-        assert "Submitted" in urgent.stdout
-        _wait_for(lambda: proc.poll() is not None, 900, "the sweep to finish")
+        meanwhile()
+        _wait_for(lambda: proc.poll() is not None, timeout, "the sweep to finish")
         stdout, stderr = proc.communicate()
     finally:
         if proc.poll() is None:
             proc.kill()
             subprocess.run(["scancel", "-u", "root"], capture_output=True)
-    assert proc.returncode == 1, stderr  # one job did not complete
+    return proc.returncode, stdout, stderr
+
+
+def _job0_training(cwd: Path) -> bool:
+    return any(cwd.glob("outputs/multirun/*/*/0_*/events.out.tfevents*"))
+
+
+JOB0_STEPS = 1500  # ~40 s of 32-px steps on one idle core: long enough to be pre-empted mid-run
+
+
+def test_preempted_and_timed_out_jobs(tmp_path):
+    """Job 0 is pre-empted by a job in the urgent partition, requeued, and completes; job 1 runs into its
+    time limit twice (submitit's USR2, 60 s before the 4-minute limit) and ends timed_out once out of
+    requeues (max_num_timeout=1; submitit counts job 0's pre-emption as a time-out too, as it does for
+    limits of 10 minutes or less). Each stop checkpoints at a step boundary: the curves have every step
+    once. The driver waits for the requeued jobs, reports both outcomes and exits 1."""
+
+    def preempt_job0() -> None:
+        _wait_for(lambda: _job0_training(tmp_path), 180, "job 0 to start training")
+        urgent = subprocess.run(["sbatch", "-p", "urgent", "-c", "2", "--mem=1G", "-o", "/dev/null", "--wrap", "sleep 5"],
+                                capture_output=True, text=True, check=True)
+        assert "Submitted" in urgent.stdout
+
+    returncode, stdout, stderr = _run_sweep(
+        tmp_path, [*SLURM, f"trainer.max_steps={JOB0_STEPS},100000", "hydra.launcher.timeout_min=4",
+                   "hydra.launcher.signal_delay_s=60", "hydra.launcher.max_num_timeout=1"], preempt_job0, 1200)
+    assert returncode == 1, stderr  # one job did not complete
     assert "sweep:       2 jobs, 1 completed, 1 timed_out" in stdout
     sweep = _sweep_dir(tmp_path)
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
     assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]  # no extra folders from requeues
 
     done, timed_out = (json.loads((p / "result.json").read_text()) for p in jobs)
-    assert done["status"] == "completed" and done["metrics"]["hp/steps"] == 100
+    assert done["status"] == "completed" and done["metrics"]["hp/steps"] == JOB0_STEPS
     assert len(done["interruptions"]) >= 1  # the pre-emption (SIGUSR2 or SIGTERM)
-    assert _steps(jobs[0]) == list(range(100))  # resumed where it stopped: no step twice, none missing
+    assert _steps(jobs[0]) == list(range(JOB0_STEPS))  # resumed where it stopped: no step twice, none missing
 
     assert timed_out["status"] == "timed_out" and "not requeued" in timed_out["error"]
     assert [i["signal"] for i in timed_out["interruptions"]] == ["SIGUSR2", "SIGUSR2"]
@@ -134,19 +149,14 @@ def test_preempted_and_timed_out_jobs(tmp_path):
 def test_cancelled_job_is_reported_and_fails_the_sweep(tmp_path):
     """``scancel`` (SIGTERM, no requeue): the job checkpoints and exits without a result; the driver
     records it as cancelled (with how to continue it) and exits 1, not 0."""
-    proc = _start_sweep(tmp_path, [*SLURM, "trainer.max_steps=100000"])
-    try:
-        _wait_for(lambda: any(tmp_path.glob("outputs/multirun/*/*/0_*/events.out.tfevents*")), 180, "the job to train")
+    def cancel_job() -> None:
+        _wait_for(lambda: _job0_training(tmp_path), 180, "the job to train")
         time.sleep(2)
         (job_id, _, _), = _squeue()
         subprocess.run(["scancel", job_id], check=True)
-        _wait_for(lambda: proc.poll() is not None, 300, "the sweep to finish")
-        stdout, stderr = proc.communicate()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            subprocess.run(["scancel", "-u", "root"], capture_output=True)
-    assert proc.returncode == 1, stderr
+
+    returncode, stdout, stderr = _run_sweep(tmp_path, [*SLURM, "trainer.max_steps=100000"], cancel_job, 300)
+    assert returncode == 1, stderr
     assert "sweep:       1 jobs, 0 completed, 1 cancelled" in stdout
     (job,) = [p for p in _sweep_dir(tmp_path).iterdir() if p.name.startswith("0_")]
     result = json.loads((job / "result.json").read_text())
