@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from PIL import Image
 
-    from nst_exp.runner import RunResult
+    from nst_exp.run.runner import RunResult
 
 
 def compose_config(overrides: list[str] | None = None, **settings: Any) -> Any:
@@ -47,7 +47,7 @@ def stylize(
     (``image={"size": 128}, trainer={"max_steps": 50}``). The run folder (final.png,
     TensorBoard events, config.yaml) is ``output_dir`` or ``outputs/api/<timestamp>``.
     """
-    from nst_exp import runner
+    from nst_exp.run import runner
     from nst_exp.errors import UserError
 
     cfg = compose_config(overrides, **settings)

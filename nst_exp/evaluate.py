@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from nst_exp.encoder import VGG19Encoder, build_encoder
+from nst_exp.model.vgg import VGG19Encoder, build_encoder
 from nst_exp.images import load_tensor, open_image, pil_to_tensor
-from nst_exp.losses import gram_matrix
+from nst_exp.model.losses import gram_matrix
 
 EVAL_SIZE = 256
 EVAL_CONTENT_LAYER = "relu4_2"

@@ -170,7 +170,7 @@ def test_interrupt_loses_no_snapshot(tmp_path):
     """Snapshots reach the host a batch late (the copy never waits): Ctrl-C still writes the last one staged."""
     import pytorch_lightning as pl
 
-    from nst_exp import runner
+    from nst_exp.run import runner
     from nst_exp.api import compose_config
 
     class CtrlCAtStep5(pl.Callback):  # joins after the run's own callbacks, so step 5's snapshot is staged

@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from nst_exp.api import compose_config
-from nst_exp.cli_checks import check_overrides_compose, presets
+from nst_exp.cli.checks import check_overrides_compose, presets
 from nst_exp.config import CONF_DIR, validate
 from nst_exp.errors import UserError
 from nst_exp.images import resolve_path

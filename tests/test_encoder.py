@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nst_exp.encoder import (
+from nst_exp.model.vgg import (
     CONV_NAMES,
     LAYER_NAMES,
     VGG19Encoder,
@@ -131,7 +131,7 @@ def test_frozen_conv_same_gradient_without_keeping_its_input(memory_format):
 
     import torch.nn.functional as F
 
-    from nst_exp.frozen_conv import conv2d_frozen
+    from nst_exp.model.frozen_conv import conv2d_frozen
 
     gen = torch.Generator().manual_seed(0)
     w, b = torch.randn(8, 4, 3, 3, generator=gen), torch.randn(8, generator=gen)
@@ -197,7 +197,7 @@ def test_bf16_autocast_keeps_no_fp32_copy_of_an_activation(weights):
 def test_max_pool_same_gradient_without_indices(dtype, memory_format):
     import torch.nn.functional as F
 
-    from nst_exp.max_pool import max_pool2
+    from nst_exp.model.max_pool import max_pool2
 
     # Odd sizes (a row and a column dropped) and ties (a coarse grid of values) included.
     x = (torch.randint(0, 4, (2, 8, 9, 7)).to(dtype) / 4).contiguous(memory_format=memory_format)
@@ -219,7 +219,7 @@ def test_max_pool_same_gradient_without_indices(dtype, memory_format):
 def test_reflect_pad1_is_f_pad_keeping_layout_dtype_and_nothing_else(dtype, memory_format):
     import torch.nn.functional as F
 
-    from nst_exp.padding import reflect_pad1
+    from nst_exp.model.padding import reflect_pad1
 
     x = torch.randn(2, 5, 6, 4).to(dtype).contiguous(memory_format=memory_format)
     g = torch.randn(2, 5, 8, 6).to(dtype)

@@ -24,8 +24,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from nst_exp import callbacks as nst_callbacks
-from nst_exp import runner
+from nst_exp.run import callbacks as nst_callbacks
+from nst_exp.run import runner
 from nst_exp.api import compose_config
 
 # aten ops that wait for the device (CUDA: a stream sync, or a blocking copy from pageable memory).

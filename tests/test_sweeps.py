@@ -18,8 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import run_cli, run_dirs
-from nst_exp.naming import MAX_LEN, job_dirname
-from nst_exp.sweeps import TILE, collect_jobs, grid_layout, swept_keys
+from nst_exp.sweep.naming import MAX_LEN, job_dirname
+from nst_exp.sweep.summary import TILE, collect_jobs, grid_layout, swept_keys
 
 FAST = ["image.size=32", "trainer.max_steps=3", "logging.progress_bar=false", "logging.image_every=2", "logging.flush_every=2"]
 
@@ -184,7 +184,7 @@ def test_every_checkpoint_has_its_steps_on_disk(tmp_path):
     import pytorch_lightning as pl
     import torch
 
-    from nst_exp import runner
+    from nst_exp.run import runner
     from nst_exp.api import compose_config
 
     seen: list[tuple[int, list[int]]] = []

@@ -17,11 +17,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from nst_exp.callbacks import ScalarFlusher, crossed
+from nst_exp.run.callbacks import ScalarFlusher, crossed
 from nst_exp.errors import UserError
 from nst_exp.images import open_image, pil_to_tensor
-from nst_exp.module import StylizeModule
-from nst_exp.reporting import read_result
+from nst_exp.run.module import StylizeModule
+from nst_exp.run.folder import read_result
 
 CHECKPOINT = "last.ckpt"
 

@@ -14,7 +14,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, help="where to write (default: the sweep folder if one is given, else outputs/compare/<time>)")
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
-    from nst_exp.sweeps import collect_jobs, summarize
+    from nst_exp.sweep.summary import collect_jobs, summarize
 
     missing = [d for d in args.dirs if not d.is_dir()]
     if missing:

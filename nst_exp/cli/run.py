@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 
 from nst_exp.config import CONF_DIR, register_configs
 from nst_exp.errors import UserError
-from nst_exp.naming import register_resolvers
-from nst_exp.reporting import record_failure
+from nst_exp.sweep.naming import register_resolvers
+from nst_exp.run.folder import record_failure
 
 
 def _is_multirun() -> bool:
@@ -23,12 +23,12 @@ def _is_multirun() -> bool:
 
 def task(cfg: DictConfig) -> float:
     """One job. Returns the sweep objective (``hp/objective``, lower is better; inf for a failed job)."""
-    from nst_exp import runner  # heavy imports (torch, lightning) only once a job runs
+    from nst_exp.run import runner  # heavy imports (torch, lightning) only once a job runs
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         if cfg.resume:
-            from nst_exp.checkpoint import resumed_config
+            from nst_exp.run.checkpoint import resumed_config
 
             cfg = resumed_config(cfg, list(HydraConfig.get().overrides.task))
         result = runner.run(cfg, run_dir)
@@ -71,6 +71,6 @@ def main(argv: list[str]) -> int:
     sys.argv = [sys.argv[0], *argv]
     entry = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
     entry()
-    from nst_exp.hydra_callbacks import FAILED_JOBS
+    from nst_exp.sweep.hydra_callbacks import FAILED_JOBS
 
     return 1 if FAILED_JOBS and FAILED_JOBS[-1] else 0  # a sweep with failed jobs still ran the rest

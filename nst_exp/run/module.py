@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from nst_exp.config import OptimizerConfig
-from nst_exp.losses import StyleTransferLoss
-from nst_exp.optimizers import build_optimizer
+from nst_exp.model.losses import StyleTransferLoss
+from nst_exp.optim.build import build_optimizer
 
 
 class StylizeModule(pl.LightningModule):

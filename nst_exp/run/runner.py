@@ -23,8 +23,8 @@ from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
-from nst_exp import color
-from nst_exp.callbacks import (
+from nst_exp.model import color
+from nst_exp.run.callbacks import (
     ImageSnapshots,
     LossProgressBar,
     ScalarFlusher,
@@ -33,15 +33,15 @@ from nst_exp.callbacks import (
     log_hparams_start,
     log_input_images,
 )
-from nst_exp.checkpoint import CHECKPOINT, Checkpointer, find_resume_state
+from nst_exp.run.checkpoint import CHECKPOINT, Checkpointer, find_resume_state
 from nst_exp.config import ColorMode, Init, flatten, to_container, validate
-from nst_exp.encoder import VGG19Encoder, build_encoder
+from nst_exp.model.vgg import VGG19Encoder, build_encoder
 from nst_exp.errors import UserError
 from nst_exp.evaluate import Evaluator
 from nst_exp.images import open_image, pil_to_tensor, resize_long_side, save_png, tensor_to_pil
-from nst_exp.losses import STYLE_LOSSES, ContentLoss, StyleTransferLoss, layer_weights
-from nst_exp.module import StylizeModule
-from nst_exp.reporting import write_result
+from nst_exp.model.losses import STYLE_LOSSES, ContentLoss, StyleTransferLoss, layer_weights
+from nst_exp.run.module import StylizeModule
+from nst_exp.run.folder import write_result
 
 FINAL_IMAGE = "final.png"
 AUTO_ITERS_PER_STEP_CUDA = 10

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nst_exp.errors import UserError
-from nst_exp.frozen_conv import conv2d_frozen
-from nst_exp.max_pool import max_pool2
-from nst_exp.padding import reflect_pad1
+from nst_exp.model.frozen_conv import conv2d_frozen
+from nst_exp.model.max_pool import max_pool2
+from nst_exp.model.padding import reflect_pad1
 
 # (block, number of convs) for VGG19.
 _BLOCKS = ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))

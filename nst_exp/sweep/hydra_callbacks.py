@@ -10,7 +10,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from nst_exp.reporting import RESULT_FILE, read_result, record_failure
+from nst_exp.run.folder import RESULT_FILE, read_result, record_failure
 
 
 FAILED_JOBS: list[int] = []  # failed-job count of the last sweep in this process (the exit code reads it)
@@ -31,7 +31,7 @@ class SweepSummary(Callback):
             (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from nst_exp.sweeps import collect_jobs, summarize
+        from nst_exp.sweep.summary import collect_jobs, summarize
 
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nst_exp.layout import is_channels_last
+from nst_exp.model.layout import is_channels_last
 
 _EPS = 1e-8
 

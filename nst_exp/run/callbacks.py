@@ -13,8 +13,8 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from torch import Tensor
 
 from nst_exp.images import save_png
-from nst_exp.module import StylizeModule
-from nst_exp.reporting import HPARAM_METRICS
+from nst_exp.run.module import StylizeModule
+from nst_exp.run.folder import HPARAM_METRICS
 
 
 def writer_of(trainer: pl.Trainer) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from nst_exp.reporting import HPARAM_METRICS, RESULT_FILE, read_result
+from nst_exp.run.folder import HPARAM_METRICS, RESULT_FILE, read_result
 
 TILE = 224  # px, the box each final image is fitted into
 METRIC_COLUMNS = HPARAM_METRICS
