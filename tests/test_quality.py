@@ -151,7 +151,7 @@ def test_normalised_terms_balance_layers_and_sizes():
 
     cfg = compose_config()
     inputs = Inputs(cfg)
-    enc = build_encoder(["relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"])
+    enc = build_encoder([*cfg.loss.content_layers, *cfg.loss.style_layers])
     per_size = []
     for size in (128, 256):
         loss, content = build_loss(cfg, enc, inputs, Stage(size, 1), torch.device("cpu"))

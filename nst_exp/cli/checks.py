@@ -88,7 +88,7 @@ def _compose(overrides: list[str]) -> None:
     from hydra.errors import ConfigCompositionException, MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-    from nst_exp.api import compose_config
+    from nst_exp.config import compose_config
 
     try:
         compose_config(overrides)
@@ -117,7 +117,7 @@ def _spelling_fix(key: str) -> str:
 
     from omegaconf import DictConfig, OmegaConf
 
-    from nst_exp.api import compose_config
+    from nst_exp.config import compose_config
 
     parent, _, name = key.rpartition(".")
     node = OmegaConf.select(compose_config(), parent) if parent else compose_config()
