@@ -263,7 +263,7 @@ def tool_config(spec: Spec) -> Any:
     whatever ``trainer.iters_per_step`` is.
     """
     from nst_exp.api import compose_config
-    from nst_exp.run.runner import iters_per_step
+    from nst_exp.run.setup import iters_per_step
 
     cfg = compose_config([
         f"image.size={spec.size}",
@@ -297,18 +297,18 @@ def run_tool(spec: Spec, clock: StepClock, result: Measurement) -> None:
 
 def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
     """The tool's network and loss modules in a plain L-BFGS loop: the floor any wrapper is measured against."""
-    from nst_exp.run import runner
+    from nst_exp.run import setup
     from nst_exp.optim.build import build_optimizer
 
     cfg = tool_config(spec)
     device = torch.device(spec.device)
-    inputs = runner.Inputs(cfg)
-    encoder, step_encoder = runner.build_network(cfg, device)
-    loss, content = runner.build_loss(cfg, encoder, inputs, runner.Stage(spec.size, spec.steps), device)
+    inputs = setup.Inputs(cfg)
+    encoder, step_encoder = setup.build_network(cfg, device)
+    loss, content = setup.build_loss(cfg, encoder, inputs, setup.Stage(spec.size, spec.steps), device)
     loss.encoder = step_encoder
     # The image stays NCHW-contiguous: L-BFGS flattens its gradient with view(-1). NHWC weights
     # (trainer.channels_last on CUDA) still make cuDNN run the convolutions channels-last.
-    img = runner.initial_image(cfg, inputs, content, device).detach().clone().contiguous().requires_grad_(True)
+    img = setup.initial_image(cfg, inputs, content, device).detach().clone().contiguous().requires_grad_(True)
     # The tool's optimiser (optimizer.impl=torch: torch.optim.LBFGS), CUDA graphs included.
     opt = build_optimizer(img, cfg.optimizer, cuda_graph=cfg.trainer.cuda_graph)
     use_bf16 = spec.precision == "bf16"

@@ -36,7 +36,7 @@ def test_graph_replay_takes_the_eager_steps():
 
 
 def test_host_copy_holds_the_value_when_it_was_queued():
-    from nst_exp.run.callbacks import HostCopy
+    from nst_exp.run.module import HostCopy
 
     x = torch.arange(1 << 20, device="cuda", dtype=torch.float32)
     copy = HostCopy(x)

@@ -147,7 +147,7 @@ def test_normalised_terms_balance_layers_and_sizes():
     """Relative-error normalisation: at init every style layer's term is of one order, at any size."""
     from nst_exp.api import compose_config
     from nst_exp.model.vgg import build_encoder
-    from nst_exp.run.runner import Inputs, Stage, build_loss
+    from nst_exp.run.setup import Inputs, Stage, build_loss
 
     cfg = compose_config()
     inputs = Inputs(cfg)

@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from nst_exp.run.folder import HPARAM_METRICS, RESULT_FILE, read_result
+from nst_exp.run.folder import CONFIG_FILE, RESULT_FILE, final_image, read_result
+from nst_exp.run.metrics import HPARAM_METRICS
 
 TILE = 224  # px, the box each final image is fitted into
 METRIC_COLUMNS = HPARAM_METRICS
@@ -35,8 +36,7 @@ class Job:
 
     @property
     def image(self) -> Path | None:
-        path = self.path / "final.png"
-        return path if path.is_file() else None
+        return final_image(self.path)
 
     def override_dict(self) -> dict[str, str]:
         return dict(o.lstrip("+~").split("=", 1) for o in self.overrides if "=" in o)
@@ -60,7 +60,7 @@ def load_job(path: Path) -> Job | None:
         error=result.get("error"),
         metrics=result.get("metrics") or {},
         overrides=[str(o) for o in overrides],
-        config=_read_yaml(path / "config.yaml") or _read_yaml(path / ".hydra" / "config.yaml") or {},
+        config=_read_yaml(path / CONFIG_FILE) or _read_yaml(path / ".hydra" / "config.yaml") or {},
     )
 
 
