@@ -15,6 +15,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "nst_exp" / "assets"
 
+# Subprocesses (`python -m nst_exp` in a scratch folder, the bench's workers) must import this
+# checkout, not whatever nst_exp is installed: otherwise the CLI tests test another copy.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
 # Small, fast, deterministic settings shared by the end-to-end tests.
 TINY = ["image.size=48", "trainer.max_steps=8", "logging.image_every=4", "logging.flush_every=3", "logging.progress_bar=false"]
 
