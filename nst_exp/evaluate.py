@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from nst_exp.encoder import VGG19Encoder, build_encoder
+from nst_exp.model.vgg import VGG19Encoder, build_encoder
+from nst_exp.model.layers import GATYS_CONTENT_LAYERS, GATYS_STYLE_LAYERS
 from nst_exp.images import load_tensor, open_image, pil_to_tensor
-from nst_exp.losses import gram_matrix
+from nst_exp.model.losses import gram_matrix
 
 EVAL_SIZE = 256
-EVAL_CONTENT_LAYER = "relu4_2"
-EVAL_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+EVAL_CONTENT_LAYER = GATYS_CONTENT_LAYERS[0]
+EVAL_STYLE_LAYERS = GATYS_STYLE_LAYERS
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import re
 from pathlib import PurePath
 from typing import Any
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+_SAFE = "A-Za-z0-9._+"  # characters a folder name keeps anywhere, and "-"
 MAX_PART = 40  # characters of one image's stem in a folder name
 
 
@@ -36,9 +36,11 @@ def image_label(node: Any) -> str | None:
     return str(name) if name not in (None, "", "???") else path_stem(path)
 
 
-def safe_part(text: str, limit: int = MAX_PART) -> str:
-    """A filesystem-safe piece of a folder name."""
-    return _UNSAFE.sub("-", text).strip("-.")[:limit].rstrip("-.")
+def safe_part(text: str, limit: int | None = MAX_PART, keep: str = "") -> str:
+    """A filesystem-safe piece of a folder name: each run of characters outside ``_SAFE``, ``keep`` and
+    ``-`` becomes one ``-``; at most ``limit`` characters."""
+    unsafe = re.compile(f"[^{_SAFE}{re.escape(keep)}-]+")  # "-" last: a literal, not a range
+    return unsafe.sub("-", text).strip("-.")[:limit].rstrip("-.")
 
 
 def run_label(content: str | None, style: str | None, experiment: str | None = None) -> str:

@@ -20,7 +20,7 @@ from nst_exp.bench import (
     time_to_quality,
     window_end,
 )
-from nst_exp.config import DEFAULT_STYLE_LAYERS
+from nst_exp.model.layers import GATYS_STYLE_LAYERS
 
 from conftest import run_cli
 
@@ -52,7 +52,7 @@ def test_conv_flops_default_layers_cut_at_relu5_1():
         + _conv(256, 512, 4, 6) + 3 * _conv(512, 512, 4, 6)
         + _conv(512, 512, 2, 3)  # conv5_1 only: the network ends at relu5_1
     )
-    layers = ["relu4_2", *DEFAULT_STYLE_LAYERS]
+    layers = ["relu4_2", *GATYS_STYLE_LAYERS]
     assert conv_flops(layers, h, w) == expected
     assert conv_flops(layers, h, w) == conv_flops(["relu5_1"], h, w)  # only the deepest layer matters
     assert conv_flops(["relu5_4"], h, w) == expected + 3 * _conv(512, 512, 2, 3)

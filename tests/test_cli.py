@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import TINY, run_cli, run_dirs
 
-STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+from nst_exp.model.layers import GATYS_STYLE_LAYERS as STYLE_LAYERS
 
 
 def load_events(run_dir: Path) -> EventAccumulator:
@@ -227,7 +227,7 @@ def test_interrupt_loses_no_snapshot(tmp_path):
     """Snapshots reach the host a batch late (the copy never waits): Ctrl-C still writes the last one staged."""
     import pytorch_lightning as pl
 
-    from nst_exp import runner
+    from nst_exp.run import runner
     from nst_exp.api import compose_config
 
     class CtrlCAtStep5(pl.Callback):  # joins after the run's own callbacks, so step 5's snapshot is staged
@@ -254,3 +254,18 @@ def test_nan_loss_stops_and_keeps_last_good_image(tmp_path):
     (run_dir,) = run_dirs(tmp_path / "outputs")
     assert json.loads((run_dir / "result.json").read_text())["status"] == "diverged"
     assert Image.open(run_dir / "final.png").size == (48, 32)
+
+
+def test_cfg_prints_the_composed_config_and_hydra_judges_its_overrides(tmp_path):
+    """``run --cfg job`` goes to Hydra untouched by the override checks: it prints the config with
+    the overrides applied, and a wrong key still fails (Hydra's own error) instead of printing."""
+    proc = run_cli(["run", "--cfg", "job", "image.size=64", "optimizer=adam"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    import yaml
+
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["image"]["size"] == 64 and printed["optimizer"]["name"] == "adam"
+    assert {"content", "style", "model", "loss", "optimizer", "trainer", "logging", "objective"} <= set(printed)
+    assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
+    bad = run_cli(["run", "--cfg", "job", "no.such=key"], tmp_path)
+    assert bad.returncode != 0 and "no.such" in bad.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nst_exp.api import compose_config
-from nst_exp.cli_checks import check_overrides_compose, presets
+from nst_exp.cli.checks import check_overrides_compose, presets
 from nst_exp.config import CONF_DIR, validate
 from nst_exp.errors import UserError
 from nst_exp.images import resolve_path
@@ -65,7 +65,7 @@ def test_bad_values_name_key_and_fix(overrides, message):
         ["-m", "image.size=32,48", "loss.style_weight=range(1,3)", "optimizer=glob(*)"],
         ["-m", "loss.style_weight=tag(log, interval(1.0, 10.0))", "hydra.sweep.dir=x"],
         ["loss.style_layers=[relu1_1,relu2_1]", "experiment=fast", "hydra/launcher=joblib"],
-        ["--cfg", "job", "no.such=key"],  # Hydra's own flags: Hydra decides
+        ["--cfg", "job", "no.such=key"],  # Hydra's own flags: Hydra decides (tests/test_cli.py runs them)
     ],
 )
 def test_good_overrides_and_sweeps_compose(argv):

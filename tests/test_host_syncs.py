@@ -24,8 +24,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from nst_exp import callbacks as nst_callbacks
-from nst_exp import runner
+from nst_exp.run import module as nst_module
+from nst_exp.run import runner
 from nst_exp.api import compose_config
 
 # aten ops that wait for the device (CUDA: a stream sync, or a blocking copy from pageable memory).
@@ -130,14 +130,14 @@ class AuditSteadyState(pl.Callback):
 def audit(monkeypatch: pytest.MonkeyPatch) -> SyncAudit:
     """A SyncAudit that also watches ``tolist``/``cpu``/``numpy`` and knows HostCopy's results."""
     audit = SyncAudit()
-    original_get = nst_callbacks.HostCopy.get
+    original_get = nst_module.HostCopy.get
 
-    def get_on_host(self: nst_callbacks.HostCopy) -> torch.Tensor:
+    def get_on_host(self: nst_module.HostCopy) -> torch.Tensor:
         value = original_get(self)
         audit.on_host |= _storages(value)
         return value
 
-    monkeypatch.setattr(nst_callbacks.HostCopy, "get", get_on_host)
+    monkeypatch.setattr(nst_module.HostCopy, "get", get_on_host)
     for method in HOST_READS:
         original = getattr(torch.Tensor, method)
 

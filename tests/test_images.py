@@ -21,7 +21,7 @@ from nst_exp.images import (
     save_png,
     tensor_to_pil,
 )
-from nst_exp.input_checks import check_image_sizes, check_inputs, header_size
+from nst_exp.run.input_checks import check_image_sizes, check_inputs, header_size
 
 
 def _check_rgb(t: torch.Tensor, long_side: int):

@@ -8,7 +8,7 @@ import torch
 
 import nst_exp
 from nst_exp.errors import UserError
-from nst_exp.lbfgs import CompactLBFGS
+from nst_exp.optim.lbfgs import CompactLBFGS
 from nst_exp.api import compose_config
 from nst_exp.config import validate
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nst_exp.errors import UserError
-from nst_exp.losses import (
+from nst_exp.model.losses import (
     ContentLoss,
     GramStyleLoss,
     MeanCovStyleLoss,

@@ -11,7 +11,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import nst_exp
-from nst_exp.color import match_color_histogram, rgb_to_yiq
+from nst_exp.model.color import match_color_histogram, rgb_to_yiq
 from nst_exp.evaluate import Evaluator, score_files
 from nst_exp.images import load_tensor, pil_to_tensor
 
@@ -146,12 +146,12 @@ def test_seed_repeats_and_differs(tmp_path):
 def test_normalised_terms_balance_layers_and_sizes():
     """Relative-error normalisation: at init every style layer's term is of one order, at any size."""
     from nst_exp.api import compose_config
-    from nst_exp.encoder import build_encoder
-    from nst_exp.runner import Inputs, Stage, build_loss
+    from nst_exp.model.vgg import build_encoder
+    from nst_exp.run.setup import Inputs, Stage, build_loss
 
     cfg = compose_config()
     inputs = Inputs(cfg)
-    enc = build_encoder(["relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"])
+    enc = build_encoder([*cfg.loss.content_layers, *cfg.loss.style_layers])
     per_size = []
     for size in (128, 256):
         loss, content = build_loss(cfg, enc, inputs, Stage(size, 1), torch.device("cpu"))

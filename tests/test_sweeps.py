@@ -22,9 +22,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
 from conftest import run_cli, run_dirs
-from nst_exp.naming import MAX_LEN, job_dirname
-from nst_exp.reporting import HPARAM_METRICS
-from nst_exp.sweeps import TILE, collect_jobs, grid_layout, swept_keys
+from nst_exp.run.metrics import HPARAM_METRICS
+from nst_exp.sweep.naming import MAX_LEN, job_dirname
+from nst_exp.sweep.summary import TILE, collect_jobs, grid_layout, swept_keys
 
 FAST = ["image.size=32", "trainer.max_steps=3", "logging.progress_bar=false", "logging.image_every=2", "logging.flush_every=2"]
 
@@ -276,7 +276,7 @@ def test_every_checkpoint_has_its_steps_on_disk(tmp_path):
     import pytorch_lightning as pl
     import torch
 
-    from nst_exp import runner
+    from nst_exp.run import runner
     from nst_exp.api import compose_config
 
     seen: list[tuple[int, list[int]]] = []
@@ -326,7 +326,7 @@ def test_killed_job_rerun_in_its_folder_resumes_from_checkpoint(tmp_path):
 
 
 def test_captions_name_files_by_stem_and_never_cut_mid_word(tmp_path):
-    from nst_exp.sweeps import CAPTION_WIDTH, Job, _caption
+    from nst_exp.sweep.summary import CAPTION_WIDTH, Job, _caption
 
     long_path = "/home/me/photos/holiday/an_extremely_long_photo_file_name_from_my_camera_2026_11_25.png"
     job = Job(tmp_path, "completed", None, {"hp/eval_style": 0.2, "hp/eval_content": 0.9, "hp/loss_total": 3.0,

@@ -1,4 +1,16 @@
-"""What a finished (or failed) job leaves behind for summaries: ``result.json`` in its folder."""
+"""The run folder: the one module that names its files and writes them.
+
+A run (CLI job, sweep job, ``nst_exp.stylize``) writes only into its folder:
+
+- ``config.yaml``: the composed config (``write_config``), written before the first step;
+- ``final.png``: the image (``save_final``), also on Ctrl-C or divergence;
+- ``last.ckpt``: the resume state (``CHECKPOINT``; its contents are ``run.checkpoint``'s);
+- ``result.json``: status, error, image, final metrics, labels, interruptions (``write_result``,
+  ``record_failure``, ``mark_ended``),
+  what sweep summaries and ``compare`` read (``read_result``);
+- ``snapshots/``: image snapshots as PNGs when ``logging.save_snapshots``;
+- TensorBoard's event file (``run.logger``) and Hydra's ``.hydra/`` (overrides).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +18,50 @@ import json
 from pathlib import Path
 from typing import Any
 
+CONFIG_FILE = "config.yaml"
+FINAL_IMAGE = "final.png"
+CHECKPOINT = "last.ckpt"
 RESULT_FILE = "result.json"
+SNAPSHOT_DIR = "snapshots"
 
-# Every run logs exactly these HPARAMS metrics, so TensorBoard's table is complete in any sweep.
-HPARAM_METRICS = (
-    "hp/loss_total",
-    "hp/loss_content",
-    "hp/loss_style",
-    "hp/eval_content",
-    "hp/eval_style",
-    "hp/objective",
-    "hp/wall_time_s",
-    "hp/steps",
-)
+
+def prepare(run_dir: Path, resume: str | None = None) -> Path:
+    """Create the run folder (one-line error if it cannot be written), and never reuse a finished run's
+    folder: one with a final image and no last.ckpt is only continued by ``resume=`` pointing at it."""
+    from nst_exp.errors import UserError
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write the run folder {run_dir}: {exc.strerror or exc}; fix: a writable place "
+                        "(hydra.run.dir=/path for a run, hydra.sweep.dir=/path for a sweep, output_dir= in Python)") from None
+    resuming_here = bool(resume) and Path(resume).resolve() == run_dir.resolve()
+    if (run_dir / FINAL_IMAGE).exists() and not (run_dir / CHECKPOINT).exists() and not resuming_here:
+        raise UserError(f"{run_dir} already holds a finished run; fix: another folder, or resume={run_dir} to continue it")
+    return run_dir
+
+
+def write_config(run_dir: Path, cfg: Any) -> Path:
+    from omegaconf import OmegaConf
+
+    path = run_dir / CONFIG_FILE
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def save_final(run_dir: Path, image: Any) -> Path:
+    """The run's image (a tensor in [0, 1] or a PIL image), written atomically."""
+    from nst_exp.images import save_png
+
+    return save_png(image, run_dir / FINAL_IMAGE)
+
+
+def final_image(run_dir: Path) -> Path | None:
+    path = run_dir / FINAL_IMAGE
+    return path if path.is_file() else None
 
 
 # How a run or job ended. Only "completed" is a result a sweep may compare; "interrupted" is a run

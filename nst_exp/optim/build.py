@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from nst_exp.config import LBFGSImpl, OptimizerConfig, OptimizerName
-from nst_exp.lbfgs import CompactLBFGS
+from nst_exp.optim.lbfgs import CompactLBFGS
 
 
 def build_optimizer(image: Tensor, cfg: OptimizerConfig, cuda_graph: bool = False) -> torch.optim.Optimizer:

@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from nst_exp.errors import UserError
 from nst_exp.images import check_pixels, fit_long_side, pixel_limit, resolve_path
+from nst_exp.run.stages import stages_of, style_long_side
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -36,29 +37,17 @@ def header_size(path: Any, what: str, max_pixels: int | None = None) -> tuple[in
     return w, h
 
 
-def stage_sizes(cfg: Any) -> list[int]:
-    """Long sides of the generated image, coarse stages first."""
-    return [*cfg.image.multiscale_sizes, cfg.image.size]
-
-
-def style_long_side(cfg: Any, size: int) -> int:
-    """Long side of the style image(s) when the generated image's long side is ``size``."""
-    if cfg.image.style_size:
-        return max(16, round(cfg.image.style_size * size / cfg.image.size))
-    return max(16, round(cfg.image.style_scale * size))
-
-
 def check_image_sizes(cfg: Any, content_wh: tuple[int, int], styles_wh: Sequence[tuple[int, int]]) -> None:
     """Every size the run resizes an image to keeps its short side at VGG19's minimum for the loss layers.
 
     A panorama resized to ``image.size`` on its long side can end with a short side of a few pixels,
     which VGG19's poolings cannot take; say which image, which size, and the fix.
     """
-    from nst_exp.encoder import deepest_layer, min_input_side
+    from nst_exp.model.layers import deepest_layer, min_input_side
 
     layers = [*cfg.loss.content_layers, *cfg.loss.style_layers]
     need = min_input_side(layers)
-    for size in stage_sizes(cfg):
+    for size in (stage.size for stage in stages_of(cfg)):
         where = "image.size" if size == cfg.image.size else "a stage of image.multiscale_sizes"
         _check_side("content", content_wh, size, need, f"{where}={size}", deepest_layer(layers))
         for i, wh in enumerate(styles_wh):

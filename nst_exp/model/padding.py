@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nst_exp.layout import is_channels_last
+from nst_exp.model.layout import is_channels_last
 
 
 def _format_of(x: Tensor) -> torch.memory_format:

@@ -17,14 +17,12 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from nst_exp.callbacks import ScalarFlusher, crossed
+from nst_exp.run.callbacks import crossed
 from nst_exp.errors import UserError
 from nst_exp.images import open_image, pil_to_tensor
-from nst_exp.module import StylizeModule
-from nst_exp.reporting import read_result
-from nst_exp.signals import JobInterrupted
-
-CHECKPOINT = "last.ckpt"
+from nst_exp.run.folder import CHECKPOINT, CONFIG_FILE, FINAL_IMAGE, read_result
+from nst_exp.run.module import StylizeModule
+from nst_exp.run.signals import JobInterrupted
 
 
 @dataclass
@@ -58,9 +56,9 @@ def find_resume_state(run_dir: Path, resume: str | None, last_stage: int, coarse
     if not resume:
         return None
     src = Path(resume)
-    final = src / "final.png"
+    final = src / FINAL_IMAGE
     if not final.is_file():
-        raise UserError(f"resume={src} holds neither {CHECKPOINT} nor final.png; fix: point resume at a run folder")
+        raise UserError(f"resume={src} holds neither {CHECKPOINT} nor {FINAL_IMAGE}; fix: point resume at a run folder")
     result = read_result(src) or {}
     metrics = result.get("metrics") or {}
     logged = int(metrics.get("hp/steps") or 0)
@@ -77,14 +75,12 @@ def find_resume_state(run_dir: Path, resume: str | None, last_stage: int, coarse
 class Checkpointer(pl.Callback):
     """Write ``last.ckpt`` every ``every`` steps (0: never periodically), on Ctrl-C and when a signal stops the job.
 
-    Before each write the ``flusher`` puts every step's scalars on disk, so that a job killed
+    Before each write the module puts every step's scalars on disk, so that a job killed
     after the checkpoint and resumed from it has no hole in its curves.
     """
 
-    def __init__(self, path: Path, every: int, stage: int, stage_step_offset: int, wall_offset: float, clock: Any,
-                 flusher: ScalarFlusher) -> None:
+    def __init__(self, path: Path, every: int, stage: int, stage_step_offset: int, wall_offset: float, clock: Any) -> None:
         self.path = path
-        self.flusher = flusher
         self.every = every
         self.stage = stage
         self.stage_step_offset = stage_step_offset
@@ -100,7 +96,7 @@ class Checkpointer(pl.Callback):
             self.save(trainer, pl_module)
 
     def save(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
-        self.flusher.drain(trainer, pl_module)
+        pl_module.drain_losses()
         optimizer = trainer.optimizers[0].state_dict() if trainer.optimizers else None
         save_state(self.path, ResumeState(
             stage=self.stage,
@@ -119,7 +115,7 @@ def resumed_config(cfg: Any, overrides: list[str]) -> Any:
     from nst_exp.config import Config
 
     src = Path(cfg.resume)
-    saved = src / "config.yaml"
+    saved = src / CONFIG_FILE
     if not saved.is_file():
         raise UserError(f"resume={src} has no config.yaml; fix: point resume at a run folder made by nst_exp")
     dotted = [o for o in overrides if "=" in o and "." in o.split("=", 1)[0] and not o.startswith(("hydra.", "resume="))]

@@ -20,9 +20,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from nst_exp.config import flatten
 from nst_exp.labels import image_label
-from nst_exp.naming import override_label
-from nst_exp.reporting import HPARAM_METRICS, RESULT_FILE, read_result
-from nst_exp.tb_hparams import write_experiment
+from nst_exp.run.folder import CONFIG_FILE, RESULT_FILE, final_image, read_result
+from nst_exp.run.metrics import HPARAM_METRICS
+from nst_exp.run.tb_hparams import write_experiment
+from nst_exp.sweep.naming import override_label
 
 TILE = 224  # px, the box each final image is fitted into
 CAPTION_WIDTH = 34  # characters per caption line under a tile
@@ -41,8 +42,7 @@ class Job:
 
     @property
     def image(self) -> Path | None:
-        path = self.path / "final.png"
-        return path if path.is_file() else None
+        return final_image(self.path)
 
     def override_dict(self) -> dict[str, str]:
         return dict(o.lstrip("+~").split("=", 1) for o in self.overrides if "=" in o)
@@ -60,7 +60,7 @@ def load_job(path: Path) -> Job | None:
     if result is None:
         return None
     overrides = result.get("overrides") or _read_yaml(path / ".hydra" / "overrides.yaml") or []
-    config = _read_yaml(path / "config.yaml") or _read_yaml(path / ".hydra" / "config.yaml") or {}
+    config = _read_yaml(path / CONFIG_FILE) or _read_yaml(path / ".hydra" / "config.yaml") or {}
     return Job(
         path=path,
         status=result.get("status", "unknown"),

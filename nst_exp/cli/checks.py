@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from nst_exp.compose import compose_config, first_line
+from nst_exp.cli.compose import compose_config, first_line
 from nst_exp.config import CONF_DIR
 from nst_exp.errors import UserError
 
@@ -91,7 +91,7 @@ def check_values(cfg: Any) -> None:
     """What a job would find wrong at its start: values (``validate``) and input images (missing,
     unreadable, too large, too small a short side at some size), so a sweep fails before any job runs."""
     from nst_exp.config import validate
-    from nst_exp.input_checks import check_inputs
+    from nst_exp.run.input_checks import check_inputs
 
     validate(cfg)
     if cfg.resume:
@@ -103,7 +103,7 @@ def check_launch(overrides: list[str], multirun: bool) -> None:
     """The output folder can be made, and a cluster time limit leaves time to work (hydra.* settings)."""
     from hydra.types import RunMode
 
-    from nst_exp.cluster import check_time_limit
+    from nst_exp.sweep.cluster import check_time_limit
 
     try:
         hydra = compose_config(overrides, with_hydra=True).hydra

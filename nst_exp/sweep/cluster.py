@@ -22,7 +22,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf, open_dict
 
 from nst_exp.errors import UserError
-from nst_exp.reporting import mark_ended
+from nst_exp.run.folder import CHECKPOINT, mark_ended
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def outcome(launcher: Any, job: Any, overrides: list[str], number: int) -> JobRe
         error = f"job {job.job_id} ended {state} without a result"
         if status == "failed":
             error += f": {_last_line(exc)}"
-        if (run_dir / "last.ckpt").is_file():
+        if (run_dir / CHECKPOINT).is_file():
             error += f"; last.ckpt holds where it stopped: python -m nst_exp run resume={run_dir} continues it"
         mark_ended(run_dir, status, error, overrides)
         print(f"error: sweep job {number} {status}: {error}", file=sys.stderr)

@@ -14,7 +14,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, help="where to write (default: the sweep folder if one is given, else outputs/compare/<time>)")
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
-    from nst_exp.sweeps import collect_jobs, summarize
+    from nst_exp.run.folder import RESULT_FILE
+    from nst_exp.sweep.summary import collect_jobs, summarize
 
     missing = [d for d in args.dirs if not d.is_dir()]
     if missing:
@@ -24,7 +25,7 @@ def main(argv: list[str]) -> int:
     if not jobs:
         print(f"error: no finished runs (result.json) under {' '.join(map(str, args.dirs))}; fix: point at outputs/runs/... or outputs/multirun/...", file=sys.stderr)
         return 2
-    single_sweep = len(args.dirs) == 1 and not (args.dirs[0] / "result.json").is_file()
+    single_sweep = len(args.dirs) == 1 and not (args.dirs[0] / RESULT_FILE).is_file()
     out = args.out or (args.dirs[0] if single_sweep else Path("outputs/compare") / time.strftime("%Y-%m-%d/%H-%M-%S"))
     paths = summarize(jobs, out, title=args.title or f"{len(jobs)} runs")
     print(f"runs:          {len(jobs)} ({sum(j.status == 'failed' for j in jobs)} failed)")

@@ -17,7 +17,7 @@ from typing import Any
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
-from nst_exp.reporting import HPARAM_METRICS
+from nst_exp.run.metrics import HPARAM_METRICS
 
 
 def _summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:

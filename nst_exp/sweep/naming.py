@@ -12,7 +12,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 
-from nst_exp.labels import image_label, path_stem, run_label
+from nst_exp.labels import image_label, path_stem, run_label, safe_part
 
 MAX_LEN = 96
 # Overrides that do not distinguish jobs' results (logging, hardware) are left out of names.
@@ -21,7 +21,6 @@ _IGNORED_PREFIXES = (
 )
 _LONG_FLOAT = re.compile(r"^-?\d+\.\d{5,}(e-?\d+)?$")
 _IMAGE_FILE = re.compile(r"\.(png|jpe?g|webp|tiff?|bmp|gif)$", re.IGNORECASE)
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=+,-]+")
 
 
 def _short_value(value: str) -> str:
@@ -62,7 +61,7 @@ def override_label(override: str) -> str | None:
 
 def job_dirname(overrides: Iterable[str], max_len: int = MAX_LEN) -> str:
     labels = [label for o in overrides if (label := override_label(str(o)))]
-    name = _UNSAFE.sub("-", ",".join(labels)).strip("-.") or "default"
+    name = safe_part(",".join(labels), limit=None, keep="=,") or "default"
     if len(name) > max_len:
         digest = hashlib.sha1(name.encode()).hexdigest()[:8]
         name = name[: max_len - 9].rstrip(",-.") + "_" + digest

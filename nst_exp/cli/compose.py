@@ -27,7 +27,7 @@ def compose_config(overrides: list[str] | None = None, with_hydra: bool = False,
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from nst_exp.cluster import register_launchers
+    from nst_exp.sweep.cluster import register_launchers
     from nst_exp.config import CONF_DIR, register_configs
 
     register_configs()

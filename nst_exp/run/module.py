@@ -3,20 +3,52 @@
 Manual optimisation: one Lightning batch runs ``iters_per_step`` optimiser iterations
 (``global_step`` counts iterations, so ``trainer.max_steps`` stays "optimiser steps"), which
 amortises Lightning's fixed per-batch cost over several iterations on fast GPUs. The loss
-terms of every iteration are written into an on-device history buffer (no host sync);
-``callbacks.ScalarFlusher`` copies it to TensorBoard every ``logging.flush_every`` steps,
-so curves stay per-step while the step loop never waits on the host.
+terms of every iteration are written into an on-device history buffer (no host sync). The
+module owns that history: ``flush_losses`` copies it to TensorBoard (asynchronously from a GPU),
+keeps the last written terms (``latest_losses``) and stops training at a NaN/inf total
+(``diverged_at``). ``callbacks.ScalarFlusher`` only decides when to flush.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
 from nst_exp.config import OptimizerConfig
-from nst_exp.losses import StyleTransferLoss
-from nst_exp.optimizers import build_optimizer
+from nst_exp.model.losses import StyleTransferLoss
+from nst_exp.optim.build import build_optimizer
+
+
+class HostCopy:
+    """A tensor on its way to host memory: from a GPU the copy is only queued, and ``get`` waits for it alone."""
+
+    def __init__(self, source: Tensor) -> None:
+        self.ready: torch.cuda.Event | None = None  # None: the copy is complete already
+        if source.is_cuda:
+            self._value = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+            self._value.copy_(source, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self._value = source.to("cpu", copy=True)
+
+    def get(self) -> Tensor:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self._value
+
+
+@dataclass
+class _Staged:
+    """History rows on their way to the host, written at the next flush."""
+
+    rows: HostCopy
+    first_step: int
+    evaluations: int
 
 
 class StylizeModule(pl.LightningModule):
@@ -51,16 +83,61 @@ class StylizeModule(pl.LightningModule):
         self._optimizer: torch.optim.Optimizer | None = None  # made by configure_optimizers
         self._recorded_step = -1
         self._optimizer_state = optimizer_state  # restored into the optimiser when training starts
+        self.latest_losses: dict[str, float] = {}  # the terms of the last step written to TensorBoard
+        self.diverged_at: int | None = None  # the logged step whose total was NaN/inf (training stops there)
+        self._staged: _Staged | None = None  # history rows on their way to the host
 
     @property
     def evaluations(self) -> int:
         """Loss evaluations (L-BFGS with line search may evaluate more than once per step)."""
         return self._closure_calls + getattr(self._optimizer, "replays", 0)
 
-    def history_flushed(self) -> None:
-        """The flusher has read the history: the next step writes row 0 again."""
+    def flush_losses(self, wait: bool = True) -> None:
+        """Write the history rows staged last time and stage the new ones; these are written too if
+        ``wait``, or if their copy is complete already (a CPU copy: only a GPU copy is worth deferring).
+
+        On a GPU each flush starts an asynchronous copy of the rows to pinned host memory and writes
+        the rows staged at the previous flush, whose copy finished long ago: the step loop never
+        waits for the GPU. A non-finite total stops training (``last_good`` holds the image before it).
+        """
+        staged = self._stage_history()
+        self._write_history(self._staged)
+        self._staged = staged
+        if wait or (staged is not None and staged.rows.ready is None):
+            self._write_history(self._staged)
+            self._staged = None
+
+    def drain_losses(self) -> None:
+        """Every step so far on disk: a checkpoint must never cover steps whose scalars a kill would lose."""
+        self.flush_losses()
+        self.logger.experiment.flush()
+
+    def _stage_history(self) -> _Staged | None:
+        n = min(self.global_step - self.history_start, self.history.shape[0])
+        if n <= 0:
+            return None
+        staged = _Staged(HostCopy(self.history[:n]), self.step_offset + self.history_start, self.evaluations)
+        # Later steps overwrite the buffer from row 0; the copy is ahead of them on the stream.
         self.history_start = self.global_step
         self.history_row.zero_()
+        return staged
+
+    def _write_history(self, staged: _Staged | None) -> None:
+        if staged is None:
+            return
+        writer = self.logger.experiment
+        rows = staged.rows.get().tolist()
+        for i, row in enumerate(rows):
+            if self.diverged_at is not None:
+                break
+            if not math.isfinite(row[0]):
+                self.diverged_at = staged.first_step + i
+                self.trainer.should_stop = True
+                break
+            for name, value in zip(self.term_names, row):
+                writer.add_scalar(name, value, staged.first_step + i)
+            self.latest_losses = dict(zip(self.term_names, row))
+        writer.add_scalar("perf/evaluations", staged.evaluations, staged.first_step + len(rows) - 1)
 
     def on_train_start(self) -> None:
         if self._optimizer_state is not None:

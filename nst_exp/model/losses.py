@@ -1,4 +1,8 @@
-"""Loss maths: pure, batch-safe functions plus thin modules that hold fixed targets.
+"""A loss, whole: pure batch-safe maths, thin modules holding fixed targets, and the target building.
+
+``build_style_transfer_loss`` is where targets come from (colour handling, blending several
+style images, masks at each layer's resolution); ``relative_scale`` is the one place the
+relative-error normalisation is written.
 
 Every term is a function of a dict of named VGG activations (and the image for TV),
 so the terms are called the same way and named the same way in TensorBoard,
@@ -8,12 +12,14 @@ summaries and HPARAMS: ``loss/content/relu4_2``, ``loss/style/relu1_1``, ...
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nst_exp.layout import is_channels_last
+from nst_exp.model import color
+from nst_exp.model.layout import is_channels_last
 
 _EPS = 1e-8
 
@@ -44,6 +50,13 @@ def mean_and_covariance(features: Tensor) -> tuple[Tensor, Tensor]:
     return mean, torch.bmm(centred.transpose(1, 2), centred) / flat.shape[1]
 
 
+def relative_scale(target: Tensor, normalize: bool = True) -> Tensor:
+    """1 / the target's mean square: a squared error times it is a relative error, independent of the
+    layer's activation scale and of the image size. 1 without ``normalize`` (the paper's raw MSE)."""
+    scale = 1.0 / (target.float().pow(2).mean() + _EPS) if normalize else torch.tensor(1.0)
+    return torch.as_tensor(scale, dtype=torch.float32)
+
+
 def total_variation(image: Tensor) -> Tensor:
     """Mean squared difference between neighbouring pixels (both directions)."""
     dy = image[..., 1:, :] - image[..., :-1, :]
@@ -61,8 +74,7 @@ class ContentLoss(nn.Module):
     def __init__(self, target: Tensor, normalize: bool = True) -> None:
         super().__init__()
         self.register_buffer("target", target.detach().float())
-        scale = 1.0 / (target.float().pow(2).mean() + _EPS) if normalize else torch.tensor(1.0)
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+        self.register_buffer("scale", relative_scale(target, normalize))
 
     def forward(self, features: Tensor) -> Tensor:
         return F.mse_loss(features.float(), self.target) * self.scale
@@ -78,8 +90,7 @@ class GramStyleLoss(nn.Module):
     def __init__(self, target_gram: Tensor, normalize: bool = True) -> None:
         super().__init__()
         self.register_buffer("target", target_gram.detach().float())
-        scale = 1.0 / (target_gram.float().pow(2).mean() + _EPS) if normalize else torch.tensor(1.0)
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+        self.register_buffer("scale", relative_scale(target_gram, normalize))
 
     @staticmethod
     def target_from(features: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
@@ -102,13 +113,8 @@ class MeanCovStyleLoss(nn.Module):
         super().__init__()
         self.register_buffer("target_mean", target_mean.detach().float())
         self.register_buffer("target_cov", target_cov.detach().float())
-        if normalize:
-            scale_mean = 1.0 / (target_mean.float().pow(2).mean() + _EPS)
-            scale_cov = 1.0 / (target_cov.float().pow(2).mean() + _EPS)
-        else:
-            scale_mean = scale_cov = torch.tensor(1.0)
-        self.register_buffer("scale_mean", torch.as_tensor(scale_mean, dtype=torch.float32))
-        self.register_buffer("scale_cov", torch.as_tensor(scale_cov, dtype=torch.float32))
+        self.register_buffer("scale_mean", relative_scale(target_mean, normalize))
+        self.register_buffer("scale_cov", relative_scale(target_cov, normalize))
 
     @staticmethod
     def target_from(features: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
@@ -161,7 +167,7 @@ class StyleTransferLoss(nn.Module):
         self.encoder = encoder
         self.masked_layers = tuple(style_masks or ())
         for name, mask in (style_masks or {}).items():
-            self.register_buffer(f"mask_{name}", mask / mask.pow(2).mean().sqrt().clamp_min(_EPS), persistent=False)
+            self.register_buffer(f"mask_{name}", mask, persistent=False)
         self.content_losses = nn.ModuleDict(content_losses)
         self.style_losses = nn.ModuleDict(style_losses)
         self.content_layer_weights = dict(zip(content_losses, content_layer_weights))
@@ -191,7 +197,7 @@ class StyleTransferLoss(nn.Module):
         for name, loss in self.style_losses.items():
             feats = features[name]
             if name in self.masked_layers:
-                # Gram over masked positions only: scaling by m / rms(m) turns the mean into a masked mean.
+                # Gram over masked positions only (see masks_at: m / rms(m) turns the mean into a masked mean).
                 feats = feats * getattr(self, f"mask_{name}")
             term = self.style_layer_weights[name] * loss(feats)
             terms[f"loss/style/{name}"] = term
@@ -199,3 +205,64 @@ class StyleTransferLoss(nn.Module):
         tv = total_variation(image.float()) if self.tv_weight else zero
         total = self.content_weight * content + self.style_weight * style + self.tv_weight * tv
         return {"loss/total": total, "loss/content": content, "loss/style": style, "loss/tv": tv, **terms}
+
+
+def masks_at(mask: Tensor, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The style mask (1, 1, H, W) at each layer's resolution, divided by its root mean square: a Gram
+    of features times it is then the mean over the masked positions."""
+    scaled = {}
+    for name, feats in features.items():
+        m = F.interpolate(mask, size=feats.shape[-2:], mode="area")
+        scaled[name] = m / m.pow(2).mean().sqrt().clamp_min(_EPS)
+    return scaled
+
+
+def color_targets(content: Tensor, styles: Sequence[Tensor], mode: str) -> tuple[Tensor, list[Tensor]]:
+    """Colour preservation on the targets: ``histogram`` recolours the styles to the content's colours;
+    ``luminance`` matches on grey (the content becomes its luminance). ``none`` changes nothing."""
+    if mode == "histogram":
+        return content, [color.match_color_histogram(s, content) for s in styles]
+    if mode == "luminance":
+        grey = color.luminance(content)
+        return grey, [color.match_luminance(color.luminance(s), grey) for s in styles]
+    return content, list(styles)
+
+
+def build_style_transfer_loss(
+    loss_cfg: Any,
+    encoder: nn.Module,
+    content: Tensor,
+    styles: Sequence[Tensor],
+    style_weights: Sequence[float],
+    mask: Tensor | None = None,
+    color_mode: str = "none",
+) -> tuple[StyleTransferLoss, Tensor]:
+    """The loss of ``loss_cfg`` (the config's ``loss`` node) with its targets, computed once (no grad):
+    content activations, the weighted blend of the style images' statistics, the mask at each style
+    layer. Returns the loss and the content image as the targets saw it (grey in luminance mode)."""
+    content, styles = color_targets(content, styles, color_mode)
+    normalize = loss_cfg.normalize
+    style_cls = STYLE_LOSSES[str(getattr(loss_cfg.style_loss, "value", loss_cfg.style_loss))]
+    with torch.no_grad():
+        # With a mask the style layers' shapes are needed too: one pass over the content for both.
+        mask_layers = list(loss_cfg.style_layers) if mask is not None else []
+        content_feats = encoder(content, [*loss_cfg.content_layers, *mask_layers])
+        style_feats = [encoder(s, loss_cfg.style_layers) for s in styles]
+        content_losses = {k: ContentLoss(content_feats[k], normalize) for k in loss_cfg.content_layers}
+        style_losses = {}
+        for layer in loss_cfg.style_layers:
+            target = style_cls.target_from([f[layer] for f in style_feats], style_weights)
+            style_losses[layer] = style_cls(*target, normalize) if isinstance(target, tuple) else style_cls(target, normalize)
+        masks = masks_at(mask, {k: content_feats[k] for k in mask_layers}) if mask is not None else {}
+    loss = StyleTransferLoss(
+        encoder,
+        content_losses,
+        style_losses,
+        layer_weights(loss_cfg.content_layers, loss_cfg.content_layer_weights, "content"),
+        layer_weights(loss_cfg.style_layers, loss_cfg.style_layer_weights, "style"),
+        loss_cfg.content_weight,
+        loss_cfg.style_weight,
+        loss_cfg.tv_weight,
+        masks,
+    )
+    return loss, content

@@ -1,0 +1,1 @@
+"""Command-line entry points behind ``python -m nst_exp``: run (Hydra), compare, evaluate, and the override checks."""

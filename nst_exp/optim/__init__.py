@@ -1,0 +1,1 @@
+"""Optimisers over the one image tensor: the config-chosen factory and the sync-free L-BFGS."""

