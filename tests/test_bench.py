@@ -10,16 +10,11 @@ import pytest
 
 import torch
 
-from nst_exp.bench import (
-    QualityPoint,
-    StepClock,
-    conv_flops,
-    parse_args,
-    pastiche_layer,
-    peak_tflops,
-    time_to_quality,
-    window_end,
-)
+from nst_exp.bench.cli import parse_args
+from nst_exp.bench.clock import StepClock, window_end
+from nst_exp.bench.flops import conv_flops, peak_tflops
+from nst_exp.bench.ttq import QualityPoint, time_to_quality
+from nst_exp.bench.variants import pastiche_layer
 from nst_exp.config import DEFAULT_STYLE_LAYERS
 
 from conftest import run_cli
