@@ -5,6 +5,7 @@ the deepest loss layer) and one L-BFGS iteration per step:
 
 - ``tool``: the real thing, ``runner.run`` on the composed config (Lightning, logging on);
 - ``bare``: the tool's own network and loss modules in a plain loop: the framework's overhead;
+- ``stock``: a plain PyTorch loop with stock modules (``stock.py``): the floor every ratio is taken against;
 - ``pastiche``: ``pastiche.PasticheArtist.draw()`` (pastiche 1.6.0, fp32 only).
 
 Each (size, variant) runs in a fresh spawned process, so peak memory is per variant. The
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from nst_exp.bench.clock import StepClock, StepTimer, memory_now, timed_loop, window_end
 
-VARIANTS = ("tool", "bare", "pastiche")
+VARIANTS = ("tool", "bare", "stock", "pastiche")
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
 
 
@@ -155,6 +156,19 @@ def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
     result.layers = loss_layers(cfg)
 
 
+def run_stock(spec: Spec, clock: StepClock, result: Measurement) -> None:
+    """The stock PyTorch loop (``stock.py``) on the tool's layers, losses, size and steps."""
+    from nst_exp.bench.stock import stock_loop
+    from nst_exp.images import load_tensor
+
+    cfg = tool_config(spec)
+    content, style = load_tensor(spec.content, spec.size, "content"), load_tensor(spec.style, spec.size, "style")
+    step, image = stock_loop(cfg, content, style, spec.device, spec.precision)
+    timed_loop(step, clock, torch.device(spec.device))
+    result.height, result.width = image.shape[-2:]
+    result.layers = loss_layers(cfg)
+
+
 def pastiche_layer(name: str) -> str:
     """Our layer name in pastiche's spelling: relu4_2 -> block4_relu2, pool1 -> block1_pool."""
     if name.startswith("pool"):
@@ -190,6 +204,7 @@ def run_pastiche(spec: Spec, clock: StepClock, result: Measurement) -> None:
 RUNNERS: dict[str, Callable[[Spec, StepClock, Measurement], None]] = {
     "tool": run_tool,
     "bare": run_bare,
+    "stock": run_stock,
     "pastiche": run_pastiche,
 }
 
