@@ -35,12 +35,13 @@ from nst_exp.callbacks import (
 )
 from nst_exp.checkpoint import CHECKPOINT, Checkpointer, find_resume_state
 from nst_exp.config import ColorMode, Init, flatten, to_container, validate
-from nst_exp.encoder import VGG19Encoder, build_encoder
+from nst_exp.encoder import VGG19Encoder, build_encoder, resolve_memory
 from nst_exp.errors import UserError
 from nst_exp.evaluate import Evaluator
 from nst_exp.images import open_image, pil_to_tensor, resize_long_side, save_png, tensor_to_pil
 from nst_exp.losses import STYLE_LOSSES, ContentLoss, StyleTransferLoss, layer_weights
 from nst_exp.module import StylizeModule
+from nst_exp.precision import resolve_precision
 from nst_exp.reporting import write_result
 
 FINAL_IMAGE = "final.png"
@@ -119,12 +120,14 @@ def build_network(cfg: DictConfig, device: torch.device) -> tuple[VGG19Encoder, 
     are fixed), and ``torch.compile`` if ``trainer.compile``. Targets use the plain encoder.
     """
     layers = list(dict.fromkeys([*cfg.loss.content_layers, *cfg.loss.style_layers]))
-    encoder = build_encoder(layers, cfg.model.pooling.value, cfg.model.weights.value, cfg.model.padding.value).to(device)
+    memory = resolve_memory(cfg.model.memory.value, device)
+    encoder = build_encoder(layers, cfg.model.pooling.value, cfg.model.weights.value, cfg.model.padding.value, memory).to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        if cfg.trainer.channels_last:
-            encoder = encoder.to(memory_format=torch.channels_last)
-            encoder.channels_last = True
+    # NHWC: cuDNN's faster kernels; on the CPU oneDNN's bf16 kernels (fp32 there is as fast NCHW).
+    if cfg.trainer.channels_last and (device.type == "cuda" or resolve_precision(cfg.trainer.precision, device).startswith("bf16")):
+        encoder = encoder.to(memory_format=torch.channels_last)
+        encoder.channels_last = True
     step_encoder = torch.compile(encoder) if cfg.trainer.compile and device.type == "cuda" else encoder
     return encoder, step_encoder
 
@@ -256,7 +259,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, logger: RunLogger, steps: int, 
         accelerator="gpu" if device.type == "cuda" else device.type,
         devices=[device.index or 0] if device.type == "cuda" else cfg.trainer.devices,
         plugins=plugins,
-        precision=cfg.trainer.precision,
+        precision=resolve_precision(cfg.trainer.precision, device),
         logger=logger,
         callbacks=callbacks,
         enable_checkpointing=False,

@@ -237,3 +237,22 @@ def test_reflect_pad1_is_f_pad_keeping_layout_dtype_and_nothing_else(dtype, memo
     # bit or so); bf16 also rounds each partial sum.
     tol = {} if dtype == torch.float32 else dict(rtol=0.02, atol=0.05)
     torch.testing.assert_close(grad.float(), grad_ref, **tol)
+
+
+def test_memory_fast_and_lean_give_the_same_features_and_gradient(weights):
+    from nst_exp.encoder import resolve_memory
+
+    image = torch.rand(1, 3, 24, 18, generator=torch.Generator().manual_seed(1))
+    results = []
+    for memory in ("lean", "fast"):
+        enc = VGG19Encoder(weights, ["relu2_1", "relu3_1"], padding="reflect", memory=memory)
+        x = image.clone().requires_grad_(True)
+        feats = enc(x)
+        sum(f.square().mean() for f in feats.values()).backward()
+        results.append((feats, x.grad))
+    assert all(torch.equal(results[0][0][k], results[1][0][k]) for k in results[0][0])
+    assert torch.equal(results[0][1], results[1][1])  # the pooling's gradient is bit for bit either way
+    assert resolve_memory("auto", torch.device("cpu")) == "fast" and resolve_memory("auto", torch.device("cuda")) == "lean"
+    assert resolve_memory("lean", torch.device("cpu")) == "lean"
+    with pytest.raises(UserError, match="model.memory"):
+        VGG19Encoder(weights, ["relu1_1"], memory="auto")
