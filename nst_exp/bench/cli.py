@@ -23,7 +23,7 @@ DEFAULT_WARMUP = {"cpu": 3, "cuda": 55}
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m nst_exp bench",
-        description="Seconds per L-BFGS step: this tool vs a bare PyTorch loop vs pastiche (and --ttq: time to quality).",
+        description="Seconds per L-BFGS step: this tool vs a stock PyTorch loop, its own bare loop and pastiche (and --ttq: time to quality).",
     )
     p.add_argument("--sizes", type=int, nargs="+", help="long sides in px (default 256 512 on cpu, 512 1024 on cuda)")
     p.add_argument("--steps", type=int, default=20, help="measured steps per variant (default 20)")
@@ -37,7 +37,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--content", default=DEFAULT_CONTENT, help=f"content image (default {DEFAULT_CONTENT})")
     p.add_argument("--style", default=DEFAULT_STYLE, help=f"style image (default {DEFAULT_STYLE})")
     p.add_argument("--overrides", nargs="*", default=[],
-                   help="tool config overrides for the tool and bare rows, e.g. trainer.iters_per_step=8 trainer.compile=true")
+                   help="tool config overrides for the tool, bare and stock rows, e.g. trainer.iters_per_step=8 trainer.compile=true")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds per size, the variants interleaved; each row keeps its best round (default 1; "
                         "2-3 on a shared or noisy machine)")

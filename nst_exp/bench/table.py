@@ -61,8 +61,8 @@ def header_line(info: dict[str, Any]) -> str:
     )
 
 
-def row_dict(m: Measurement, bare: Measurement | None, pastiche: Measurement | None, device_name: str | None) -> dict[str, Any]:
-    """One table row as plain data (also what --json writes)."""
+def row_dict(m: Measurement, refs: dict[str, Measurement], device_name: str | None) -> dict[str, Any]:
+    """One table row as plain data (also what --json writes); ``refs``: the same size's stock, bare and pastiche rows."""
     row: dict[str, Any] = {**asdict(m.spec), "ran_precision": m.precision, "error": m.error}
     if not m.ok:
         return row
@@ -73,8 +73,7 @@ def row_dict(m: Measurement, bare: Measurement | None, pastiche: Measurement | N
     row.update(
         height=m.height, width=m.width, measured_steps=len(m.durations),
         s_per_step_mean=m.mean, s_per_step_median=m.median, round_means=m.round_means,
-        vs_bare=m.mean / bare.mean if bare and bare.ok else None,
-        vs_pastiche=m.mean / pastiche.mean if pastiche and pastiche.ok else None,
+        **{f"vs_{name}": m.mean / ref.mean if (ref := refs.get(name)) and ref.ok else None for name in REFERENCES},
         mem_peak_mib=m.mem_peak_mib, mem_rise_mib=m.mem_peak_mib - m.mem_base_mib, mem_warmup_peak_mib=m.mem_warmup_peak_mib,
         mem_peak_window_only=m.mem_peak_window_only,
         conv_gflop_per_step=flops / 1e9, tflops=tflops,
@@ -86,7 +85,7 @@ def row_dict(m: Measurement, bare: Measurement | None, pastiche: Measurement | N
 def rows_of(measurements: Sequence[Measurement], device_name: str | None) -> list[dict[str, Any]]:
     by_key = {(m.spec.size, m.spec.variant): m for m in measurements}
     return [
-        row_dict(m, by_key.get((m.spec.size, "bare")), by_key.get((m.spec.size, "pastiche")), device_name)
+        row_dict(m, {name: ref for name in REFERENCES if (ref := by_key.get((m.spec.size, name)))}, device_name)
         for m in measurements
     ]
 
@@ -95,9 +94,11 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{spec}}{suffix}"
 
 
+REFERENCES = ("stock", "bare", "pastiche")  # the ratio columns, the floor first
+
 TABLE_COLUMNS = (
     ("size", 5), ("image", 9), ("variant", 9), ("prec", 5), ("s/step", 9), ("median", 9),
-    ("vs bare", 8), ("vs pastiche", 11), ("mem MiB (rise)", 16), ("TFLOP/s", 9), ("of peak", 8),
+    ("vs stock", 8), ("vs bare", 8), ("vs pastiche", 11), ("mem MiB (rise)", 16), ("TFLOP/s", 9), ("of peak", 8),
 )
 
 
@@ -113,7 +114,7 @@ def _cells(r: dict[str, Any]) -> list[str]:
         return [lead[0], "", *lead[2:], f"failed: {r['error']}"]
     return lead + [
         _fmt(r["s_per_step_mean"], ".4f"), _fmt(r["s_per_step_median"], ".4f"),
-        _fmt(r["vs_bare"], ".2f", "x"), _fmt(r["vs_pastiche"], ".2f", "x"),
+        *(_fmt(r[f"vs_{name}"], ".2f", "x") for name in REFERENCES),
         f"{r['mem_peak_mib']:.0f} ({r['mem_rise_mib']:+.0f})", _fmt(r["tflops"], ".3f"),
         _fmt(None if r["peak_fraction"] is None else 100 * r["peak_fraction"], ".1f", "%"),
     ]
@@ -131,7 +132,8 @@ def legend(rows: Sequence[dict[str, Any]], device: str) -> list[str]:
         f"s/step: mean over {steps} measured steps after warm-up (window total / steps); median also shown.",
         *([f"--repeats: variants measured in {rounds} interleaved rounds; each row is its best round (JSON: round_means)."]
           if (rounds := max((len(r.get("round_means") or ()) for r in rows), default=0)) > 1 else []),
-        "vs bare / vs pastiche: time-per-step ratios (lower is faster; 1.00x = same speed).",
+        "vs stock / bare / pastiche: time-per-step ratios (lower is faster; 1.00x = same speed). stock: a plain loop of "
+        "stock modules and torch.optim.LBFGS (the floor); bare: the tool's network and losses without Lightning.",
         "TFLOP/s: analytic conv FLOPs (forward + input-gradient backward of VGG19 cut at the deepest loss layer) / s/step.",
     ]
     if device == "cuda":
@@ -148,7 +150,7 @@ def legend(rows: Sequence[dict[str, Any]], device: str) -> list[str]:
             notes.append("mem: VmHWM could not be reset here, so those peaks cover the whole process (setup and warm-up too).")
     overrides = sorted({" ".join(r["overrides"]) for r in rows if r["variant"] != "pastiche"} - {""})
     if overrides:
-        notes.append(f"tool and bare ran with the overrides: {'; '.join(overrides)}")
+        notes.append(f"tool, bare and stock ran with the overrides: {'; '.join(overrides)}")
     if any(r["variant"] == "pastiche" and r["ran_precision"] != r["precision"] for r in rows):
         notes.append("pastiche has no bf16 mode: its rows ran in fp32.")
     return notes
