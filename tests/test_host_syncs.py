@@ -153,9 +153,10 @@ def audit(monkeypatch: pytest.MonkeyPatch) -> SyncAudit:
 @pytest.mark.parametrize(
     "overrides",
     [
-        # CUDA's defaults, run on the CPU: 4 iterations per Lightning batch, progress bar on, scalars
-        # flushed every 3 steps, snapshots every 4 (also written as PNGs), a checkpoint every 5.
-        ["trainer.iters_per_step=4", "logging.progress_bar=true", "logging.save_snapshots=true", "trainer.checkpoint_every=5"],
+        # CUDA's defaults, run on the CPU: 4 iterations per Lightning batch, fp32 (precision=auto on CUDA),
+        # progress bar on, scalars flushed every 3 steps, snapshots every 4 (also written as PNGs), a checkpoint every 5.
+        ["trainer.iters_per_step=4", "trainer.precision=32-true", "logging.progress_bar=true", "logging.save_snapshots=true",
+         "trainer.checkpoint_every=5"],
         # One iteration per batch (the CPU default), bf16 autocast.
         ["trainer.iters_per_step=1", "trainer.precision=bf16-mixed"],
     ],
@@ -163,7 +164,10 @@ def audit(monkeypatch: pytest.MonkeyPatch) -> SyncAudit:
 )
 def test_step_loop_never_waits_for_the_device(tmp_path, overrides, audit):
     """Also: bf16 autocast runs the convolutions in bf16 while the image and L-BFGS's state stay fp32 (fp64)."""
-    cfg = compose_config(["image.size=32", "trainer.max_steps=16", "logging.flush_every=3", "logging.image_every=4", *overrides])
+    # optimizer.impl=compact: the sync-free L-BFGS that optimizer.impl=auto picks on CUDA (on the CPU auto
+    # picks torch's, which reads the loss back every step: harmless there, nothing to wait for).
+    cfg = compose_config(["image.size=32", "trainer.max_steps=16", "logging.flush_every=3", "logging.image_every=4",
+                          "optimizer.impl=compact", *overrides])
     watcher = AuditSteadyState(audit)
     result = runner.run(cfg, tmp_path / "run", extra_callbacks=(watcher,))
     assert result.status == "completed", result.error

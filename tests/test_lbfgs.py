@@ -82,7 +82,7 @@ def test_real_transfer_matches_torch_lbfgs(tmp_path, photo, painting):
         result = nst_exp.stylize(
             photo, painting, output_dir=tmp_path / impl, return_result=True,
             overrides=["image.size=40", "trainer.max_steps=12", "logging.progress_bar=false", f"optimizer.impl={impl}",
-                       "trainer.accelerator=cpu"],  # TF32 convolutions on a GPU would blur the comparison
+                       "trainer.accelerator=cpu", "trainer.precision=32-true"],  # TF32 or bf16 convolutions would blur it
         )
         assert result.status == "completed"
         images[impl] = np.asarray(result.image, dtype=np.int16)
@@ -92,5 +92,6 @@ def test_real_transfer_matches_torch_lbfgs(tmp_path, photo, painting):
 
 def test_line_search_needs_torch_impl():
     with pytest.raises(UserError, match="optimizer.impl=torch"):
-        validate(compose_config(["optimizer.line_search=strong_wolfe"]))
+        validate(compose_config(["optimizer.line_search=strong_wolfe", "optimizer.impl=compact"]))
+    validate(compose_config(["optimizer.line_search=strong_wolfe"]))  # auto: torch's, which has one
     validate(compose_config(["optimizer.line_search=strong_wolfe", "optimizer.impl=torch"]))

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from nst_exp.run.callbacks import LossProgressBar
 from nst_exp.run.logger import RunLogger
+from nst_exp.run.precision import resolve_precision
 
 
 class Forever:
@@ -40,7 +41,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, logger: RunLogger, steps: int, 
         accelerator="gpu" if device.type == "cuda" else device.type,
         devices=[device.index or 0] if device.type == "cuda" else cfg.trainer.devices,
         plugins=plugins,
-        precision=cfg.trainer.precision,
+        precision=resolve_precision(cfg.trainer.precision, device),
         logger=logger,
         callbacks=callbacks,
         enable_checkpointing=False,

