@@ -118,7 +118,7 @@ def test_auto_lbfgs_impl_is_compact_only_on_cuda_without_line_search():
 
 
 def test_memory_and_precision_keys_are_checked():
-    with pytest.raises(ConfigCompositionException, match="memory"):
+    with pytest.raises(UserError, match="model.memory"):
         compose_config(["model.memory=tiny"])
     with pytest.raises(UserError, match="trainer.precision"):
         validate(compose_config(["trainer.precision=16-mixed"]))
