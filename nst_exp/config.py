@@ -102,6 +102,7 @@ class ImageConfig:
     color: ColorMode = ColorMode.none  # colour preservation
     init_path: Optional[str] = None  # the image for init=image
     max_input_pixels: Optional[int] = None  # largest input file accepted; null = Pillow's bomb guard (~179 Mpx), 0 = no limit
+    tile: Optional[int] = None  # evaluate the loss in tiles of this many px (exact; memory bounded by a tile); null = whole image
 
 
 @dataclass
@@ -197,6 +198,17 @@ def _non_negative(value: float, key: str) -> None:
         raise UserError(f"{key} must be >= 0, got {value!r}; fix: {key}=0 or a positive number")
 
 
+def _check_tile(tile: int, layers: list[str]) -> None:
+    """A tile is a whole number of pooling cells of the deepest loss layer (so tiles pool as the image does)."""
+    from nst_exp.model.layers import reach
+
+    grid, _ = reach(layers) if layers else (1, 0)
+    if tile < grid or tile % grid:
+        fix = max(grid, tile // grid * grid)
+        raise UserError(f"image.tile={tile} must be a positive multiple of {grid} px (the pooling grid up to the deepest "
+                        f"loss layer); fix: image.tile={fix} or image.tile=null")
+
+
 def validate(cfg: DictConfig | Config) -> None:
     """Value checks a type cannot express; raise a one-line UserError naming key and fix."""
     _positive(cfg.image.size, "image.size")
@@ -207,6 +219,8 @@ def validate(cfg: DictConfig | Config) -> None:
     if cfg.image.get("max_input_pixels") is not None:
         _non_negative(cfg.image.max_input_pixels, "image.max_input_pixels")
     _positive(cfg.image.style_scale, "image.style_scale")
+    if cfg.image.get("tile") is not None:
+        _check_tile(cfg.image.tile, [*cfg.loss.content_layers, *cfg.loss.style_layers])
     sizes, steps = list(cfg.image.multiscale_sizes), list(cfg.image.multiscale_steps)
     if len(sizes) != len(steps):
         raise UserError(

@@ -89,3 +89,22 @@ def min_input_side(layers: Iterable[str]) -> int:
     halves the map (floor) and needs 2+ pixels, so 16 px for relu5_1 (4 poolings), 32 px for pool5."""
     names = LAYER_NAMES[: LAYER_INDEX[deepest_layer(layers)] + 1]
     return 2 ** sum(1 for name in names if name.startswith("pool"))
+
+
+def reach(layers: Iterable[str]) -> tuple[int, int]:
+    """(pooling grid, halo) in input pixels for the deepest of ``layers``.
+
+    The grid is 2^(poolings before it): a crop of the image whose origin lies on it pools the same
+    windows as the whole image. The halo is how far the inputs a feature depends on reach past the
+    feature's own pixel block on either side (3x3 convolutions by one step of the layer's stride,
+    poolings by one), rounded up to the grid: features of a crop are exact at least that far from
+    the crop's cut edges (156 px of receptive field, halo 96 px, for relu5_1).
+    """
+    stride, before, after = 1, 0, 0  # before/after: input pixels reached left/right of a feature's block
+    for name in LAYER_NAMES[: LAYER_INDEX[deepest_layer(layers)] + 1]:
+        if name.startswith("conv"):
+            before, after = before + stride, after + stride
+        elif name.startswith("pool"):
+            stride *= 2
+    halo = max(before, after)
+    return stride, -(-halo // stride) * stride

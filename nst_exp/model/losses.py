@@ -7,6 +7,11 @@ relative-error normalisation is written.
 Every term is a function of a dict of named VGG activations (and the image for TV),
 so the terms are called the same way and named the same way in TensorBoard,
 summaries and HPARAMS: ``loss/content/relu4_2``, ``loss/style/relu1_1``, ...
+
+Each term is written as a function of *sums over positions* (``stats``) and of how many
+positions were summed (``from_stats``): the Gram matrix, the mean and covariance and the content
+error are all such sums. So the loss of a large image can be evaluated tile by tile, exactly
+(``model/tiled.py``), with the same maths as the untiled ``forward``.
 """
 
 from __future__ import annotations
@@ -36,10 +41,15 @@ def positions_by_channels(features: Tensor) -> Tensor:
     return features.reshape(b, c, h * w).transpose(1, 2)
 
 
+def outer_sum(features: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, C, C): the sum over positions of f f^T."""
+    flat = positions_by_channels(features)
+    return torch.bmm(flat.transpose(1, 2), flat)
+
+
 def gram_matrix(features: Tensor) -> Tensor:
     """Normalised Gram matrix: (B, C, H, W) -> (B, C, C), the mean over positions of f f^T."""
-    flat = positions_by_channels(features)
-    return torch.bmm(flat.transpose(1, 2), flat) / flat.shape[1]
+    return outer_sum(features) / (features.shape[-2] * features.shape[-1])
 
 
 def mean_and_covariance(features: Tensor) -> tuple[Tensor, Tensor]:
@@ -64,6 +74,10 @@ def total_variation(image: Tensor) -> Tensor:
     return dy.pow(2).mean() + dx.pow(2).mean()
 
 
+Region = tuple[slice, slice]  # rows and columns of a layer's map (the positions a tile owns)
+_WHOLE: Region = (slice(None), slice(None))
+
+
 class ContentLoss(nn.Module):
     """MSE between activations and fixed target activations.
 
@@ -76,8 +90,15 @@ class ContentLoss(nn.Module):
         self.register_buffer("target", target.detach().float())
         self.register_buffer("scale", relative_scale(target, normalize))
 
+    def stats(self, features: Tensor, region: Region = _WHOLE) -> tuple[Tensor, ...]:
+        """The summed squared error of ``features``, the activations at ``region`` of the target's map."""
+        return ((features.float() - self.target[..., region[0], region[1]]).pow(2).sum(),)
+
+    def from_stats(self, stats: tuple[Tensor, ...], positions: int) -> Tensor:
+        return stats[0] / (positions * self.target.shape[0] * self.target.shape[1]) * self.scale
+
     def forward(self, features: Tensor) -> Tensor:
-        return F.mse_loss(features.float(), self.target) * self.scale
+        return self.from_stats(self.stats(features), features.shape[-2] * features.shape[-1])
 
 
 class GramStyleLoss(nn.Module):
@@ -96,10 +117,17 @@ class GramStyleLoss(nn.Module):
     def target_from(features: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
         return sum(w * gram_matrix(f.float()) for f, w in zip(features, weights))
 
-    def forward(self, features: Tensor) -> Tensor:
+    def stats(self, features: Tensor, region: Region = _WHOLE) -> tuple[Tensor, ...]:
+        """The sum over positions of f f^T (B, C, C)."""
         # No .float() before the product: under bf16 autocast bmm would cast it back (two copies of
         # the activations); it accumulates in fp32 either way.
-        return F.mse_loss(gram_matrix(features).float(), self.target) * self.scale
+        return (outer_sum(features).float(),)
+
+    def from_stats(self, stats: tuple[Tensor, ...], positions: int) -> Tensor:
+        return F.mse_loss(stats[0] / positions, self.target) * self.scale
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.from_stats(self.stats(features), features.shape[-2] * features.shape[-1])
 
 
 class MeanCovStyleLoss(nn.Module):
@@ -123,12 +151,21 @@ class MeanCovStyleLoss(nn.Module):
         cov = sum(w * c for (_, c), w in zip(stats, weights))
         return mean, cov
 
-    def forward(self, features: Tensor) -> Tensor:
-        mean, cov = mean_and_covariance(features.float())
+    def stats(self, features: Tensor, region: Region = _WHOLE) -> tuple[Tensor, ...]:
+        """The sums over positions of f (B, C) and of f f^T (B, C, C)."""
+        features = features.float()
+        return features.sum(dim=(2, 3)), outer_sum(features)
+
+    def from_stats(self, stats: tuple[Tensor, ...], positions: int) -> Tensor:
+        mean = stats[0] / positions
+        cov = stats[1] / positions - mean.unsqueeze(2) * mean.unsqueeze(1)  # E[f f^T] - mean mean^T
         return (
             F.mse_loss(mean, self.target_mean) * self.scale_mean
             + F.mse_loss(cov, self.target_cov) * self.scale_cov
         )
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.from_stats(self.stats(features), features.shape[-2] * features.shape[-1])
 
 
 STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss}
@@ -184,27 +221,48 @@ class StyleTransferLoss(nn.Module):
             + [f"loss/style/{k}" for k in self.style_losses]
         )
 
-    def forward(self, image: Tensor) -> dict[str, Tensor]:
-        features = self.encoder(image)
-        terms: dict[str, Tensor] = {}
-        zero = image.new_zeros((), dtype=torch.float32)
-        content = zero
+    def layers(self) -> list[str]:
+        """The encoder layers the terms read."""
+        return list(dict.fromkeys([*self.content_losses, *self.style_losses]))
+
+    def stats(self, features: Mapping[str, Tensor], regions: Mapping[str, Region] | None = None) -> dict[str, tuple[Tensor, ...]]:
+        """Each term's sums over the positions of ``features`` (keyed ``content/<layer>``, ``style/<layer>``).
+        ``regions``: where in each layer's whole map these activations lie (default: they are the whole map)."""
+        out: dict[str, tuple[Tensor, ...]] = {}
         for name, loss in self.content_losses.items():
-            term = self.content_layer_weights[name] * loss(features[name])
-            terms[f"loss/content/{name}"] = term
-            content = content + term
-        style = zero
+            out[f"content/{name}"] = loss.stats(features[name], regions[name] if regions else _WHOLE)
         for name, loss in self.style_losses.items():
             feats = features[name]
             if name in self.masked_layers:
                 # Gram over masked positions only (see masks_at: m / rms(m) turns the mean into a masked mean).
-                feats = feats * getattr(self, f"mask_{name}")
-            term = self.style_layer_weights[name] * loss(feats)
+                region = regions[name] if regions else _WHOLE
+                feats = feats * getattr(self, f"mask_{name}")[..., region[0], region[1]]
+            out[f"style/{name}"] = loss.stats(feats)
+        return out
+
+    def terms(self, stats: Mapping[str, tuple[Tensor, ...]], positions: Mapping[str, int], image: Tensor) -> dict[str, Tensor]:
+        """The named terms from the summed statistics (``positions``: how many positions each layer's
+        sums cover) and the image (for TV)."""
+        terms: dict[str, Tensor] = {}
+        zero = image.new_zeros((), dtype=torch.float32)
+        content = zero
+        for name, loss in self.content_losses.items():
+            term = self.content_layer_weights[name] * loss.from_stats(stats[f"content/{name}"], positions[name])
+            terms[f"loss/content/{name}"] = term
+            content = content + term
+        style = zero
+        for name, loss in self.style_losses.items():
+            term = self.style_layer_weights[name] * loss.from_stats(stats[f"style/{name}"], positions[name])
             terms[f"loss/style/{name}"] = term
             style = style + term
         tv = total_variation(image.float()) if self.tv_weight else zero
         total = self.content_weight * content + self.style_weight * style + self.tv_weight * tv
         return {"loss/total": total, "loss/content": content, "loss/style": style, "loss/tv": tv, **terms}
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        features = self.encoder(image)
+        positions = {name: f.shape[-2] * f.shape[-1] for name, f in features.items()}
+        return self.terms(self.stats(features), positions, image)
 
 
 def masks_at(mask: Tensor, features: Mapping[str, Tensor]) -> dict[str, Tensor]:

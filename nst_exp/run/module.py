@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from nst_exp.config import OptimizerConfig
 from nst_exp.model.losses import StyleTransferLoss
+from nst_exp.model.tiled import evaluate_tiled
 from nst_exp.optim.build import build_optimizer
 
 
@@ -62,8 +63,11 @@ class StylizeModule(pl.LightningModule):
         optimizer_state: dict | None = None,
         iters_per_step: int = 1,
         cuda_graph: bool = False,
+        tile: int | None = None,
     ) -> None:
         super().__init__()
+        # Tiles only where the image is larger than one: the exact tiled evaluation (model/tiled.py).
+        self.tile = tile if tile and tile < max(init_image.shape[-2:]) else None
         self.cuda_graph = cuda_graph
         self.automatic_optimization = False
         self.iters_per_step = iters_per_step
@@ -157,7 +161,10 @@ class StylizeModule(pl.LightningModule):
 
     def _closure(self) -> Tensor:
         self.image.grad = None
-        terms = self.loss_fn(self.image)
+        if self.tile:  # the terms come detached, the gradient already in image.grad
+            terms = evaluate_tiled(self.loss_fn, self.image, self.tile)
+        else:
+            terms = self.loss_fn(self.image)
         total = terms["loss/total"]
         self._closure_calls += 1
         if self._recorded_step != self.global_step:
@@ -169,7 +176,8 @@ class StylizeModule(pl.LightningModule):
                 self.history_row.add_(1)
                 good = torch.isfinite(total)
                 self.last_good.copy_(torch.where(good, self.image.detach(), self.last_good))
-        self.manual_backward(total)
+        if not self.tile:
+            self.manual_backward(total)
         return total
 
     @property

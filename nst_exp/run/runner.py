@@ -139,7 +139,8 @@ def run(
                 step_offset=step,
                 optimizer_state=optimizer_state,
                 iters_per_step=iters,
-                cuda_graph=cfg.trainer.cuda_graph,
+                cuda_graph=cfg.trainer.cuda_graph and not cfg.image.tile,  # a tiled step is many passes, not one graph
+                tile=cfg.image.tile,
             )
             where = f"stage {index + 1}/{len(stages)}, {stage.size} px" if len(stages) > 1 else f"{stage.size} px"
             trainer = make_trainer(cfg, run_dir, logger, steps, callbacks, device, description=where)

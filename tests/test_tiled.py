@@ -1,0 +1,110 @@
+"""Tiled evaluation (``image.tile``) is exact: the same loss terms and image gradient as the whole
+image, up to float summation order, on the real VGG19, with several tiles including odd-sized
+border ones, for each style loss, padding, pooling, with a mask and with colour modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nst_exp import stylize
+from nst_exp.api import compose_config
+from nst_exp.errors import UserError
+from nst_exp.model.layers import reach
+from nst_exp.model.tiled import evaluate_tiled, spans
+from nst_exp.run import setup
+
+SHALLOW = ["loss.content_layers=[relu2_2]", "loss.style_layers=[relu1_1,relu2_1,relu3_1]"]  # halo 12 px: many real tiles
+
+
+def _loss_and_image(overrides: list[str], size: int):
+    cfg = compose_config([f"image.size={size}", "trainer.accelerator=cpu", "trainer.precision=32-true", *overrides])
+    device = torch.device("cpu")
+    inputs = setup.Inputs(cfg)
+    encoder, _ = setup.build_network(cfg, device)
+    loss, content = setup.build_loss(cfg, encoder, inputs, setup.Stage(size, 1), device)
+    noise = torch.rand(content.shape, generator=torch.Generator().manual_seed(0))
+    return loss, (0.8 * content + 0.2 * noise).requires_grad_(True)
+
+
+def _assert_tiled_equals_whole(overrides: list[str], size: int, tile: int) -> None:
+    loss, image = _loss_and_image(overrides, size)
+    whole = loss(image)
+    whole["loss/total"].backward()
+    expected_grad, image.grad = image.grad.clone(), None
+    tiled = evaluate_tiled(loss, image, tile)
+    assert set(tiled) == set(whole)
+    for name, value in whole.items():
+        torch.testing.assert_close(tiled[name], value.detach(), rtol=2e-5, atol=1e-7, msg=name)
+    # Max pooling routes a gradient to the larger of two values, so where two are nearly tied a
+    # float-order difference of one ulp in the forward moves a pixel's gradient (seen: a handful of
+    # pixels with reflect padding + max pooling). The gradient as a whole must agree to float
+    # precision; elementwise it must where pooling is smooth (avg).
+    error = (image.grad - expected_grad).norm() / expected_grad.norm()
+    assert error < 1e-4, f"relative gradient error {error:.2e}"
+    if any(o == "model.pooling=avg" for o in overrides):
+        scale = expected_grad.abs().max()
+        torch.testing.assert_close(image.grad / scale, expected_grad / scale, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # the defaults: gram, reflect, max pooling, relu1_1..relu5_1 + relu4_2 (halo 80 px)
+    ["loss.style_loss=mean_cov", "model.padding=zeros", "model.pooling=avg", "loss.tv_weight=0.1"],
+])
+def test_default_layers_tiled_equal_whole(overrides):
+    _assert_tiled_equals_whole(overrides, 240, 64)  # 240x160 in 64 px tiles: 4 x 3 tiles, the last ones 112 / 96 px
+
+
+@pytest.mark.parametrize("overrides", [
+    ["loss.style_loss=gram", "model.padding=reflect", "model.pooling=max"],
+    ["loss.style_loss=mean_cov", "model.padding=zeros", "model.pooling=max"],
+    ["loss.style_loss=gram", "model.padding=zeros", "model.pooling=avg"],
+    ["loss.style_loss=mean_cov", "model.padding=reflect", "model.pooling=avg", "loss.normalize=false"],
+    ["image.color=luminance"],
+    ["image.color=histogram", "style.extra_paths=[builtin:hubble_deep_field]", "style.blend_weights=[0.7,0.3]"],
+])
+def test_shallow_layers_many_tiles_equal_whole(overrides):
+    _assert_tiled_equals_whole([*SHALLOW, *overrides], 150, 20)  # 150x100 (odd sizes after poolings) in 20 px tiles
+
+
+def test_masked_style_tiled_equals_whole(tmp_path):
+    mask = np.zeros((100, 150), dtype=np.uint8)
+    mask[:, 40:] = 255
+    mask[60:, 100:] = 90
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    _assert_tiled_equals_whole([*SHALLOW, f"style.mask_path={tmp_path / 'mask.png'}"], 150, 24)
+
+
+def test_tiles_cover_the_image_once_with_crops_on_the_grid():
+    grid, halo = reach(["relu5_1"])
+    assert (grid, halo) == (16, 80)
+    for side in (16, 97, 160, 333):
+        for tile in (16, 48, 96):
+            axis = spans(side, tile, grid, halo)
+            assert axis[0].start == 0 and axis[-1].end == side
+            assert all(a.end == b.start for a, b in zip(axis, axis[1:]))  # owned blocks tile the side
+            for s in axis:
+                assert s.crop_start % grid == 0 and s.crop_start <= max(0, s.start - halo) + grid
+                assert s.crop_end == min(side, s.end + halo)
+
+
+def test_a_tiled_run_paints_the_same_image(tmp_path):
+    settings = dict(image={"size": 64}, trainer={"max_steps": 5, "accelerator": "cpu", "precision": "32-true"},
+                    logging={"progress_bar": False, "image_every": 0}, overrides=SHALLOW)
+    whole = stylize(output_dir=tmp_path / "whole", return_result=True, **settings)
+    tiled = stylize(output_dir=tmp_path / "tiled", return_result=True, **{**settings, "image": {"size": 64, "tile": 16}})
+    assert whole.status == tiled.status == "completed"
+    a = np.asarray(whole.image, dtype=np.int16)
+    b = np.asarray(tiled.image, dtype=np.int16)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1  # 8-bit rounding of float-order differences
+    assert tiled.metrics["hp/loss_total"] == pytest.approx(whole.metrics["hp/loss_total"], rel=1e-4)
+
+
+def test_tile_off_the_pooling_grid_is_one_line_with_the_fix():
+    from nst_exp.config import validate
+
+    with pytest.raises(UserError, match=r"image.tile=40 must be a positive multiple of 16 px .*fix: image.tile=32"):
+        validate(compose_config(["image.tile=40"]))
+    validate(compose_config(["image.tile=48"]))
