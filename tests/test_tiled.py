@@ -108,3 +108,27 @@ def test_tile_off_the_pooling_grid_is_one_line_with_the_fix():
     with pytest.raises(UserError, match=r"image.tile=40 must be a positive multiple of 16 px .*fix: image.tile=32"):
         validate(compose_config(["image.tile=40"]))
     validate(compose_config(["image.tile=48"]))
+
+
+@pytest.mark.parametrize("overrides", [[], ["loss.style_loss=mean_cov", "model.pooling=avg"]])
+def test_targets_made_tile_by_tile_equal_whole(overrides, tmp_path):
+    """Huge content and style images: the content target assembled from tiles and the style statistics
+    summed over tiles are those of the whole image (and so are the mask's maps)."""
+    mask = np.full((100, 150), 255, dtype=np.uint8)
+    mask[:50] = 0
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    cfg = compose_config(["image.size=240", "trainer.accelerator=cpu", f"style.mask_path={tmp_path / 'mask.png'}", *overrides])
+    device = torch.device("cpu")
+    inputs = setup.Inputs(cfg)
+    encoder, _ = setup.build_network(cfg, device)
+    whole, _ = setup.build_loss(cfg, encoder, inputs, setup.Stage(240, 1), device)
+    cfg.image.tile = 64
+    tiled, _ = setup.build_loss(cfg, encoder, inputs, setup.Stage(240, 1), device)
+    whole_state, tiled_state = whole.state_dict(keep_vars=True), tiled.state_dict(keep_vars=True)
+    targets = [k for k in whole_state if "target" in k or k.startswith("mask_")]
+    assert any("content_losses" in k for k in targets) and any("style_losses" in k for k in targets)
+    for key in targets:
+        expected = whole_state[key]
+        scale = expected.abs().max().clamp_min(1e-12)  # covariances are differences of large sums
+        error = ((tiled_state[key] - expected).abs().max() / scale).item()
+        assert error < 1e-5, f"{key}: {error:.1e}"

@@ -108,3 +108,15 @@ def reach(layers: Iterable[str]) -> tuple[int, int]:
             stride *= 2
     halo = max(before, after)
     return stride, -(-halo // stride) * stride
+
+
+def downsampling(layer: str) -> int:
+    """How many image pixels one position of ``layer``'s map spans per side: 2^(poolings before it)."""
+    return 2 ** sum(1 for n in LAYER_NAMES[: LAYER_INDEX[layer] + 1] if n.startswith("pool"))
+
+
+def map_size(side: int, layer: str) -> int:
+    """A side of ``layer``'s map for an image side: each pooling floors."""
+    for _ in range(downsampling(layer).bit_length() - 1):
+        side //= 2
+    return side

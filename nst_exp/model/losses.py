@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nst_exp.model import color
+from nst_exp.model.layers import map_size
 from nst_exp.model.layout import is_channels_last
 
 _EPS = 1e-8
@@ -54,10 +55,13 @@ def gram_matrix(features: Tensor) -> Tensor:
 
 def mean_and_covariance(features: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean (B, C) and covariance (B, C, C) over positions."""
-    flat = positions_by_channels(features)
-    mean = flat.mean(dim=1)
-    centred = flat - mean.unsqueeze(1)
-    return mean, torch.bmm(centred.transpose(1, 2), centred) / flat.shape[1]
+    return mean_cov_from_sums(features.sum(dim=(2, 3)), outer_sum(features), features.shape[-2] * features.shape[-1])
+
+
+def mean_cov_from_sums(sum_f: Tensor, sum_ff: Tensor, positions: int) -> tuple[Tensor, Tensor]:
+    """Mean and covariance from the sums over ``positions`` of f and of f f^T: E[f f^T] - mean mean^T."""
+    mean = sum_f / positions
+    return mean, sum_ff / positions - mean.unsqueeze(2) * mean.unsqueeze(1)
 
 
 def relative_scale(target: Tensor, normalize: bool = True) -> Tensor:
@@ -113,18 +117,23 @@ class GramStyleLoss(nn.Module):
         self.register_buffer("target", target_gram.detach().float())
         self.register_buffer("scale", relative_scale(target_gram, normalize))
 
-    @staticmethod
-    def target_from(features: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-        return sum(w * gram_matrix(f.float()) for f, w in zip(features, weights))
+    @classmethod
+    def target_from(cls, features: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+        return blend([cls.target_from_stats(cls.stats(f.float()), f.shape[-2] * f.shape[-1]) for f in features], weights)
 
-    def stats(self, features: Tensor, region: Region = _WHOLE) -> tuple[Tensor, ...]:
+    @staticmethod
+    def target_from_stats(stats: tuple[Tensor, ...], positions: int) -> Tensor:
+        return stats[0] / positions
+
+    @staticmethod
+    def stats(features: Tensor, region: Region = _WHOLE) -> tuple[Tensor, ...]:
         """The sum over positions of f f^T (B, C, C)."""
         # No .float() before the product: under bf16 autocast bmm would cast it back (two copies of
         # the activations); it accumulates in fp32 either way.
         return (outer_sum(features).float(),)
 
     def from_stats(self, stats: tuple[Tensor, ...], positions: int) -> Tensor:
-        return F.mse_loss(stats[0] / positions, self.target) * self.scale
+        return F.mse_loss(self.target_from_stats(stats, positions), self.target) * self.scale
 
     def forward(self, features: Tensor) -> Tensor:
         return self.from_stats(self.stats(features), features.shape[-2] * features.shape[-1])
@@ -144,21 +153,22 @@ class MeanCovStyleLoss(nn.Module):
         self.register_buffer("scale_mean", relative_scale(target_mean, normalize))
         self.register_buffer("scale_cov", relative_scale(target_cov, normalize))
 
-    @staticmethod
-    def target_from(features: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
-        stats = [mean_and_covariance(f.float()) for f in features]
-        mean = sum(w * m for (m, _), w in zip(stats, weights))
-        cov = sum(w * c for (_, c), w in zip(stats, weights))
-        return mean, cov
+    @classmethod
+    def target_from(cls, features: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+        return blend([cls.target_from_stats(cls.stats(f.float()), f.shape[-2] * f.shape[-1]) for f in features], weights)
 
-    def stats(self, features: Tensor, region: Region = _WHOLE) -> tuple[Tensor, ...]:
+    @staticmethod
+    def target_from_stats(stats: tuple[Tensor, ...], positions: int) -> tuple[Tensor, Tensor]:
+        return mean_cov_from_sums(stats[0], stats[1], positions)
+
+    @staticmethod
+    def stats(features: Tensor, region: Region = _WHOLE) -> tuple[Tensor, ...]:
         """The sums over positions of f (B, C) and of f f^T (B, C, C)."""
         features = features.float()
         return features.sum(dim=(2, 3)), outer_sum(features)
 
     def from_stats(self, stats: tuple[Tensor, ...], positions: int) -> Tensor:
-        mean = stats[0] / positions
-        cov = stats[1] / positions - mean.unsqueeze(2) * mean.unsqueeze(1)  # E[f f^T] - mean mean^T
+        mean, cov = self.target_from_stats(stats, positions)
         return (
             F.mse_loss(mean, self.target_mean) * self.scale_mean
             + F.mse_loss(cov, self.target_cov) * self.scale_cov
@@ -169,6 +179,13 @@ class MeanCovStyleLoss(nn.Module):
 
 
 STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss}
+
+
+def blend(targets: Sequence[Any], weights: Sequence[float]) -> Any:
+    """The weighted sum of several style images' targets (tensors, or tuples of tensors)."""
+    if isinstance(targets[0], tuple):
+        return tuple(sum(w * t[i] for t, w in zip(targets, weights)) for i in range(len(targets[0])))
+    return sum(w * t for t, w in zip(targets, weights))
 
 
 def layer_weights(layers: Sequence[str], weights: Sequence[float] | None, what: str) -> list[float]:
@@ -265,12 +282,12 @@ class StyleTransferLoss(nn.Module):
         return self.terms(self.stats(features), positions, image)
 
 
-def masks_at(mask: Tensor, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The style mask (1, 1, H, W) at each layer's resolution, divided by its root mean square: a Gram
+def masks_at(mask: Tensor, shapes: Mapping[str, tuple[int, int]]) -> dict[str, Tensor]:
+    """The style mask (1, 1, H, W) at each layer's map size, divided by its root mean square: a Gram
     of features times it is then the mean over the masked positions."""
     scaled = {}
-    for name, feats in features.items():
-        m = F.interpolate(mask, size=feats.shape[-2:], mode="area")
+    for name, shape in shapes.items():
+        m = F.interpolate(mask, size=shape, mode="area")
         scaled[name] = m / m.pow(2).mean().sqrt().clamp_min(_EPS)
     return scaled
 
@@ -294,24 +311,35 @@ def build_style_transfer_loss(
     style_weights: Sequence[float],
     mask: Tensor | None = None,
     color_mode: str = "none",
+    tile: int | None = None,
 ) -> tuple[StyleTransferLoss, Tensor]:
     """The loss of ``loss_cfg`` (the config's ``loss`` node) with its targets, computed once (no grad):
     content activations, the weighted blend of the style images' statistics, the mask at each style
-    layer. Returns the loss and the content image as the targets saw it (grey in luminance mode)."""
+    layer. Returns the loss and the content image as the targets saw it (grey in luminance mode).
+    With ``tile`` the images run through the encoder tile by tile (``model/tiled.py``): only the
+    content layers' maps are ever whole, the style statistics are summed over the tiles."""
     content, styles = color_targets(content, styles, color_mode)
     normalize = loss_cfg.normalize
     style_cls = STYLE_LOSSES[str(getattr(loss_cfg.style_loss, "value", loss_cfg.style_loss))]
+    content_layers, style_layers = list(loss_cfg.content_layers), list(loss_cfg.style_layers)
     with torch.no_grad():
-        # With a mask the style layers' shapes are needed too: one pass over the content for both.
-        mask_layers = list(loss_cfg.style_layers) if mask is not None else []
-        content_feats = encoder(content, [*loss_cfg.content_layers, *mask_layers])
-        style_feats = [encoder(s, loss_cfg.style_layers) for s in styles]
-        content_losses = {k: ContentLoss(content_feats[k], normalize) for k in loss_cfg.content_layers}
+        if tile:
+            from nst_exp.model.tiled import summed_stats, whole_maps
+
+            content_feats = whole_maps(encoder, content, content_layers, tile) if content_layers else {}
+            style_stats = [summed_stats(encoder, s, style_layers, style_cls.stats, tile) for s in styles]
+        else:
+            content_feats = encoder(content, content_layers) if content_layers else {}
+            style_stats = [{k: (style_cls.stats(f.float()), f.shape[-2] * f.shape[-1]) for k, f in encoder(s, style_layers).items()}
+                           for s in styles]
+        content_losses = {k: ContentLoss(content_feats[k], normalize) for k in content_layers}
         style_losses = {}
-        for layer in loss_cfg.style_layers:
-            target = style_cls.target_from([f[layer] for f in style_feats], style_weights)
+        for layer in style_layers:
+            target = blend([style_cls.target_from_stats(*stats[layer]) for stats in style_stats], style_weights)
             style_losses[layer] = style_cls(*target, normalize) if isinstance(target, tuple) else style_cls(target, normalize)
-        masks = masks_at(mask, {k: content_feats[k] for k in mask_layers}) if mask is not None else {}
+        # The mask applies to the generated image's maps, which have the content image's size.
+        masks = masks_at(mask, {k: (map_size(content.shape[-2], k), map_size(content.shape[-1], k)) for k in style_layers}) \
+            if mask is not None else {}
     loss = StyleTransferLoss(
         encoder,
         content_losses,

@@ -20,28 +20,17 @@ floats are summed. Activation memory is bounded by one crop, whatever the image 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from nst_exp.model.layers import LAYER_INDEX, LAYER_NAMES, reach
+from nst_exp.model.layers import downsampling, map_size, reach
 from nst_exp.model.losses import Region, StyleTransferLoss
 
 Stats = dict[str, tuple[Tensor, ...]]
-
-
-def downsampling(layer: str) -> int:
-    """How many image pixels one position of ``layer``'s map spans per side: 2^(poolings before it)."""
-    return 2 ** sum(1 for n in LAYER_NAMES[: LAYER_INDEX[layer] + 1] if n.startswith("pool"))
-
-
-def map_size(side: int, layer: str) -> int:
-    """A side of ``layer``'s map for an image side: each pooling floors."""
-    for _ in range(downsampling(layer).bit_length() - 1):
-        side //= 2
-    return side
 
 
 @dataclass(frozen=True)
@@ -83,18 +72,69 @@ def tiles(height: int, width: int, tile: int, grid: int, halo: int) -> Iterator[
             yield rows, cols
 
 
+@dataclass
+class Owned:
+    """A tile's features at the positions it owns, where those lie in each layer's whole map, and how many."""
+
+    features: dict[str, Tensor]
+    regions: dict[str, Region]
+    positions: dict[str, int]
+
+
+def owned(features: Mapping[str, Tensor], rows: Span, cols: Span, size: tuple[int, int]) -> Owned:
+    out = Owned({}, {}, {})
+    for layer, feats in features.items():
+        (local_r, whole_r), (local_c, whole_c) = rows.owned(layer, size[0]), cols.owned(layer, size[1])
+        out.features[layer] = feats[..., local_r, local_c]
+        out.regions[layer] = (whole_r, whole_c)
+        out.positions[layer] = (whole_r.stop - whole_r.start) * (whole_c.stop - whole_c.start)
+    return out
+
+
+def owned_tiles(encoder: Any, image: Tensor, layers: Sequence[str], tile: int) -> Iterator[Owned]:
+    """Each tile's owned features of ``image`` (no autograd): what targets are made of, tile by tile."""
+    size = (image.shape[-2], image.shape[-1])
+    grid, halo = reach(layers)
+    with torch.no_grad():
+        for rows, cols in tiles(*size, tile, grid, halo):
+            crop = image[..., rows.crop_start:rows.crop_end, cols.crop_start:cols.crop_end]
+            yield owned(encoder(crop, layers), rows, cols, size)
+
+
+def whole_maps(encoder: Any, image: Tensor, layers: Sequence[str], tile: int) -> dict[str, Tensor]:
+    """The features of ``image`` at ``layers``, assembled from tiles (only these maps are ever whole)."""
+    maps: dict[str, Tensor] = {}
+    for part in owned_tiles(encoder, image, layers, tile):
+        for layer, feats in part.features.items():
+            if layer not in maps:
+                b, c = feats.shape[:2]
+                shape = (b, c, map_size(image.shape[-2], layer), map_size(image.shape[-1], layer))
+                maps[layer] = feats.new_empty(shape)
+            r, c_ = part.regions[layer]
+            maps[layer][..., r, c_] = feats
+    return maps
+
+
+def summed_stats(encoder: Any, image: Tensor, layers: Sequence[str], stats: Callable[[Tensor], tuple[Tensor, ...]],
+                 tile: int) -> dict[str, tuple[tuple[Tensor, ...], int]]:
+    """Per layer, ``stats`` (sums over positions) of ``image``'s features, added up over the tiles, and
+    the number of positions: a style target of any size with the memory of one tile."""
+    out: dict[str, tuple[tuple[Tensor, ...], int]] = {}
+    for part in owned_tiles(encoder, image, layers, tile):
+        for layer, feats in part.features.items():
+            sums = stats(feats)
+            if layer in out:
+                total, n = out[layer]
+                out[layer] = (tuple(a + s for a, s in zip(total, sums)), n + part.positions[layer])
+            else:
+                out[layer] = (sums, part.positions[layer])
+    return out
+
+
 def _tile_stats(loss: StyleTransferLoss, crop: Tensor, rows: Span, cols: Span, size: tuple[int, int]) -> tuple[Stats, dict[str, int]]:
     """The terms' sums over the positions this tile owns, and how many positions that is per layer."""
-    features = loss.encoder(crop)
-    owned: dict[str, Tensor] = {}
-    regions: dict[str, Region] = {}
-    positions: dict[str, int] = {}
-    for layer in loss.layers():
-        (local_r, whole_r), (local_c, whole_c) = rows.owned(layer, size[0]), cols.owned(layer, size[1])
-        owned[layer] = features[layer][..., local_r, local_c]
-        regions[layer] = (whole_r, whole_c)
-        positions[layer] = (whole_r.stop - whole_r.start) * (whole_c.stop - whole_c.start)
-    return loss.stats(owned, regions), positions
+    part = owned(loss.encoder(crop), rows, cols, size)
+    return loss.stats(part.features, part.regions), part.positions
 
 
 def _add(total: Stats | None, part: Stats) -> Stats:

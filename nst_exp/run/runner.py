@@ -182,7 +182,10 @@ def run(
         logger.close(status)
         write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels)
         raise stop
-    if image is not None:
+    # The evaluator runs VGG19 on the whole image at once: not for an image that needed tiles (its
+    # hp/eval_* and objective stay unset; compare such runs by eye or at a smaller size).
+    tiled = bool(cfg.image.tile) and image is not None and max(image.shape[-2:]) > cfg.image.tile
+    if image is not None and not tiled:
         metrics.update(Evaluator(device, encoder if evaluator_compatible(cfg) else None).score(
             image, inputs.content_at(cfg.image.size), [inputs.style_at(i, cfg.image.size) for i in range(len(inputs.styles))],
             inputs.style_weights).as_metrics())
