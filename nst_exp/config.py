@@ -157,6 +157,7 @@ class LoggingConfig:
     flush_every: int = 10  # steps between host syncs that write the buffered per-step scalars
     progress_bar: bool = True
     save_snapshots: bool = False  # also write snapshot PNGs into the run folder
+    save_tiff: bool = False  # also write the final image as final.tif (lossless LZW), for print workflows
 
 
 @dataclass

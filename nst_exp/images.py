@@ -145,11 +145,16 @@ def load_tensor(source: str | Path | Image.Image, long_side: int, what: str = "i
     return pil_to_tensor(resize_long_side(open_image(source, what), long_side))
 
 
+_SAVE_FORMATS = {".png": ("PNG", {}), ".tif": ("TIFF", {"compression": "tiff_lzw"}), ".tiff": ("TIFF", {"compression": "tiff_lzw"})}
+
+
 def save_png(image: Tensor | Image.Image, path: Path) -> Path:
-    """Write an image atomically (tmp file then rename), so an interrupted save never leaves a broken PNG."""
+    """Write an image atomically (tmp file then rename), so an interrupted save never leaves a broken
+    file: PNG, or lossless LZW TIFF for a ``.tif``/``.tiff`` path."""
     pil = image if isinstance(image, Image.Image) else tensor_to_pil(image)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pil.save(tmp, format="PNG")
+    fmt, options = _SAVE_FORMATS[path.suffix.lower()]
+    pil.save(tmp, format=fmt, **options)
     tmp.replace(path)
     return path

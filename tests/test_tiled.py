@@ -132,3 +132,12 @@ def test_targets_made_tile_by_tile_equal_whole(overrides, tmp_path):
         scale = expected.abs().max().clamp_min(1e-12)  # covariances are differences of large sums
         error = ((tiled_state[key] - expected).abs().max() / scale).item()
         assert error < 1e-5, f"{key}: {error:.1e}"
+
+
+def test_final_tiff_on_request(tmp_path):
+    result = stylize(output_dir=tmp_path / "run", return_result=True, image={"size": 48},
+                     trainer={"max_steps": 2, "accelerator": "cpu"}, logging={"progress_bar": False, "save_tiff": True})
+    png, tif = Image.open(tmp_path / "run" / "final.png"), Image.open(tmp_path / "run" / "final.tif")
+    assert tif.format == "TIFF" and tif.size == png.size == result.image.size
+    assert np.array_equal(np.asarray(tif.convert("RGB")), np.asarray(png.convert("RGB")))
+    assert not (tmp_path / "run" / "final.tif.tmp").exists()

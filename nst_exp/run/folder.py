@@ -3,7 +3,8 @@
 A run (CLI job, sweep job, ``nst_exp.stylize``) writes only into its folder:
 
 - ``config.yaml``: the composed config (``write_config``), written before the first step;
-- ``final.png``: the image (``save_final``), also on Ctrl-C or divergence;
+- ``final.png``: the image (``save_final``), also on Ctrl-C or divergence; ``final.tif`` too with
+  ``logging.save_tiff``;
 - ``last.ckpt``: the resume state (``CHECKPOINT``; its contents are ``run.checkpoint``'s);
 - ``result.json``: status, error, image, final metrics, labels, interruptions (``write_result``,
   ``record_failure``, ``mark_ended``),
@@ -20,6 +21,7 @@ from typing import Any
 
 CONFIG_FILE = "config.yaml"
 FINAL_IMAGE = "final.png"
+FINAL_TIFF = "final.tif"  # with logging.save_tiff, for print workflows
 CHECKPOINT = "last.ckpt"
 RESULT_FILE = "result.json"
 SNAPSHOT_DIR = "snapshots"
@@ -52,11 +54,14 @@ def write_config(run_dir: Path, cfg: Any) -> Path:
     return path
 
 
-def save_final(run_dir: Path, image: Any) -> Path:
-    """The run's image (a tensor in [0, 1] or a PIL image), written atomically."""
-    from nst_exp.images import save_png
+def save_final(run_dir: Path, image: Any, tiff: bool = False) -> Path:
+    """The run's image (a tensor in [0, 1] or a PIL image), written atomically; also as TIFF if ``tiff``."""
+    from nst_exp.images import save_png, tensor_to_pil
 
-    return save_png(image, run_dir / FINAL_IMAGE)
+    pil = image if not hasattr(image, "detach") else tensor_to_pil(image)
+    if tiff:
+        save_png(pil, run_dir / FINAL_TIFF)
+    return save_png(pil, run_dir / FINAL_IMAGE)
 
 
 def final_image(run_dir: Path) -> Path | None:

@@ -169,7 +169,7 @@ def run(
         signals.restore()
         if module is not None:
             image = finish_image(cfg, module.image.detach(), inputs)
-            folder.save_final(run_dir, image)
+            folder.save_final(run_dir, image, tiff=cfg.logging.save_tiff)
     if status == "completed":
         (run_dir / folder.CHECKPOINT).unlink(missing_ok=True)
     metrics = final_metrics(module.latest_losses if module is not None else {}, wall_offset + clock(), step)
