@@ -141,3 +141,28 @@ def test_final_tiff_on_request(tmp_path):
     assert tif.format == "TIFF" and tif.size == png.size == result.image.size
     assert np.array_equal(np.asarray(tif.convert("RGB")), np.asarray(png.convert("RGB")))
     assert not (tmp_path / "run" / "final.tif.tmp").exists()
+
+
+def _evaluate_as_rank(rank: int, world: int, store: str, out: str) -> None:
+    """One of ``world`` processes sharing the tiles over gloo: saves its terms and gradient."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        loss, image = _loss_and_image(SHALLOW, 150)
+        terms = evaluate_tiled(loss, image, 20)
+        torch.save({"terms": terms, "grad": image.grad}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_processes_sharing_tiles_over_gloo_match_one(tmp_path, world):
+    """torch.distributed on the CPU (gloo): the tiles are shared out, pass 1's sums and pass 2's gradient
+    all-reduced; every process ends with the one-process terms and gradient (3 processes: uneven shares)."""
+    loss, image = _loss_and_image(SHALLOW, 150)
+    alone = evaluate_tiled(loss, image, 20)
+    torch.multiprocessing.spawn(_evaluate_as_rank, args=(world, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=world)
+    for rank in range(world):
+        shared = torch.load(tmp_path / f"out.{rank}")
+        for name, value in alone.items():
+            torch.testing.assert_close(shared["terms"][name], value, rtol=1e-5, atol=1e-8, msg=name)
+        torch.testing.assert_close(shared["grad"], image.grad, rtol=1e-4, atol=1e-7)

@@ -146,30 +146,60 @@ def _add(total: Stats | None, part: Stats) -> Stats:
     return total
 
 
-def _crops(size: tuple[int, int], tile: int, loss: StyleTransferLoss) -> Iterator[tuple[Span, Span, slice, slice]]:
+def _share() -> tuple[int, int]:
+    """(rank, world size): with ``torch.distributed`` initialised the tiles are shared out over its
+    processes (tile i on rank i mod world); alone, one process does them all."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(tensors: Sequence[Tensor]) -> None:
+    """Sum over the processes, in place (nothing to do alone)."""
+    if _share()[1] > 1:
+        for t in tensors:
+            torch.distributed.all_reduce(t)
+
+
+def _all_crops(size: tuple[int, int], tile: int, loss: StyleTransferLoss) -> list[tuple[Span, Span, slice, slice]]:
+    """Every tile, with its crop's rows and columns."""
     grid, halo = reach(loss.layers())
-    for rows, cols in tiles(*size, tile, grid, halo):
-        yield rows, cols, slice(rows.crop_start, rows.crop_end), slice(cols.crop_start, cols.crop_end)
+    return [(rows, cols, slice(rows.crop_start, rows.crop_end), slice(cols.crop_start, cols.crop_end))
+            for rows, cols in tiles(*size, tile, grid, halo)]
+
+
+def _crops(size: tuple[int, int], tile: int, loss: StyleTransferLoss) -> list[tuple[Span, Span, slice, slice]]:
+    """This process's tiles (all of them when alone)."""
+    rank, world = _share()
+    return _all_crops(size, tile, loss)[rank::world]
 
 
 def stats_of(loss: StyleTransferLoss, image: Tensor, tile: int) -> tuple[Stats, dict[str, int]]:
     """Pass 1: the terms' sums over the whole ``image``, tile by tile (no autograd), and the number
-    of positions they cover per layer."""
+    of positions they cover per layer; summed over the processes when they share the tiles."""
     size = (image.shape[-2], image.shape[-1])
     sums: Stats | None = None
-    positions: dict[str, int] = {}
+    positions = dict.fromkeys(loss.layers(), 0)
+    crops = _crops(size, tile, loss)
     with torch.no_grad():
-        for rows, cols, r, c in _crops(size, tile, loss):
+        for rows, cols, r, c in crops or _all_crops(size, tile, loss)[:1]:
             part, counts = _tile_stats(loss, image[..., r, c], rows, cols, size)
+            if not crops:  # more processes than tiles: this one adds zeros of the right shapes
+                part, counts = {k: tuple(torch.zeros_like(t) for t in v) for k, v in part.items()}, dict.fromkeys(counts, 0)
             sums = _add(sums, part)
             for layer, n in counts.items():
-                positions[layer] = positions.get(layer, 0) + n
+                positions[layer] += n
     assert sums is not None
-    return sums, positions
+    count = torch.tensor([positions[k] for k in positions], dtype=torch.float64, device=image.device)
+    _all_reduce([t for v in sums.values() for t in v] + [count])
+    return sums, {k: int(n) for k, n in zip(positions, count.tolist())}
 
 
 def evaluate_tiled(loss: StyleTransferLoss, image: Tensor, tile: int) -> dict[str, Tensor]:
-    """The loss terms of ``image`` (detached), with d total / d image added into ``image.grad``."""
+    """The loss terms of ``image`` (detached), with d total / d image added into ``image.grad``.
+
+    Processes sharing the tiles (``torch.distributed``) all get the same terms and gradient: pass 1's
+    sums and pass 2's gradient are summed over them."""
     size = (image.shape[-2], image.shape[-1])
     sums, positions = stats_of(loss, image.detach(), tile)
     leaves = {k: tuple(s.detach().requires_grad_(True) for s in v) for k, v in sums.items()}
@@ -179,11 +209,14 @@ def evaluate_tiled(loss: StyleTransferLoss, image: Tensor, tile: int) -> dict[st
     if image.grad is None:
         image.grad = torch.zeros_like(image)
     slopes = {k: [leaf.grad for leaf in v] for k, v in leaves.items()}
+    features_grad = torch.zeros_like(image.grad)
     for rows, cols, r, c in _crops(size, tile, loss):
         crop = image.detach()[..., r, c].requires_grad_(True)
         with torch.enable_grad():
             part, _ = _tile_stats(loss, crop, rows, cols, size)
             surrogate = sum((s * g).sum() for k, v in part.items() for s, g in zip(v, slopes[k]) if g is not None)
             (grad,) = torch.autograd.grad(surrogate, crop)
-        image.grad[..., r, c] += grad.to(image.grad.dtype)
+        features_grad[..., r, c] += grad.to(features_grad.dtype)
+    _all_reduce([features_grad])
+    image.grad += features_grad
     return {k: v.detach() for k, v in terms.items()}
