@@ -117,10 +117,6 @@ class GramStyleLoss(nn.Module):
         self.register_buffer("target", target_gram.detach().float())
         self.register_buffer("scale", relative_scale(target_gram, normalize))
 
-    @classmethod
-    def target_from(cls, features: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-        return blend([cls.target_from_stats(cls.stats(f.float()), f.shape[-2] * f.shape[-1]) for f in features], weights)
-
     @staticmethod
     def target_from_stats(stats: tuple[Tensor, ...], positions: int) -> Tensor:
         return stats[0] / positions
@@ -152,10 +148,6 @@ class MeanCovStyleLoss(nn.Module):
         self.register_buffer("target_cov", target_cov.detach().float())
         self.register_buffer("scale_mean", relative_scale(target_mean, normalize))
         self.register_buffer("scale_cov", relative_scale(target_cov, normalize))
-
-    @classmethod
-    def target_from(cls, features: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
-        return blend([cls.target_from_stats(cls.stats(f.float()), f.shape[-2] * f.shape[-1]) for f in features], weights)
 
     @staticmethod
     def target_from_stats(stats: tuple[Tensor, ...], positions: int) -> tuple[Tensor, Tensor]:
