@@ -195,6 +195,11 @@ def stats_of(loss: StyleTransferLoss, image: Tensor, tile: int) -> tuple[Stats, 
     return sums, {k: int(n) for k, n in zip(positions, count.tolist())}
 
 
+def needs_tiles(tile: int | None, shape: Sequence[int]) -> bool:
+    """Is an image of ``shape`` (..., H, W) evaluated in tiles with ``image.tile=tile``? Only if larger than one."""
+    return bool(tile) and max(shape[-2:]) > tile
+
+
 def evaluate_tiled(loss: StyleTransferLoss, image: Tensor, tile: int) -> dict[str, Tensor]:
     """The loss terms of ``image`` (detached), with d total / d image added into ``image.grad``.
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from nst_exp.config import OptimizerConfig
 from nst_exp.model.losses import StyleTransferLoss
-from nst_exp.model.tiled import evaluate_tiled
+from nst_exp.model.tiled import evaluate_tiled, needs_tiles
 from nst_exp.optim.build import build_optimizer
 
 
@@ -67,8 +67,8 @@ class StylizeModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         # Tiles only where the image is larger than one: the exact tiled evaluation (model/tiled.py).
-        self.tile = tile if tile and tile < max(init_image.shape[-2:]) else None
-        self.cuda_graph = cuda_graph
+        self.tile = tile if needs_tiles(tile, init_image.shape) else None
+        self.cuda_graph = cuda_graph and not self.tile  # a tiled step is many passes, not one graph
         self.automatic_optimization = False
         self.iters_per_step = iters_per_step
         # The image stays NCHW-contiguous (L-BFGS flattens it with .view); the encoder goes NHWC inside.

@@ -27,6 +27,7 @@ from nst_exp.model import color
 from nst_exp.run import folder
 from nst_exp.run.callbacks import ImageSnapshots, ScalarFlusher
 from nst_exp.run.checkpoint import Checkpointer, find_resume_state
+from nst_exp.model.tiled import needs_tiles
 from nst_exp.run.folder import FINAL_IMAGE, read_result, write_result
 from nst_exp.run.logger import RunLogger, log_final_metrics, log_input_images, quiet_lightning
 from nst_exp.run.metrics import divergence_message, final_metrics, objective
@@ -139,7 +140,7 @@ def run(
                 step_offset=step,
                 optimizer_state=optimizer_state,
                 iters_per_step=iters,
-                cuda_graph=cfg.trainer.cuda_graph and not cfg.image.tile,  # a tiled step is many passes, not one graph
+                cuda_graph=cfg.trainer.cuda_graph,
                 tile=cfg.image.tile,
             )
             where = f"stage {index + 1}/{len(stages)}, {stage.size} px" if len(stages) > 1 else f"{stage.size} px"
@@ -184,8 +185,7 @@ def run(
         raise stop
     # The evaluator runs VGG19 on the whole image at once: not for an image that needed tiles (its
     # hp/eval_* and objective stay unset; compare such runs by eye or at a smaller size).
-    tiled = bool(cfg.image.tile) and image is not None and max(image.shape[-2:]) > cfg.image.tile
-    if image is not None and not tiled:
+    if image is not None and not needs_tiles(cfg.image.tile, image.shape):
         metrics.update(Evaluator(device, encoder if evaluator_compatible(cfg) else None).score(
             image, inputs.content_at(cfg.image.size), [inputs.style_at(i, cfg.image.size) for i in range(len(inputs.styles))],
             inputs.style_weights).as_metrics())
