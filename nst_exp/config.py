@@ -140,7 +140,7 @@ class OptimizerConfig:
 class TrainerConfig:
     max_steps: int = 200  # optimiser steps at the final size
     accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps
-    devices: int = 1
+    devices: int = 1  # processes sharing each evaluation's tiles (needs image.tile): one per GPU, or CPU processes
     precision: str = "auto"  # auto (bf16-mixed on a CPU with native bf16, else 32-true) | 32-true | bf16-mixed
     deterministic: bool = False
     iters_per_step: int = 0  # optimiser iterations per Lightning batch (amortises Lightning's ~1.5 ms per batch); 0 = auto
@@ -238,6 +238,10 @@ def validate(cfg: DictConfig | Config) -> None:
     for i, s in enumerate(steps):
         _positive(s, f"image.multiscale_steps[{i}]")
     _positive(cfg.trainer.max_steps, "trainer.max_steps")
+    _positive(cfg.trainer.devices, "trainer.devices")
+    if cfg.trainer.devices > 1 and not cfg.image.get("tile"):
+        raise UserError(f"trainer.devices={cfg.trainer.devices} shares the tiles of image.tile over processes, and image.tile "
+                        "is null; fix: image.tile=1024 (any tile below the image size), or trainer.devices=1")
     _positive(cfg.optimizer.lr, "optimizer.lr")
     _positive(cfg.optimizer.history_size, "optimizer.history_size")
     if cfg.optimizer.line_search not in (None, "strong_wolfe"):

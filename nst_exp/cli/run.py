@@ -26,6 +26,15 @@ def _is_multirun() -> bool:
 
 def task(cfg: DictConfig) -> float:
     """One job. Returns the sweep objective (``hp/objective``, lower is better; inf for a failed job)."""
+    from nst_exp.run.tile_group import job_tasks
+
+    tasks = job_tasks()
+    if tasks is not None:  # one of a submitit job's tasks: they share the run's tiles (trainer.devices)
+        return _job_task(cfg, *tasks)
+    return _run_job(cfg)
+
+
+def _run_job(cfg: DictConfig) -> float:
     from nst_exp.run import runner  # heavy imports (torch, lightning) only once a job runs
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -73,6 +82,40 @@ def task(cfg: DictConfig) -> float:
     if result.status == "diverged" and not _is_multirun():
         sys.exit(3)
     return result.metrics.get("hp/objective", math.inf)
+
+
+def _job_task(cfg: DictConfig, rank: int, world: int, local_world: int) -> float:
+    """A task of a job with several: all join one process group; task 0 runs the job, the others
+    evaluate their share of its tiles (``run/tile_group.py``) and return nothing to the sweep."""
+    import torch
+
+    from nst_exp.run.tile_group import TileGroup, check_group_config, helper_device, join_job_tasks, serve, threads_per_process
+
+    try:
+        check_group_config(cfg, world)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if rank == 0:
+            record_failure(Path(HydraConfig.get().runtime.output_dir), str(exc), cfg)
+        return math.inf
+    device = helper_device(cfg, rank % local_world)
+    torch.set_num_threads(threads_per_process(local_world))
+    join_job_tasks(device)
+    if rank == 0:
+        try:
+            return _run_job(cfg)
+        finally:
+            if torch.distributed.is_initialized():  # the run ended before its group did (an error, done already)
+                TileGroup(device, world).close()
+    try:
+        if cfg.resume:
+            from nst_exp.run.checkpoint import resumed_config
+
+            cfg = resumed_config(cfg, list(HydraConfig.get().overrides.task))
+        serve(cfg, device)
+    finally:
+        torch.distributed.destroy_process_group()
+    return math.inf
 
 
 def _hand_over(stop: JobInterrupted, run_dir: Path) -> float:

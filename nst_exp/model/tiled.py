@@ -161,6 +161,13 @@ def _all_reduce(tensors: Sequence[Tensor]) -> None:
             torch.distributed.all_reduce(t)
 
 
+def _broadcast(tensors: Sequence[Tensor]) -> None:
+    """Process 0's values everywhere, in place (nothing to do alone)."""
+    if _share()[1] > 1:
+        for t in tensors:
+            torch.distributed.broadcast(t, 0)
+
+
 def _all_crops(size: tuple[int, int], tile: int, loss: StyleTransferLoss) -> list[tuple[Span, Span, slice, slice]]:
     """Every tile, with its crop's rows and columns."""
     grid, halo = reach(loss.layers())
@@ -214,6 +221,9 @@ def evaluate_tiled(loss: StyleTransferLoss, image: Tensor, tile: int) -> dict[st
     if image.grad is None:
         image.grad = torch.zeros_like(image)
     slopes = {k: [leaf.grad for leaf in v] for k, v in leaves.items()}
+    # Every process uses process 0's dL/dS: the gradient is then that of one loss, even where the
+    # processes' targets differ in the last bits (convolutions summed in another order).
+    _broadcast([g for v in slopes.values() for g in v if g is not None])
     features_grad = torch.zeros_like(image.grad)
     for rows, cols, r, c in _crops(size, tile, loss):
         crop = image.detach()[..., r, c].requires_grad_(True)

@@ -12,6 +12,7 @@ keeps the last written terms (``latest_losses``) and stops training at a NaN/inf
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
@@ -64,10 +65,12 @@ class StylizeModule(pl.LightningModule):
         iters_per_step: int = 1,
         cuda_graph: bool = False,
         tile: int | None = None,
+        evaluate_tiles: Callable[[StyleTransferLoss, Tensor, int], dict[str, Tensor]] = evaluate_tiled,
     ) -> None:
         super().__init__()
         # Tiles only where the image is larger than one: the exact tiled evaluation (model/tiled.py).
         self.tile = tile if needs_tiles(tile, init_image.shape) else None
+        self.evaluate_tiles = evaluate_tiles  # several processes: run.tile_group's, which shares the tiles
         self.cuda_graph = cuda_graph and not self.tile  # a tiled step is many passes, not one graph
         self.automatic_optimization = False
         self.iters_per_step = iters_per_step
@@ -162,7 +165,7 @@ class StylizeModule(pl.LightningModule):
     def _closure(self) -> Tensor:
         self.image.grad = None
         if self.tile:  # the terms come detached, the gradient already in image.grad
-            terms = evaluate_tiled(self.loss_fn, self.image, self.tile)
+            terms = self.evaluate_tiles(self.loss_fn, self.image, self.tile)
         else:
             terms = self.loss_fn(self.image)
         total = terms["loss/total"]

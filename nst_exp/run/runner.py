@@ -24,10 +24,10 @@ from nst_exp.evaluate import Evaluator
 from nst_exp.images import tensor_to_pil
 from nst_exp.labels import labels_of
 from nst_exp.model import color
-from nst_exp.run import folder
+from nst_exp.run import folder, tile_group
 from nst_exp.run.callbacks import ImageSnapshots, ScalarFlusher
 from nst_exp.run.checkpoint import Checkpointer, find_resume_state
-from nst_exp.model.tiled import needs_tiles
+from nst_exp.model.tiled import evaluate_tiled, needs_tiles
 from nst_exp.run.folder import FINAL_IMAGE, read_result, write_result
 from nst_exp.run.logger import RunLogger, log_final_metrics, log_input_images, quiet_lightning
 from nst_exp.run.metrics import divergence_message, final_metrics, objective
@@ -102,6 +102,7 @@ def run(
     stop: BaseException | None = None  # a signal's stop (or a foreign SystemExit): re-raised once the folder is saved
     module: StylizeModule | None = None
     signals = JobSignals()
+    group = tile_group.start(cfg, device, content, styles)  # trainer.devices > 1: processes sharing the tiles
     try:
         signals.install()
         for index, stage in enumerate(stages):
@@ -142,6 +143,7 @@ def run(
                 iters_per_step=iters,
                 cuda_graph=cfg.trainer.cuda_graph,
                 tile=cfg.image.tile,
+                evaluate_tiles=group.evaluator(index) if group else evaluate_tiled,
             )
             where = f"stage {index + 1}/{len(stages)}, {stage.size} px" if len(stages) > 1 else f"{stage.size} px"
             trainer = make_trainer(cfg, run_dir, logger, steps, callbacks, device, description=where)
@@ -171,6 +173,8 @@ def run(
         if module is not None:
             image = finish_image(cfg, module.image.detach(), inputs)
             folder.save_final(run_dir, image, tiff=cfg.logging.save_tiff)
+        if group is not None:
+            group.close()
     if status == "completed":
         (run_dir / folder.CHECKPOINT).unlink(missing_ok=True)
     metrics = final_metrics(module.latest_losses if module is not None else {}, wall_offset + clock(), step)

@@ -1,0 +1,229 @@
+"""Several processes for one run: ``trainer.devices=N`` with ``image.tile`` shares every evaluation's
+tiles over N processes (one per GPU, or N CPU processes) through ``torch.distributed``.
+
+Process 0 is the run: Lightning, the optimiser, logging and the run folder. The others only
+evaluate. For each evaluation process 0 broadcasts a header (stage, image size) and the image; then
+every process runs ``tiled.evaluate_tiled`` on its share of the tiles, whose all-reduces give each
+of them the whole loss and gradient. The helpers build the stage's loss from the same config and
+images and write nothing. Process 0 tells them to stop when its stages are over (or it fails).
+
+Who starts them: alone (``python -m nst_exp run``, ``nst_exp.stylize``), process 0 spawns the
+others with ``torch.multiprocessing`` and a TCP rendezvous on 127.0.0.1; in a submitit job with
+several tasks (``hydra.launcher.tasks_per_node``, which follows ``trainer.devices``) the tasks are
+the processes, joined through submitit's ``TorchDistributedEnvironment`` (SLURM or local).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from omegaconf import DictConfig
+from torch import Tensor
+
+from nst_exp.errors import UserError
+from nst_exp.model.losses import StyleTransferLoss
+from nst_exp.model.tiled import evaluate_tiled
+
+EVALUATE, STOP = 1, 0
+# A helper waits for process 0 between evaluations, through target computation at a new stage (minutes
+# for a print-size image on a CPU) and logging: the rendezvous and every collective may wait this long.
+WAIT = timedelta(hours=2)
+
+
+def backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def threads_per_process(world_here: int) -> int:
+    """CPU threads for each of ``world_here`` processes on this machine: SLURM's cpus-per-task where
+    it says, else this process's cores shared out (N processes with every core each would thrash)."""
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // world_here)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def job_tasks() -> tuple[int, int, int] | None:
+    """(rank, world, local world) when this process is one of several tasks of a submitit job, else None."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.num_tasks <= 1:
+        return None
+    return env.global_rank, env.num_tasks, env.num_tasks // env.num_nodes
+
+
+def join_job_tasks(device: torch.device) -> None:
+    """Initialise ``torch.distributed`` over the job's tasks (submitit's rendezvous: the first node, a
+    port from the job id)."""
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    dist.init_process_group(backend(device), timeout=WAIT)
+
+
+@dataclass
+class TileGroup:
+    """Process 0's side of the group: it starts each evaluation and ends the group."""
+
+    device: torch.device
+    world: int
+    children: list[Any] = field(default_factory=list)  # the helpers this process spawned (none for job tasks)
+    threads_before: int = 0
+    closed: bool = False
+
+    def evaluator(self, stage: int) -> Callable[[StyleTransferLoss, Tensor, int], dict[str, Tensor]]:
+        """``evaluate_tiled`` for stage ``stage``, shared with the helpers."""
+
+        def evaluate(loss: StyleTransferLoss, image: Tensor, tile: int) -> dict[str, Tensor]:
+            _send_header(EVALUATE, stage, image.shape[-2], image.shape[-1], self.device)
+            dist.broadcast(image.detach().float().contiguous(), 0)
+            return evaluate_tiled(loss, image, tile)
+
+        return evaluate
+
+    def close(self) -> None:
+        """Tell the helpers to stop, wait for those spawned here, leave the group."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            _send_header(STOP, 0, 0, 0, self.device)
+        except Exception:  # noqa: BLE001 - a helper died (its error is what the run reports): just leave
+            pass
+        for child in self.children:
+            child.join(timeout=60)
+            if child.is_alive():
+                child.terminate()
+        dist.destroy_process_group()
+        if self.threads_before:
+            torch.set_num_threads(self.threads_before)
+        failed = [c.exitcode for c in self.children if c.exitcode]
+        if failed:  # process 0's own error (a broken collective) is what the run reports
+            print(f"error: a tile helper process exited with status {failed[0]} (its error is printed above)", file=sys.stderr)
+
+
+def _send_header(command: int, stage: int, height: int, width: int, device: torch.device) -> None:
+    dist.broadcast(torch.tensor([command, stage, height, width], dtype=torch.int64, device=device), 0)
+
+
+def check_group_config(cfg: DictConfig, world: int) -> None:
+    """Several processes share tiles: without a tile there is nothing to share."""
+    if world > 1 and not cfg.image.tile:
+        raise UserError(f"{world} processes (trainer.devices={cfg.trainer.devices} or the job's tasks) share the tiles of "
+                        "image.tile, which is null; fix: image.tile=1024 (or any tile below the image size), or trainer.devices=1")
+    if world > 1 and cfg.trainer.precision == "bf16-true":
+        raise UserError("trainer.precision=bf16-true is not supported with several processes; fix: trainer.precision=bf16-mixed")
+
+
+def start(cfg: DictConfig, device: torch.device, content: Any = None, styles: list[Any] | None = None) -> TileGroup | None:
+    """Process 0's group: the job's tasks when they are several (already joined by ``cli.run``), else
+    ``trainer.devices - 1`` spawned helpers; None when the run is one process."""
+    if dist.is_available() and dist.is_initialized():
+        check_group_config(cfg, dist.get_world_size())
+        return TileGroup(device, dist.get_world_size()) if dist.get_world_size() > 1 else None
+    world = int(cfg.trainer.devices)
+    if world <= 1:
+        return None
+    check_group_config(cfg, world)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads_per_process(world))
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    context = mp.get_context("spawn")
+    ready = context.SimpleQueue()
+    children = []
+    for rank in range(1, world):
+        child = context.Process(target=_helper_main, args=(cfg, rank, world, address, content, styles, ready), daemon=True,
+                                name=f"nst_exp tile helper {rank}")
+        child.start()
+        children.append(child)
+    _wait_ready(children, ready)
+    dist.init_process_group(backend(device), init_method=address, rank=0, world_size=world, timeout=WAIT)
+    return TileGroup(device, world, children, threads_before)
+
+
+def _wait_ready(children: list[Any], ready: Any) -> None:
+    """Wait until every helper is about to join the rendezvous; one that died before (say, a script
+    without a ``__main__`` guard, which every spawned process imports) is an error here, not a hang."""
+    waiting = len(children)
+    while waiting:
+        if not ready.empty():
+            ready.get()
+            waiting -= 1
+            continue
+        dead = [c for c in children if not c.is_alive()]
+        if dead:
+            for child in children:
+                child.terminate()
+            raise UserError(f"a tile helper process (trainer.devices) exited with status {dead[0].exitcode} before it "
+                            "started; its error is printed above (a script calling nst_exp.stylize needs `if __name__ == "
+                            "'__main__':` around it: spawned processes import it); fix that, or trainer.devices=1")
+        time.sleep(0.05)
+
+
+def _helper_main(cfg: DictConfig, rank: int, world: int, address: str, content: Any, styles: list[Any] | None,
+                 ready: Any) -> None:
+    """A spawned helper: join the group, serve until process 0 says stop."""
+    device = helper_device(cfg, rank)
+    torch.set_num_threads(threads_per_process(world))
+    ready.put(rank)
+    dist.init_process_group(backend(device), init_method=address, rank=rank, world_size=world, timeout=WAIT)
+    try:
+        serve(cfg, device, content, styles)
+    finally:
+        dist.destroy_process_group()
+
+
+def helper_device(cfg: DictConfig, local_rank: int) -> torch.device:
+    """A helper's device: the GPU ``local_rank`` places after the run's (one GPU per process), or the CPU."""
+    from nst_exp.run.setup import pick_device
+
+    return pick_device(cfg.trainer.accelerator, (cfg.trainer.device_index or 0) + local_rank)
+
+
+def serve(cfg: DictConfig, device: torch.device, content: Any = None, styles: list[Any] | None = None) -> None:
+    """A helper's loop: for each header, the stage's loss (built once per stage) on process 0's image,
+    this process's tiles; until STOP."""
+    from nst_exp.run.precision import resolve_precision
+    from nst_exp.run.setup import Inputs, build_loss, build_network, stages_of
+
+    inputs = Inputs(cfg, content, styles)
+    encoder, step_encoder = build_network(cfg, device)
+    stages = stages_of(cfg)
+    bf16 = resolve_precision(cfg.trainer.precision, device) == "bf16-mixed"  # what Lightning's plugin does on process 0
+    loss, built_for, evaluations = None, -1, 0
+    header = torch.zeros(4, dtype=torch.int64, device=device)
+    while True:
+        dist.broadcast(header, 0)
+        command, stage, height, width = header.tolist()
+        if command == STOP:
+            print(f"tile helper {dist.get_rank()}/{dist.get_world_size()}: {evaluations} evaluations shared", flush=True)
+            return
+        if stage != built_for:
+            loss, _ = build_loss(cfg, encoder, inputs, stages[stage], device)
+            loss.encoder = step_encoder
+            built_for = stage
+        image = torch.empty((1, 3, height, width), device=device)
+        dist.broadcast(image, 0)
+        image.requires_grad_(True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            evaluate_tiled(loss, image, int(cfg.image.tile))
+        evaluations += 1

@@ -1,0 +1,87 @@
+"""``trainer.devices=N`` with ``image.tile``: N processes share every evaluation's tiles over
+torch.distributed (gloo on the CPU), from the CLI (process 0 spawns the others) and as the tasks of
+a submitit job; the run paints the image one process paints. The SLURM case is in test_slurm.py."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from nst_exp.api import compose_config
+from nst_exp.config import validate
+from nst_exp.errors import UserError
+
+# 96x64 in 48 px tiles (2 x 2), after a 64 px stage that is tiled too: the helpers build a loss per stage.
+SHARED = ["image.size=96", "image.tile=48", "image.multiscale_sizes=[64]", "image.multiscale_steps=[2]",
+          "trainer.max_steps=3", "trainer.accelerator=cpu", "trainer.precision=32-true", "logging.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> np.ndarray:
+    out = tmp_path_factory.mktemp("one") / "run"
+    proc = run_cli(["run", *SHARED, f"hydra.run.dir={out}"], out.parent)
+    assert proc.returncode == 0, proc.stderr
+    return np.asarray(Image.open(out / "final.png"), dtype=np.int16)
+
+
+def _same_image(path: Path, reference: np.ndarray) -> None:
+    image = np.asarray(Image.open(path), dtype=np.int16)
+    assert image.shape == reference.shape
+    assert np.abs(image - reference).max() <= 1  # all-reduced sums: float order only
+
+
+def _helper_lines(text: str) -> list[tuple[int, int, int]]:
+    return [tuple(map(int, m)) for m in re.findall(r"tile helper (\d+)/(\d+): (\d+) evaluations shared", text)]
+
+
+def test_two_processes_from_the_cli_paint_the_one_process_image(tmp_path, one_process):
+    out = tmp_path / "run"
+    proc = run_cli(["run", *SHARED, "trainer.devices=2", f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (rank, world, evaluations), = _helper_lines(proc.stdout)
+    assert (rank, world) == (1, 2) and evaluations >= 5  # both stages' steps went through the helper
+    _same_image(out / "final.png", one_process)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written beside the run folder
+
+
+def test_submitit_job_tasks_share_the_tiles(tmp_path, one_process):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    proc = run_cli(["run", "-m", "launcher=submitit_local", *SHARED, "trainer.devices=2", "seed=0"], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (sweep,) = [p for p in (tmp_path / "outputs" / "multirun").glob("*/*") if p.is_dir()]
+    (job,) = [p for p in sweep.iterdir() if p.name.startswith("0_")]
+    logs = {p.name: p.read_text() for p in sweep.glob(".submitit/*/*_log.out")}
+    assert len(logs) == 2  # tasks_per_node follows trainer.devices
+    helper = [line for text in logs.values() for line in _helper_lines(text)]
+    assert len(helper) == 1 and helper[0][:2] == (1, 2) and helper[0][2] >= 5
+    _same_image(job / "final.png", one_process)
+
+
+def test_devices_without_a_tile_is_one_line_with_the_fix():
+    with pytest.raises(UserError, match=r"trainer.devices=2 shares the tiles of image.tile .* fix: image.tile=1024"):
+        validate(compose_config(["trainer.devices=2"]))
+    with pytest.raises(UserError, match=r"trainer.devices must be a positive number"):
+        validate(compose_config(["trainer.devices=0"]))
+
+
+def test_a_helper_that_cannot_start_is_an_error_not_a_hang(tmp_path):
+    """Spawned helpers import the calling script: without a ``__main__`` guard the helper fails at once,
+    and process 0 says so (it does not wait at the rendezvous)."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from nst_exp import stylize\n"
+        f"stylize(output_dir={str(tmp_path / 'run')!r}, image={{'size': 64, 'tile': 32}}, trainer={{'devices': 2, 'max_steps': 1}},"
+        " logging={'progress_bar': False})\n"
+    )
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "a tile helper process (trainer.devices) exited with status" in proc.stderr
+    assert "if __name__ == '__main__':" in proc.stderr
