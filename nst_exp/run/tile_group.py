@@ -16,6 +16,7 @@ the processes, joined through submitit's ``TorchDistributedEnvironment`` (SLURM 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -110,13 +111,14 @@ class TileGroup:
         except Exception:  # noqa: BLE001 - a helper died (its error is what the run reports): just leave
             pass
         for child in self.children:
-            child.join(timeout=60)
+            child.join(timeout=30)  # after an interrupted evaluation a helper may wait in a collective: end it
             if child.is_alive():
                 child.terminate()
+                child.join()
         dist.destroy_process_group()
         if self.threads_before:
             torch.set_num_threads(self.threads_before)
-        failed = [c.exitcode for c in self.children if c.exitcode]
+        failed = [c.exitcode for c in self.children if c.exitcode and c.exitcode > 0]
         if failed:  # process 0's own error (a broken collective) is what the run reports
             print(f"error: a tile helper process exited with status {failed[0]} (its error is printed above)", file=sys.stderr)
 
@@ -181,7 +183,9 @@ def _wait_ready(children: list[Any], ready: Any) -> None:
 
 def _helper_main(cfg: DictConfig, rank: int, world: int, address: str, content: Any, styles: list[Any] | None,
                  ready: Any) -> None:
-    """A spawned helper: join the group, serve until process 0 says stop."""
+    """A spawned helper: join the group, serve until process 0 says stop. Ctrl-C reaches the whole
+    terminal's process group: only process 0 acts on it (it saves the run, then stops the helpers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     device = helper_device(cfg, rank)
     torch.set_num_threads(threads_per_process(world))
     ready.put(rank)
