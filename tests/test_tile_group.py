@@ -85,3 +85,34 @@ def test_a_helper_that_cannot_start_is_an_error_not_a_hang(tmp_path):
     assert proc.returncode != 0
     assert "a tile helper process (trainer.devices) exited with status" in proc.stderr
     assert "if __name__ == '__main__':" in proc.stderr
+
+
+def test_ctrl_c_saves_the_image_and_ends_the_helpers(tmp_path):
+    """Ctrl-C during a two-process run: process 0 saves final.png and last.ckpt and exits 130; its helper
+    ends with it (stopped between evaluations, or ended if the signal cut one short), nothing hangs."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "nst_exp", "run", *SHARED[:2], "trainer.max_steps=100000", "trainer.devices=2",
+                             "trainer.precision=32-true", "logging.progress_bar=false", f"hydra.run.dir={out}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("events.out.tfevents*")) and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(5)  # some steps in
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        helpers = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert helpers, "no helper process was running"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert (out / "final.png").is_file() and (out / "last.ckpt").is_file()
+    time.sleep(2)
+    assert not [pid for pid in helpers if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()]

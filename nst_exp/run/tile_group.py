@@ -90,32 +90,42 @@ class TileGroup:
     children: list[Any] = field(default_factory=list)  # the helpers this process spawned (none for job tasks)
     threads_before: int = 0
     closed: bool = False
+    in_evaluation: bool = False  # True from an evaluation's header to its end: the helpers are inside it
 
     def evaluator(self, stage: int) -> Callable[[StyleTransferLoss, Tensor, int], dict[str, Tensor]]:
         """``evaluate_tiled`` for stage ``stage``, shared with the helpers."""
 
         def evaluate(loss: StyleTransferLoss, image: Tensor, tile: int) -> dict[str, Tensor]:
+            self.in_evaluation = True
             _send_header(EVALUATE, stage, image.shape[-2], image.shape[-1], self.device)
             dist.broadcast(image.detach().float().contiguous(), 0)
-            return evaluate_tiled(loss, image, tile)
+            terms = evaluate_tiled(loss, image, tile)
+            self.in_evaluation = False
+            return terms
 
         return evaluate
 
     def close(self) -> None:
-        """Tell the helpers to stop, wait for those spawned here, leave the group."""
+        """Tell the helpers to stop, wait for those spawned here, leave the group.
+
+        An evaluation cut short (Ctrl-C, an error) leaves the helpers inside one of its collectives, where
+        a stop message would never be matched: then the spawned helpers are ended instead, and job tasks
+        end when this process does (their collectives fail once its connections close)."""
         if self.closed:
             return
         self.closed = True
-        try:
-            _send_header(STOP, 0, 0, 0, self.device)
-        except Exception:  # noqa: BLE001 - a helper died (its error is what the run reports): just leave
-            pass
+        if not self.in_evaluation:
+            try:
+                _send_header(STOP, 0, 0, 0, self.device)
+            except Exception:  # noqa: BLE001 - a helper died (its error is what the run reports): just leave
+                pass
         for child in self.children:
-            child.join(timeout=30)  # after an interrupted evaluation a helper may wait in a collective: end it
+            child.join(timeout=0 if self.in_evaluation else 30)
             if child.is_alive():
                 child.terminate()
                 child.join()
-        dist.destroy_process_group()
+        if not self.in_evaluation or self.children:
+            dist.destroy_process_group()
         if self.threads_before:
             torch.set_num_threads(self.threads_before)
         failed = [c.exitcode for c in self.children if c.exitcode and c.exitcode > 0]
