@@ -7,7 +7,6 @@ the first failure becomes one line naming the override, the problem and the fix.
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 from typing import Any

@@ -10,7 +10,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 

@@ -41,10 +41,10 @@ from nst_exp.run.setup import (
     initial_image,
     iters_per_step,
     pick_device,
-    stages_of,
     style_size,
     upscale,
 )
+from nst_exp.run.stages import stages_of
 from nst_exp.run.signals import JobInterrupted, JobSignals, StopOnSignal
 from nst_exp.run.tb_hparams import write_session_end, write_session_start
 from nst_exp.run.trainer import Forever, make_trainer

@@ -23,7 +23,7 @@ from nst_exp.model.losses import StyleTransferLoss, build_style_transfer_loss
 from nst_exp.model.vgg import VGG19Encoder, build_encoder, resolve_memory
 from nst_exp.run.input_checks import check_image_sizes
 from nst_exp.run.precision import resolve_precision
-from nst_exp.run.stages import Stage, stages_of, style_long_side
+from nst_exp.run.stages import Stage, style_long_side
 
 AUTO_ITERS_PER_STEP_CUDA = 10
 

@@ -217,7 +217,8 @@ def serve(cfg: DictConfig, device: torch.device, content: Any = None, styles: li
     """A helper's loop: for each header, the stage's loss (built once per stage) on process 0's image,
     this process's tiles; until STOP."""
     from nst_exp.run.precision import resolve_precision
-    from nst_exp.run.setup import Inputs, build_loss, build_network, stages_of
+    from nst_exp.run.setup import Inputs, build_loss, build_network
+    from nst_exp.run.stages import stages_of
 
     inputs = Inputs(cfg, content, styles)
     encoder, step_encoder = build_network(cfg, device)
