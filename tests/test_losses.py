@@ -128,3 +128,24 @@ def test_total_combines_alpha_beta_tv():
     assert terms["loss/style/x"].item() == pytest.approx(s.item())
     assert terms["loss/total"].item() == pytest.approx((2 * c + 3 * s + 4 * tv).item(), rel=1e-5)
     assert set(loss.term_names()) == set(terms)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_outer_sum_gradient_is_autograds_in_the_features_layout(channels_last):
+    """outer_sum's own backward ((dG + dG^T) f, one product) equals autograd's through bmm, and comes
+    back in the features' memory format (the ReLU backward then runs contiguous)."""
+    from nst_exp.model.losses import outer_sum, positions_by_channels
+
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    weight = torch.randn(2, 5, 5, dtype=torch.float64)  # not symmetric: both halves of dG count
+    (outer_sum(x) * weight).sum().backward()
+    ours, x.grad = x.grad, None
+    flat = positions_by_channels(x)
+    (torch.bmm(flat.transpose(1, 2), flat) * weight).sum().backward()
+    torch.testing.assert_close(ours, x.grad)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert ours.is_contiguous(memory_format=fmt)
+    assert torch.autograd.gradcheck(outer_sum, (x.detach().clone().requires_grad_(True),))
