@@ -144,7 +144,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16-mixed on a CPU with native bf16, else 32-true) | 32-true | bf16-mixed
     deterministic: bool = False
     iters_per_step: int = 0  # optimiser iterations per Lightning batch (amortises Lightning's ~1.5 ms per batch); 0 = auto
-    channels_last: bool = True  # NHWC activations on CUDA, and in bf16 on the CPU (faster kernels); fp32 on the CPU stays NCHW
+    channels_last: bool = True  # NHWC activations on CUDA and the CPU (faster kernels there: cuDNN's, oneDNN's)
     compile: bool = False  # torch.compile the VGG19 forward (CUDA; pays off on long runs)
     cuda_graph: bool = True  # CUDA + optimizer.impl=compact: replay each step as one CUDA graph once L-BFGS's memory is full
     checkpoint_every: int = 0  # write last.ckpt every N steps (0 = only on Ctrl-C); for requeued jobs

@@ -22,7 +22,6 @@ from nst_exp.model import color
 from nst_exp.model.losses import StyleTransferLoss, build_style_transfer_loss
 from nst_exp.model.vgg import VGG19Encoder, build_encoder, resolve_memory
 from nst_exp.run.input_checks import check_image_sizes
-from nst_exp.run.precision import resolve_precision
 from nst_exp.run.stages import Stage, style_long_side
 
 AUTO_ITERS_PER_STEP_CUDA = 10
@@ -78,8 +77,8 @@ def crop_border(img: Image.Image, px: int) -> Image.Image:
 def build_network(cfg: DictConfig, device: torch.device) -> tuple[VGG19Encoder, torch.nn.Module]:
     """The frozen encoder on ``device`` for the loss layers, and the module the steps run through.
 
-    NHWC weights and activations where they pay: cuDNN's kernels on CUDA, oneDNN's bf16 kernels on the
-    CPU (fp32 there is as fast NCHW). On CUDA cuDNN autotuning (the shapes are fixed), and
+    NHWC weights and activations (``trainer.channels_last``): cuDNN's kernels on CUDA, oneDNN's on the
+    CPU, fp32 and bf16 alike, are faster on them. On CUDA cuDNN autotuning (the shapes are fixed), and
     ``torch.compile`` if ``trainer.compile``. Targets use the plain encoder.
     """
     layers = list(dict.fromkeys([*cfg.loss.content_layers, *cfg.loss.style_layers]))
@@ -87,7 +86,7 @@ def build_network(cfg: DictConfig, device: torch.device) -> tuple[VGG19Encoder, 
     encoder = build_encoder(layers, cfg.model.pooling.value, cfg.model.weights.value, cfg.model.padding.value, memory).to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if cfg.trainer.channels_last and (device.type == "cuda" or resolve_precision(cfg.trainer.precision, device).startswith("bf16")):
+    if cfg.trainer.channels_last and device.type in ("cuda", "cpu"):
         encoder = encoder.to(memory_format=torch.channels_last)
         encoder.channels_last = True
     step_encoder = torch.compile(encoder) if cfg.trainer.compile and device.type == "cuda" else encoder
