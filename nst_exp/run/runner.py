@@ -9,6 +9,7 @@ NaN, an error), the latest image is saved and ``result.json`` says how the run e
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from PIL import Image
 from nst_exp.config import ColorMode, flatten, to_container, validate
 from nst_exp.errors import UserError
 from nst_exp.evaluate import Evaluator
-from nst_exp.images import tensor_to_pil
+from nst_exp.images import fit_long_side, tensor_to_pil
 from nst_exp.labels import labels_of
 from nst_exp.model import color
 from nst_exp.run import folder, tile_group
@@ -29,6 +30,7 @@ from nst_exp.run.callbacks import ImageSnapshots, ScalarFlusher
 from nst_exp.run.checkpoint import Checkpointer, find_resume_state
 from nst_exp.model.tiled import evaluate_tiled, needs_tiles
 from nst_exp.run.folder import FINAL_IMAGE, read_result, write_result
+from nst_exp.run.memory_fit import check_history_fits
 from nst_exp.run.logger import RunLogger, log_final_metrics, log_input_images, quiet_lightning
 from nst_exp.run.metrics import divergence_message, final_metrics, objective
 from nst_exp.run.module import StylizeModule
@@ -87,6 +89,7 @@ def run(
     labels = labels_of(cfg, experiment)
     cfg.content.name, cfg.style.name = labels["content"], labels["style"]  # config.yaml and HPARAMS name them too
     device = pick_device(cfg.trainer.accelerator, cfg.trainer.device_index)
+    check_history_fits(cfg, math.prod(fit_long_side(inputs.content.size, cfg.image.size)), device)
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
     encoder, step_encoder = build_network(cfg, device)
     folder.write_config(run_dir, cfg)

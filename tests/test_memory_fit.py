@@ -1,0 +1,44 @@
+"""L-BFGS's pairs grow with the image: a history that cannot fit is a one-line error before any work,
+naming the largest ``optimizer.history_size`` that fits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_cli
+from nst_exp.api import compose_config
+from nst_exp.errors import UserError
+from nst_exp.run.memory_fit import available_bytes, check_history_fits
+
+GIB = 2**30
+CPU = torch.device("cpu")
+
+
+def test_a_history_too_large_names_the_one_that_fits():
+    cfg = compose_config([])  # L-BFGS, 50 pairs
+    # 30 Mpx with 24 GiB free: 80% of it is 687 B per pixel; 96 B for the vectors leave 24 pairs of 24 B.
+    with pytest.raises(UserError, match=r"optimizer.history_size=50: L-BFGS's pairs need 36.2 GiB for a 30.0 Mpx image .* "
+                                        r"24.0 GiB is free on cpu; fix: optimizer.history_size=24 \(or less\), or optimizer=adam"):
+        check_history_fits(cfg, 30_000_000, CPU, available=24 * GIB)
+    check_history_fits(compose_config(["optimizer.history_size=24"]), 30_000_000, CPU, available=24 * GIB)
+    check_history_fits(compose_config(["optimizer=adam"]), 30_000_000, CPU, available=24 * GIB)  # no pairs
+
+
+def test_no_history_fits_says_adam():
+    with pytest.raises(UserError, match=r"fix: optimizer=adam, or a smaller image.size"):
+        check_history_fits(compose_config([]), 100_000_000, CPU, available=8 * GIB)
+
+
+def test_free_memory_is_read_on_this_machine():
+    free = available_bytes(CPU)
+    assert free is not None and 0 < free < 2**50
+
+
+def test_the_cli_stops_before_any_work(tmp_path):
+    """A 20000 px image with 50 pairs needs about 340 GB: exit 2, one line, no traceback, in seconds."""
+    proc = run_cli(["run", "image.size=20000", "image.max_input_pixels=0", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "optimizer.history_size=50" in errors[0] and "fix: optimizer" in errors[0]
+    assert "Traceback" not in proc.stderr
