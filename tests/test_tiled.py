@@ -166,3 +166,17 @@ def test_processes_sharing_tiles_over_gloo_match_one(tmp_path, world):
         for name, value in alone.items():
             torch.testing.assert_close(shared["terms"][name], value, rtol=1e-5, atol=1e-8, msg=name)
         torch.testing.assert_close(shared["grad"], image.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_window_gradient_is_slicings_in_the_features_layout(fmt):
+    """A tile's owned window of an activation hands back slicing's gradient, laid out as the activation
+    (slicing's own backward gives NCHW zeros, which slowed every NHWC op after it)."""
+    from nst_exp.model.tiled import _window
+
+    x = torch.randn(1, 4, 6, 5).contiguous(memory_format=fmt).requires_grad_(True)
+    weight = torch.randn(1, 4, 3, 3)
+    (_window(x, slice(1, 4), slice(2, 5)) * weight).sum().backward()
+    expected = torch.zeros(1, 4, 6, 5)
+    expected[..., 1:4, 2:5] = weight
+    assert torch.equal(x.grad, expected) and x.grad.is_contiguous(memory_format=fmt)

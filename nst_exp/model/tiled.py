@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from nst_exp.model.layers import downsampling, map_size, reach
+from nst_exp.model.layout import channels_fastest
 from nst_exp.model.losses import Region, StyleTransferLoss
 
 Stats = dict[str, tuple[Tensor, ...]]
@@ -81,11 +82,33 @@ class Owned:
     positions: dict[str, int]
 
 
+class _Window(torch.autograd.Function):
+    """``x[..., rows, cols]`` whose gradient is laid out as ``x`` is: slicing's own backward scatters into
+    NCHW zeros, and an NCHW gradient meeting the NHWC ones of the network slows every op after it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, rows: slice, cols: slice) -> Tensor:  # type: ignore[override]
+        fmt = torch.channels_last if channels_fastest(x) else torch.contiguous_format
+        ctx.like, ctx.rows, ctx.cols = (x.shape, x.dtype, x.device, fmt), rows, cols
+        return x[..., rows, cols]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        shape, dtype, device, fmt = ctx.like
+        out = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt).zero_()
+        out[..., ctx.rows, ctx.cols] = grad
+        return out, None, None
+
+
+def _window(x: Tensor, rows: slice, cols: slice) -> Tensor:
+    return _Window.apply(x, rows, cols) if x.requires_grad else x[..., rows, cols]
+
+
 def owned(features: Mapping[str, Tensor], rows: Span, cols: Span, size: tuple[int, int]) -> Owned:
     out = Owned({}, {}, {})
     for layer, feats in features.items():
         (local_r, whole_r), (local_c, whole_c) = rows.owned(layer, size[0]), cols.owned(layer, size[1])
-        out.features[layer] = feats[..., local_r, local_c]
+        out.features[layer] = _window(feats, local_r, local_c)
         out.regions[layer] = (whole_r, whole_c)
         out.positions[layer] = (whole_r.stop - whole_r.start) * (whole_c.stop - whole_c.start)
     return out
