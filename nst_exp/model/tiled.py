@@ -4,7 +4,8 @@ Every term is a function of sums over positions (``model/losses.py``: Gram matri
 covariances, the content error), so:
 
 1. pass 1, no autograd: each tile's crop (the tile plus a halo) runs through the encoder; the sums
-   over the positions the tile *owns* are added up over the tiles;
+   over the positions the tile *owns* are added up over the tiles (the last tile runs with autograd,
+   and pass 2 starts from its graph rather than running it again);
 2. the loss is computed from those small sums, made leaves, and differentiated: dL/dS per term
    (a C x C matrix, a C vector, or a number); the TV term, cheap, is differentiated on the image;
 3. pass 2, with autograd: each crop again, and the surrogate ``sum <dL/dS, S(tile)>``, whose
@@ -204,25 +205,40 @@ def _crops(size: tuple[int, int], tile: int, loss: StyleTransferLoss) -> list[tu
     return _all_crops(size, tile, loss)[rank::world]
 
 
-def stats_of(loss: StyleTransferLoss, image: Tensor, tile: int) -> tuple[Stats, dict[str, int]]:
-    """Pass 1: the terms' sums over the whole ``image``, tile by tile (no autograd), and the number
-    of positions they cover per layer; summed over the processes when they share the tiles."""
+@dataclass
+class Kept:
+    """The last tile of pass 1, run with autograd: pass 2 starts from its graph instead of running it again."""
+
+    crop: Tensor
+    part: Stats
+
+
+def stats_of(loss: StyleTransferLoss, image: Tensor, tile: int) -> tuple[Stats, dict[str, int], Kept | None]:
+    """Pass 1: the terms' sums over the whole ``image``, tile by tile, and the number of positions
+    they cover per layer; summed over the processes when they share the tiles. Only this process's
+    last tile runs with autograd (its graph is what pass 2 needs first); the others run without."""
     size = (image.shape[-2], image.shape[-1])
     sums: Stats | None = None
     positions = dict.fromkeys(loss.layers(), 0)
     crops = _crops(size, tile, loss)
-    with torch.no_grad():
-        for rows, cols, r, c in crops or _all_crops(size, tile, loss)[:1]:
-            part, counts = _tile_stats(loss, image[..., r, c], rows, cols, size)
-            if not crops:  # more processes than tiles: this one adds zeros of the right shapes
-                part, counts = {k: tuple(torch.zeros_like(t) for t in v) for k, v in part.items()}, dict.fromkeys(counts, 0)
-            sums = _add(sums, part)
-            for layer, n in counts.items():
-                positions[layer] += n
+    kept = None
+    for i, (rows, cols, r, c) in enumerate(crops or _all_crops(size, tile, loss)[:1]):
+        last = bool(crops) and i == len(crops) - 1
+        crop = image.detach()[..., r, c].requires_grad_(last)
+        with torch.set_grad_enabled(last):
+            part, counts = _tile_stats(loss, crop, rows, cols, size)
+        if last:
+            kept = Kept(crop, part)
+            part = {k: tuple(t.detach() for t in v) for k, v in part.items()}
+        if not crops:  # more processes than tiles: this one adds zeros of the right shapes
+            part, counts = {k: tuple(torch.zeros_like(t) for t in v) for k, v in part.items()}, dict.fromkeys(counts, 0)
+        sums = _add(sums, part)
+        for layer, n in counts.items():
+            positions[layer] += n
     assert sums is not None
     count = torch.tensor([positions[k] for k in positions], dtype=torch.float64, device=image.device)
     _all_reduce([t for v in sums.values() for t in v] + [count])
-    return sums, {k: int(n) for k, n in zip(positions, count.tolist())}
+    return sums, {k: int(n) for k, n in zip(positions, count.tolist())}, kept
 
 
 def needs_tiles(tile: int | None, shape: Sequence[int]) -> bool:
@@ -236,7 +252,7 @@ def evaluate_tiled(loss: StyleTransferLoss, image: Tensor, tile: int) -> dict[st
     Processes sharing the tiles (``torch.distributed``) all get the same terms and gradient: pass 1's
     sums and pass 2's gradient are summed over them."""
     size = (image.shape[-2], image.shape[-1])
-    sums, positions = stats_of(loss, image.detach(), tile)
+    sums, positions, kept = stats_of(loss, image.detach(), tile)
     leaves = {k: tuple(s.detach().requires_grad_(True) for s in v) for k, v in sums.items()}
     with torch.enable_grad():
         terms = loss.terms(leaves, positions, image)
@@ -248,10 +264,16 @@ def evaluate_tiled(loss: StyleTransferLoss, image: Tensor, tile: int) -> dict[st
     # processes' targets differ in the last bits (convolutions summed in another order).
     _broadcast([g for v in slopes.values() for g in v if g is not None])
     features_grad = torch.zeros_like(image.grad)
-    for rows, cols, r, c in _crops(size, tile, loss):
-        crop = image.detach()[..., r, c].requires_grad_(True)
+    crops = _crops(size, tile, loss)
+    for i in ([len(crops) - 1] + list(range(len(crops) - 1))) if crops else []:  # the kept tile first: one graph at a time
+        rows, cols, r, c = crops[i]
         with torch.enable_grad():
-            part, _ = _tile_stats(loss, crop, rows, cols, size)
+            if kept is not None and i == len(crops) - 1:
+                crop, part = kept.crop, kept.part
+                kept = None
+            else:
+                crop = image.detach()[..., r, c].requires_grad_(True)
+                part, _ = _tile_stats(loss, crop, rows, cols, size)
             surrogate = sum((s * g).sum() for k, v in part.items() for s, g in zip(v, slopes[k]) if g is not None)
             (grad,) = torch.autograd.grad(surrogate, crop)
         features_grad[..., r, c] += grad.to(features_grad.dtype)
