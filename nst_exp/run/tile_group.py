@@ -156,6 +156,9 @@ def start(cfg: DictConfig, device: torch.device, content: Any = None, styles: li
     if world <= 1:
         return None
     check_group_config(cfg, world)
+    if device.type == "cuda" and world > torch.cuda.device_count():  # NCCL takes one GPU per process
+        raise UserError(f"trainer.devices={world} runs one process per GPU and {torch.cuda.device_count()} GPU(s) are "
+                        f"visible; fix: trainer.devices={torch.cuda.device_count()}")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads_per_process(world))
     address = f"tcp://127.0.0.1:{_free_port()}"
