@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from nst_exp.model import color
 from nst_exp.model.layers import map_size
-from nst_exp.model.layout import channels_fastest, is_channels_last
+from nst_exp.model.layout import channels_fastest
 
 _EPS = 1e-8
 
@@ -37,7 +37,7 @@ def positions_by_channels(features: Tensor) -> Tensor:
     convolutions an NCHW gradient that cuDNN converts back at every layer.
     """
     b, c, h, w = features.shape
-    if is_channels_last(features) or channels_fastest(features):  # a window of NHWC too: copied NHWC, not transposed
+    if channels_fastest(features):  # NHWC, or a window of it: copied NHWC, not transposed
         return features.permute(0, 2, 3, 1).reshape(b, h * w, c)
     return features.reshape(b, c, h * w).transpose(1, 2)
 
@@ -61,7 +61,7 @@ class _OuterSum(torch.autograd.Function):
         (features,) = ctx.saved_tensors
         b, c, h, w = features.shape
         sym = (grad + grad.transpose(1, 2)).to(features.dtype)
-        if is_channels_last(features) or channels_fastest(features):  # (B, HW, C) rows f_p^T: d = flat @ sym, NHWC
+        if channels_fastest(features):  # (B, HW, C) rows f_p^T: d = flat @ sym, laid out NHWC
             return torch.bmm(positions_by_channels(features), sym).view(b, h, w, c).permute(0, 3, 1, 2)
         return torch.bmm(sym, features.reshape(b, c, h * w)).view(b, c, h, w)
 
