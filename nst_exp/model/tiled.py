@@ -264,11 +264,9 @@ def evaluate_tiled(loss: StyleTransferLoss, image: Tensor, tile: int) -> dict[st
     # processes' targets differ in the last bits (convolutions summed in another order).
     _broadcast([g for v in slopes.values() for g in v if g is not None])
     features_grad = torch.zeros_like(image.grad)
-    crops = _crops(size, tile, loss)
-    for i in ([len(crops) - 1] + list(range(len(crops) - 1))) if crops else []:  # the kept tile first: one graph at a time
-        rows, cols, r, c = crops[i]
+    for rows, cols, r, c in reversed(_crops(size, tile, loss)):  # the kept (last) tile first: one graph at a time
         with torch.enable_grad():
-            if kept is not None and i == len(crops) - 1:
+            if kept is not None:
                 crop, part = kept.crop, kept.part
                 kept = None
             else:
