@@ -34,6 +34,15 @@ def task(cfg: DictConfig) -> float:
     return _run_job(cfg)
 
 
+def _resumed(cfg: DictConfig) -> DictConfig:
+    """With ``resume=<run dir>``: the run's own config, this command's overrides on top."""
+    if not cfg.resume:
+        return cfg
+    from nst_exp.run.checkpoint import resumed_config
+
+    return resumed_config(cfg, list(HydraConfig.get().overrides.task))
+
+
 def _run_job(cfg: DictConfig) -> float:
     from nst_exp.run import runner  # heavy imports (torch, lightning) only once a job runs
 
@@ -44,10 +53,7 @@ def _run_job(cfg: DictConfig) -> float:
         print(f"done already: {run_dir}")
         return float((done.get("metrics") or {}).get("hp/objective", math.inf))
     try:
-        if cfg.resume:
-            from nst_exp.run.checkpoint import resumed_config
-
-            cfg = resumed_config(cfg, list(HydraConfig.get().overrides.task))
+        cfg = _resumed(cfg)
         result = runner.run(cfg, run_dir)
     except JobInterrupted as exc:
         print(f"\ninterrupted: {exc}; the latest image is saved at {run_dir / FINAL_IMAGE}, "
@@ -108,11 +114,7 @@ def _job_task(cfg: DictConfig, rank: int, world: int, local_world: int) -> float
             if torch.distributed.is_initialized():  # the run ended before its group did (an error, done already)
                 TileGroup(device, world).close()
     try:
-        if cfg.resume:
-            from nst_exp.run.checkpoint import resumed_config
-
-            cfg = resumed_config(cfg, list(HydraConfig.get().overrides.task))
-        serve(cfg, device)
+        serve(_resumed(cfg), device)
     finally:
         torch.distributed.destroy_process_group()
     return math.inf
