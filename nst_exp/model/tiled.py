@@ -4,8 +4,8 @@ Every term is a function of sums over positions (``model/losses.py``: Gram matri
 covariances, the content error), so:
 
 1. pass 1, no autograd: each tile's crop (the tile plus a halo) runs through the encoder; the sums
-   over the positions the tile *owns* are added up over the tiles (the last tile runs with autograd,
-   and pass 2 starts from its graph rather than running it again);
+   over the positions the tile *owns* are added up over the tiles (the last ``keep`` crops run with
+   autograd, and pass 2 starts from their graphs rather than running them again);
 2. the loss is computed from those small sums, made leaves, and differentiated: dL/dS per term
    (a C x C matrix, a C vector, or a number); the TV term, cheap, is differentiated on the image;
 3. pass 2, with autograd: each crop again, and the surrogate ``sum <dL/dS, S(tile)>``, whose
@@ -16,7 +16,7 @@ Features of the owned positions are exact when the crop reaches ``layers.reach``
 (beyond it, the encoder's padding at a cut edge changes nothing they depend on), when the crop's
 origin lies on the pooling grid (the same pooling windows as the whole image), and when a tile at the
 image's border keeps that border (the same padding). Tiled and untiled then differ only in the order
-floats are summed. Activation memory is bounded by one crop, whatever the image size.
+floats are summed. Activation memory is bounded by ``keep`` crops' graphs, whatever the image size.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def summed_stats(encoder: Any, image: Tensor, layers: Sequence[str], stats: Call
     return out
 
 
-def _tile_stats(loss: StyleTransferLoss, crop: Tensor, rows: Span, cols: Span, size: tuple[int, int]) -> tuple[Stats, dict[str, int]]:
+def tile_stats(loss: StyleTransferLoss, crop: Tensor, rows: Span, cols: Span, size: tuple[int, int]) -> tuple[Stats, dict[str, int]]:
     """The terms' sums over the positions this tile owns, and how many positions that is per layer."""
     part = owned(loss.encoder(crop), rows, cols, size)
     return loss.stats(part.features, part.regions), part.positions
@@ -207,28 +207,29 @@ def _crops(size: tuple[int, int], tile: int, loss: StyleTransferLoss) -> list[tu
 
 @dataclass
 class Kept:
-    """The last tile of pass 1, run with autograd: pass 2 starts from its graph instead of running it again."""
+    """A crop of pass 1 run with autograd: pass 2 starts from its graph instead of running it again."""
 
     crop: Tensor
     part: Stats
 
 
-def stats_of(loss: StyleTransferLoss, image: Tensor, tile: int) -> tuple[Stats, dict[str, int], Kept | None]:
+def stats_of(loss: StyleTransferLoss, image: Tensor, tile: int, keep: int = 1) -> tuple[Stats, dict[str, int], list[Kept]]:
     """Pass 1: the terms' sums over the whole ``image``, tile by tile, and the number of positions
-    they cover per layer; summed over the processes when they share the tiles. Only this process's
-    last tile runs with autograd (its graph is what pass 2 needs first); the others run without."""
+    they cover per layer; summed over the processes when they share the tiles. This process's last
+    ``keep`` crops run with autograd and their graphs are handed to pass 2 (in pass 1's order); the
+    others run without."""
     size = (image.shape[-2], image.shape[-1])
     sums: Stats | None = None
     positions = dict.fromkeys(loss.layers(), 0)
     crops = _crops(size, tile, loss)
-    kept = None
+    kept: list[Kept] = []
     for i, (rows, cols, r, c) in enumerate(crops or _all_crops(size, tile, loss)[:1]):
-        last = bool(crops) and i == len(crops) - 1
-        crop = image.detach()[..., r, c].requires_grad_(last)
-        with torch.set_grad_enabled(last):
-            part, counts = _tile_stats(loss, crop, rows, cols, size)
-        if last:
-            kept = Kept(crop, part)
+        graph = bool(crops) and i >= len(crops) - keep
+        crop = image.detach()[..., r, c].requires_grad_(graph)
+        with torch.set_grad_enabled(graph):
+            part, counts = tile_stats(loss, crop, rows, cols, size)
+        if graph:
+            kept.append(Kept(crop, part))
             part = {k: tuple(t.detach() for t in v) for k, v in part.items()}
         if not crops:  # more processes than tiles: this one adds zeros of the right shapes
             part, counts = {k: tuple(torch.zeros_like(t) for t in v) for k, v in part.items()}, dict.fromkeys(counts, 0)
@@ -246,13 +247,15 @@ def needs_tiles(tile: int | None, shape: Sequence[int]) -> bool:
     return bool(tile) and max(shape[-2:]) > tile
 
 
-def evaluate_tiled(loss: StyleTransferLoss, image: Tensor, tile: int) -> dict[str, Tensor]:
+def evaluate_tiled(loss: StyleTransferLoss, image: Tensor, tile: int, keep: int = 1) -> dict[str, Tensor]:
     """The loss terms of ``image`` (detached), with d total / d image added into ``image.grad``.
+    ``keep``: how many crops' pass-1 graphs this process holds for pass 2 (each one a forward less,
+    and its graph's memory; ``run/tile_plan.py`` chooses it to fit).
 
     Processes sharing the tiles (``torch.distributed``) all get the same terms and gradient: pass 1's
     sums and pass 2's gradient are summed over them."""
     size = (image.shape[-2], image.shape[-1])
-    sums, positions, kept = stats_of(loss, image.detach(), tile)
+    sums, positions, kept = stats_of(loss, image.detach(), tile, keep)
     leaves = {k: tuple(s.detach().requires_grad_(True) for s in v) for k, v in sums.items()}
     with torch.enable_grad():
         terms = loss.terms(leaves, positions, image)
@@ -264,14 +267,13 @@ def evaluate_tiled(loss: StyleTransferLoss, image: Tensor, tile: int) -> dict[st
     # processes' targets differ in the last bits (convolutions summed in another order).
     _broadcast([g for v in slopes.values() for g in v if g is not None])
     features_grad = torch.zeros_like(image.grad)
-    for rows, cols, r, c in reversed(_crops(size, tile, loss)):  # the kept (last) tile first: one graph at a time
+    for rows, cols, r, c in reversed(_crops(size, tile, loss)):  # the kept (last) crops first
         with torch.enable_grad():
-            if kept is not None:
-                crop, part = kept.crop, kept.part
-                kept = None
+            if kept:  # pass 1's last crops, from the last: each graph goes with its backward
+                crop, part = kept[-1].crop, kept.pop().part
             else:
                 crop = image.detach()[..., r, c].requires_grad_(True)
-                part, _ = _tile_stats(loss, crop, rows, cols, size)
+                part, _ = tile_stats(loss, crop, rows, cols, size)
             surrogate = sum((s * g).sum() for k, v in part.items() for s, g in zip(v, slopes[k]) if g is not None)
             (grad,) = torch.autograd.grad(surrogate, crop)
         features_grad[..., r, c] += grad.to(features_grad.dtype)

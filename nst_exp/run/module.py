@@ -65,11 +65,13 @@ class StylizeModule(pl.LightningModule):
         iters_per_step: int = 1,
         cuda_graph: bool = False,
         tile: int | None = None,
-        evaluate_tiles: Callable[[StyleTransferLoss, Tensor, int], dict[str, Tensor]] = evaluate_tiled,
+        tile_keep: int = 1,
+        evaluate_tiles: Callable[[StyleTransferLoss, Tensor, int, int], dict[str, Tensor]] = evaluate_tiled,
     ) -> None:
         super().__init__()
         # Tiles only where the image is larger than one: the exact tiled evaluation (model/tiled.py).
         self.tile = tile if needs_tiles(tile, init_image.shape) else None
+        self.tile_keep = tile_keep  # crops whose pass-1 graph pass 2 reuses (run/tile_plan.py fits it to memory)
         self.evaluate_tiles = evaluate_tiles  # several processes: run.tile_group's, which shares the tiles
         self.cuda_graph = cuda_graph and not self.tile  # a tiled step is many passes, not one graph
         self.automatic_optimization = False
@@ -165,7 +167,7 @@ class StylizeModule(pl.LightningModule):
     def _closure(self) -> Tensor:
         self.image.grad = None
         if self.tile:  # the terms come detached, the gradient already in image.grad
-            terms = self.evaluate_tiles(self.loss_fn, self.image, self.tile)
+            terms = self.evaluate_tiles(self.loss_fn, self.image, self.tile, self.tile_keep)
         else:
             terms = self.loss_fn(self.image)
         total = terms["loss/total"]
