@@ -102,7 +102,11 @@ class ImageConfig:
     color: ColorMode = ColorMode.none  # colour preservation
     init_path: Optional[str] = None  # the image for init=image
     max_input_pixels: Optional[int] = None  # largest input file accepted; null = Pillow's bomb guard (~179 Mpx), 0 = no limit
-    tile: Optional[int] = None  # evaluate the loss in tiles of this many px (exact; memory bounded by a tile); null = whole image
+    # The loss in tiles (exact; model/tiled.py): auto = only when the whole image would not fit the memory
+    # budget (run/tile_plan.py), <px> = tiles of that many px, null = always the whole image.
+    tile: Optional[str] = "auto"
+    tile_keep: Optional[int] = None  # tile graphs pass 1 keeps for pass 2 (fewer forwards, more memory); null = what fits
+    memory_mib: Optional[int] = None  # memory the loss evaluation may use, MiB; null = 80% of the device's free memory
 
 
 @dataclass
@@ -199,6 +203,25 @@ def _non_negative(value: float, key: str) -> None:
         raise UserError(f"{key} must be >= 0, got {value!r}; fix: {key}=0 or a positive number")
 
 
+TILE_AUTO = "auto"
+
+
+def tile_setting(cfg: DictConfig | Config) -> int | str | None:
+    """``image.tile`` as meant: a tile in px, ``"auto"``, or None (whole image). The key is a string so it
+    can say auto; a value that is none of these is a one-line error."""
+    value = cfg.image.get("tile")
+    if value is None or str(value).strip().lower() in ("null", "none"):
+        return None
+    text = str(value).strip().lower()
+    if text == TILE_AUTO:
+        return TILE_AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"image.tile={value!r} is not a tile size; fix: image.tile=auto, image.tile=1024 (px) "
+                        "or image.tile=null") from None
+
+
 def _check_tile(tile: int, layers: list[str]) -> None:
     """A tile is a whole number of pooling cells of the deepest loss layer (so tiles pool as the image does)."""
     from nst_exp.model.layers import reach
@@ -220,8 +243,13 @@ def validate(cfg: DictConfig | Config) -> None:
     if cfg.image.get("max_input_pixels") is not None:
         _non_negative(cfg.image.max_input_pixels, "image.max_input_pixels")
     _positive(cfg.image.style_scale, "image.style_scale")
-    if cfg.image.get("tile") is not None:
-        _check_tile(cfg.image.tile, [*cfg.loss.content_layers, *cfg.loss.style_layers])
+    tile = tile_setting(cfg)
+    if isinstance(tile, int):
+        _check_tile(tile, [*cfg.loss.content_layers, *cfg.loss.style_layers])
+    if cfg.image.get("tile_keep") is not None:
+        _positive(cfg.image.tile_keep, "image.tile_keep")
+    if cfg.image.get("memory_mib") is not None:
+        _positive(cfg.image.memory_mib, "image.memory_mib")
     sizes, steps = list(cfg.image.multiscale_sizes), list(cfg.image.multiscale_steps)
     if len(sizes) != len(steps):
         raise UserError(
@@ -239,9 +267,9 @@ def validate(cfg: DictConfig | Config) -> None:
         _positive(s, f"image.multiscale_steps[{i}]")
     _positive(cfg.trainer.max_steps, "trainer.max_steps")
     _positive(cfg.trainer.devices, "trainer.devices")
-    if cfg.trainer.devices > 1 and not cfg.image.get("tile"):
+    if cfg.trainer.devices > 1 and tile is None:
         raise UserError(f"trainer.devices={cfg.trainer.devices} shares the tiles of image.tile over processes, and image.tile "
-                        "is null; fix: image.tile=1024 (any tile below the image size), or trainer.devices=1")
+                        "is null; fix: image.tile=auto (or a tile in px, e.g. 1024), or trainer.devices=1")
     _positive(cfg.optimizer.lr, "optimizer.lr")
     _positive(cfg.optimizer.history_size, "optimizer.history_size")
     if cfg.optimizer.line_search not in (None, "strong_wolfe"):

@@ -4,6 +4,7 @@ a submitit job; the run paints the image one process paints. The SLURM case is i
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -50,6 +51,26 @@ def test_two_processes_from_the_cli_paint_the_one_process_image(tmp_path, one_pr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written beside the run folder
 
 
+def test_two_processes_with_auto_tiles_share_what_the_budget_forces(tmp_path):
+    """image.tile=auto with a budget the whole image does not fit: both processes plan the same tiles
+    (process 0's plan is sent with every evaluation) and the image is the one process's."""
+    common = ["image.size=384", "image.tile=auto", "image.memory_mib=150", "trainer.max_steps=2", "trainer.accelerator=cpu",
+              "trainer.precision=32-true", "logging.progress_bar=false"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = run_cli(["run", *common, f"hydra.run.dir={one}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    plans = json.loads((one / "result.json").read_text())["tile_plans"]
+    assert plans[-1]["tile"] is not None and plans[-1]["auto"], plans  # the budget forced tiles
+    proc = run_cli(["run", *common, "trainer.devices=2", f"hydra.run.dir={two}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (rank, world, evaluations), = _helper_lines(proc.stdout)
+    assert (rank, world) == (1, 2) and evaluations >= 2
+    shared = json.loads((two / "result.json").read_text())["tile_plans"]
+    assert shared[-1]["tile"] is not None and shared[-1]["world"] == 2, shared
+    assert "shared by" in proc.stdout or "would not fit" in proc.stdout  # the plan line names why it tiles
+    _same_image(two / "final.png", np.asarray(Image.open(one / "final.png"), dtype=np.int16))  # exact whatever the tiles
+
+
 def test_submitit_job_tasks_share_the_tiles(tmp_path, one_process):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     proc = run_cli(["run", "-m", "launcher=submitit_local", *SHARED, "trainer.devices=2", "seed=0"], tmp_path, timeout=600)
@@ -64,8 +85,9 @@ def test_submitit_job_tasks_share_the_tiles(tmp_path, one_process):
 
 
 def test_devices_without_a_tile_is_one_line_with_the_fix():
-    with pytest.raises(UserError, match=r"trainer.devices=2 shares the tiles of image.tile .* fix: image.tile=1024"):
-        validate(compose_config(["trainer.devices=2"]))
+    with pytest.raises(UserError, match=r"trainer.devices=2 shares the tiles of image.tile .* fix: image.tile=auto"):
+        validate(compose_config(["trainer.devices=2", "image.tile=null"]))
+    validate(compose_config(["trainer.devices=2"]))  # the default, image.tile=auto, plans the tiles itself
     with pytest.raises(UserError, match=r"trainer.devices must be a positive number"):
         validate(compose_config(["trainer.devices=0"]))
 

@@ -83,9 +83,11 @@ def write_result(
     cfg: Any = None,
     interruptions: list[dict[str, Any]] | None = None,
     labels: dict[str, str | None] | None = None,
+    tile_plans: list[dict[str, Any]] | None = None,
 ) -> None:
     """result.json of a run (``status`` one of STATUSES); ``interruptions`` lists the signals it survived,
-    ``labels`` its content, style and experiment (default: from ``cfg`` and the Hydra job)."""
+    ``labels`` its content, style and experiment (default: from ``cfg`` and the Hydra job), ``tile_plans``
+    how each stage evaluated its loss (whole, or which tiles)."""
     from nst_exp.labels import labels_of
 
     payload = {
@@ -95,6 +97,7 @@ def write_result(
         "metrics": metrics or {},
         **(labels or labels_of(cfg)),
         "interruptions": interruptions or [],
+        "tile_plans": tile_plans or [],
     }
     _write(run_dir, payload)
 

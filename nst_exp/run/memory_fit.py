@@ -24,9 +24,11 @@ SHARE = 0.8  # of the free memory the pairs and vectors may take; the network an
 
 
 def available_bytes(device: torch.device, meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """Free memory on ``device``: the GPU's free memory, or the host's MemAvailable (Linux); None if unknown."""
+    """Free memory on ``device``: the GPU's free memory (with what torch's caching allocator holds unused,
+    e.g. a previous stage's blocks), or the host's MemAvailable (Linux); None if unknown."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + max(0, cached))
     if device.type != "cpu":
         return None
     try:

@@ -28,9 +28,11 @@ from nst_exp.model import color
 from nst_exp.run import folder, tile_group
 from nst_exp.run.callbacks import ImageSnapshots, ScalarFlusher
 from nst_exp.run.checkpoint import Checkpointer, find_resume_state
-from nst_exp.model.tiled import evaluate_tiled, needs_tiles
+from nst_exp.model.tiled import evaluate_tiled
 from nst_exp.run.folder import FINAL_IMAGE, read_result, write_result
 from nst_exp.run.memory_fit import check_history_fits
+from nst_exp.run.precision import resolve_precision
+from nst_exp.run.tile_plan import TilePlan, stage_plan
 from nst_exp.run.logger import RunLogger, log_final_metrics, log_input_images, quiet_lightning
 from nst_exp.run.metrics import divergence_message, final_metrics, objective
 from nst_exp.run.module import StylizeModule
@@ -106,6 +108,8 @@ def run(
     module: StylizeModule | None = None
     signals = JobSignals()
     group = tile_group.start(cfg, device, content, styles)  # trainer.devices > 1: processes sharing the tiles
+    bf16 = resolve_precision(cfg.trainer.precision, device).startswith("bf16")
+    plans: list[tuple[int, TilePlan]] = []  # each stage's long side and plan, as run
     try:
         signals.install()
         for index, stage in enumerate(stages):
@@ -113,6 +117,7 @@ def run(
                 continue
             encoder.to(device)  # Lightning's teardown moved the previous stage's module (and encoder) to the CPU
             loss, content_t = build_loss(cfg, encoder, inputs, stage, device)
+            plan = stage_plan(cfg, loss, content_t, bf16, group.world if group else 1)  # whole, or tiles that fit
             loss.encoder = step_encoder
             steps, optimizer_state, stage_done = stage.steps, None, 0
             if resume and index == resume.stage:
@@ -130,6 +135,9 @@ def run(
                 init = upscale(module.image.detach().to(device), content_t)
             if steps <= 0:
                 continue
+            plans.append((stage.size, plan))
+            if plan.tile is not None:
+                print(f"{_stage_name(index, stages)}: {plan.describe()}", flush=True)
             callbacks = [
                 ScalarFlusher(cfg.logging.flush_every),
                 ImageSnapshots(cfg.logging.image_every, run_dir / folder.SNAPSHOT_DIR if cfg.logging.save_snapshots else None),
@@ -145,11 +153,11 @@ def run(
                 optimizer_state=optimizer_state,
                 iters_per_step=iters,
                 cuda_graph=cfg.trainer.cuda_graph,
-                tile=cfg.image.tile,
+                tile=plan.tile,
+                tile_keep=plan.keep,
                 evaluate_tiles=group.evaluator(index) if group else evaluate_tiled,
             )
-            where = f"stage {index + 1}/{len(stages)}, {stage.size} px" if len(stages) > 1 else f"{stage.size} px"
-            trainer = make_trainer(cfg, run_dir, logger, steps, callbacks, device, description=where)
+            trainer = make_trainer(cfg, run_dir, logger, steps, callbacks, device, description=_stage_name(index, stages))
             try:
                 trainer.fit(module, train_dataloaders=Forever())
             except JobInterrupted as exc:  # SIGTERM/USR2, acted on at a step boundary (checkpoint written)
@@ -188,11 +196,12 @@ def run(
         interruptions.append({"signal": getattr(stop, "signal", type(stop).__name__), "step": step,
                               "wall_time_s": round(metrics["hp/wall_time_s"], 1)})
         logger.close(status)
-        write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels)
+        write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
+                     tile_plans=[plan.record(size) for size, plan in plans])
         raise stop
     # The evaluator runs VGG19 on the whole image at once: not for an image that needed tiles (its
     # hp/eval_* and objective stay unset; compare such runs by eye or at a smaller size).
-    if image is not None and not needs_tiles(cfg.image.tile, image.shape):
+    if image is not None and plans and plans[-1][1].tile is None:
         metrics.update(Evaluator(device, encoder if evaluator_compatible(cfg) else None).score(
             image, inputs.content_at(cfg.image.size), [inputs.style_at(i, cfg.image.size) for i in range(len(inputs.styles))],
             inputs.style_weights).as_metrics())
@@ -201,7 +210,13 @@ def run(
     log_final_metrics(logger.experiment, metrics, step)
     write_session_end(logger.experiment, completed=status == "completed")
     logger.close("success" if status == "completed" else status)
-    write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels)
+    write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
+                 tile_plans=[plan.record(size) for size, plan in plans])
     return RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, error)
 
 
+
+def _stage_name(index: int, stages: list[Any]) -> str:
+    """How the progress bar and the log name a stage: "stage 2/3, 2000 px", or "512 px" alone."""
+    size = stages[index].size
+    return f"stage {index + 1}/{len(stages)}, {size} px" if len(stages) > 1 else f"{size} px"

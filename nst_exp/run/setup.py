@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
-from nst_exp.config import ColorMode, Init
+from nst_exp.config import ColorMode, Init, tile_setting
 from nst_exp.errors import UserError
 from nst_exp.images import open_image, pil_to_tensor, resize_long_side
 from nst_exp.model import color
@@ -115,7 +115,21 @@ def build_loss(cfg: DictConfig, encoder: VGG19Encoder, inputs: Inputs, stage: St
     if inputs.mask is not None:
         mask = pil_to_tensor(inputs.mask.resize(content.shape[-1:-3:-1], Image.Resampling.BILINEAR))[:, :1].to(device)
     return build_style_transfer_loss(cfg.loss, encoder, content, styles, inputs.style_weights, mask, cfg.image.color.value,
-                                     cfg.image.tile)
+                                     target_tile(cfg, content, styles, device))
+
+
+def target_tile(cfg: DictConfig, content: Tensor, styles: list[Tensor], device: torch.device) -> int | None:
+    """The tile the targets are computed in (``image.tile``; with auto, tiles only if the largest
+    input's forward would not fit the memory budget)."""
+    from nst_exp.run import tile_plan
+
+    setting = tile_setting(cfg)
+    if setting is None:
+        return None
+    shapes = [(t.shape[-2], t.shape[-1]) for t in (content, *styles)]
+    layers = [*cfg.loss.content_layers, *cfg.loss.style_layers]
+    room = tile_plan.budget(cfg, device, content.shape[-2] * content.shape[-1])
+    return tile_plan.plan_targets(setting, shapes, layers, tile_plan.no_grad_bytes_per_pixel(content), room)
 
 
 def initial_image(cfg: DictConfig, inputs: Inputs, content: Tensor, device: torch.device) -> Tensor:

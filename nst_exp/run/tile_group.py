@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig
 from torch import Tensor
 
+from nst_exp.config import tile_setting
 from nst_exp.errors import UserError
 from nst_exp.model.losses import StyleTransferLoss
 from nst_exp.model.tiled import evaluate_tiled
@@ -92,14 +93,14 @@ class TileGroup:
     closed: bool = False
     in_evaluation: bool = False  # True from an evaluation's header to its end: the helpers are inside it
 
-    def evaluator(self, stage: int) -> Callable[[StyleTransferLoss, Tensor, int], dict[str, Tensor]]:
-        """``evaluate_tiled`` for stage ``stage``, shared with the helpers."""
+    def evaluator(self, stage: int) -> Callable[[StyleTransferLoss, Tensor, int, int], dict[str, Tensor]]:
+        """``evaluate_tiled`` for stage ``stage``, shared with the helpers (process 0's tile and keep for all)."""
 
-        def evaluate(loss: StyleTransferLoss, image: Tensor, tile: int) -> dict[str, Tensor]:
+        def evaluate(loss: StyleTransferLoss, image: Tensor, tile: int, keep: int) -> dict[str, Tensor]:
             self.in_evaluation = True
-            _send_header(EVALUATE, stage, image.shape[-2], image.shape[-1], self.device)
+            _send_header(EVALUATE, stage, image.shape[-2], image.shape[-1], self.device, tile, keep)
             dist.broadcast(image.detach().float().contiguous(), 0)
-            terms = evaluate_tiled(loss, image, tile)
+            terms = evaluate_tiled(loss, image, tile, keep)
             self.in_evaluation = False
             return terms
 
@@ -135,15 +136,18 @@ class TileGroup:
             print(f"error: a tile helper process exited with status {failed[0]} (its error is printed above)", file=sys.stderr)
 
 
-def _send_header(command: int, stage: int, height: int, width: int, device: torch.device) -> None:
-    dist.broadcast(torch.tensor([command, stage, height, width], dtype=torch.int64, device=device), 0)
+HEADER = 6  # command, stage, height, width, tile, keep
+
+
+def _send_header(command: int, stage: int, height: int, width: int, device: torch.device, tile: int = 0, keep: int = 0) -> None:
+    dist.broadcast(torch.tensor([command, stage, height, width, tile, keep], dtype=torch.int64, device=device), 0)
 
 
 def check_group_config(cfg: DictConfig, world: int) -> None:
     """Several processes share tiles: without a tile there is nothing to share."""
-    if world > 1 and not cfg.image.tile:
+    if world > 1 and tile_setting(cfg) is None:
         raise UserError(f"{world} processes (trainer.devices={cfg.trainer.devices} or the job's tasks) share the tiles of "
-                        "image.tile, which is null; fix: image.tile=1024 (or any tile below the image size), or trainer.devices=1")
+                        "image.tile, which is null; fix: image.tile=auto (or a tile in px, e.g. 1024), or trainer.devices=1")
     if world > 1 and cfg.trainer.precision == "bf16-true":
         raise UserError("trainer.precision=bf16-true is not supported with several processes; fix: trainer.precision=bf16-mixed")
 
@@ -230,10 +234,10 @@ def serve(cfg: DictConfig, device: torch.device, content: Any = None, styles: li
     stages = stages_of(cfg)
     bf16 = resolve_precision(cfg.trainer.precision, device) == "bf16-mixed"  # what Lightning's plugin does on process 0
     loss, built_for, evaluations = None, -1, 0
-    header = torch.zeros(4, dtype=torch.int64, device=device)
+    header = torch.zeros(HEADER, dtype=torch.int64, device=device)
     while True:
         dist.broadcast(header, 0)
-        command, stage, height, width = header.tolist()
+        command, stage, height, width, tile, keep = header.tolist()
         if command == STOP:
             print(f"tile helper {dist.get_rank()}/{dist.get_world_size()}: {evaluations} evaluations shared", flush=True)
             return
@@ -245,5 +249,5 @@ def serve(cfg: DictConfig, device: torch.device, content: Any = None, styles: li
         dist.broadcast(image, 0)
         image.requires_grad_(True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            evaluate_tiled(loss, image, int(cfg.image.tile))
+            evaluate_tiled(loss, image, tile, keep)
         evaluations += 1
