@@ -210,9 +210,9 @@ def tile_setting(cfg: DictConfig | Config) -> int | str | None:
     """``image.tile`` as meant: a tile in px, ``"auto"``, or None (whole image). The key is a string so it
     can say auto; a value that is none of these is a one-line error."""
     value = cfg.image.get("tile")
-    if value is None or str(value).strip().lower() in ("null", "none"):
+    text = "null" if value is None else str(value).strip().lower()
+    if text in ("null", "none"):
         return None
-    text = str(value).strip().lower()
     if text == TILE_AUTO:
         return TILE_AUTO
     try:

@@ -270,7 +270,8 @@ def evaluate_tiled(loss: StyleTransferLoss, image: Tensor, tile: int, keep: int 
     for rows, cols, r, c in reversed(_crops(size, tile, loss)):  # the kept (last) crops first
         with torch.enable_grad():
             if kept:  # pass 1's last crops, from the last: each graph goes with its backward
-                crop, part = kept[-1].crop, kept.pop().part
+                last = kept.pop()
+                crop, part = last.crop, last.part
             else:
                 crop = image.detach()[..., r, c].requires_grad_(True)
                 part, _ = tile_stats(loss, crop, rows, cols, size)

@@ -117,8 +117,6 @@ def run(
                 continue
             encoder.to(device)  # Lightning's teardown moved the previous stage's module (and encoder) to the CPU
             loss, content_t = build_loss(cfg, encoder, inputs, stage, device)
-            plan = stage_plan(cfg, loss, content_t, bf16, group.world if group else 1)  # whole, or tiles that fit
-            loss.encoder = step_encoder
             steps, optimizer_state, stage_done = stage.steps, None, 0
             if resume and index == resume.stage:
                 init = upscale(resume.image.to(device), content_t)
@@ -135,6 +133,8 @@ def run(
                 init = upscale(module.image.detach().to(device), content_t)
             if steps <= 0:
                 continue
+            plan = stage_plan(cfg, loss, content_t, bf16, group.world if group else 1)  # whole, or tiles that fit
+            loss.encoder = step_encoder  # after the plan: it measures the plain encoder
             plans.append((stage.size, plan))
             if plan.tile is not None:
                 print(f"{_stage_name(index, stages)}: {plan.describe()}", flush=True)
@@ -190,6 +190,7 @@ def run(
         (run_dir / folder.CHECKPOINT).unlink(missing_ok=True)
     metrics = final_metrics(module.latest_losses if module is not None else {}, wall_offset + clock(), step)
     saved = FINAL_IMAGE if image is not None else None
+    tile_plans = [plan.record(size) for size, plan in plans]
     if stop is not None:
         # The job goes on elsewhere (requeued) or was cancelled: no final metrics, no evaluation (the
         # cluster's grace time is short); the folder says where it stopped, last.ckpt how to go on.
@@ -197,7 +198,7 @@ def run(
                               "wall_time_s": round(metrics["hp/wall_time_s"], 1)})
         logger.close(status)
         write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
-                     tile_plans=[plan.record(size) for size, plan in plans])
+                     tile_plans=tile_plans)
         raise stop
     # The evaluator runs VGG19 on the whole image at once: not for an image that needed tiles (its
     # hp/eval_* and objective stay unset; compare such runs by eye or at a smaller size).
@@ -211,9 +212,8 @@ def run(
     write_session_end(logger.experiment, completed=status == "completed")
     logger.close("success" if status == "completed" else status)
     write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
-                 tile_plans=[plan.record(size) for size, plan in plans])
+                 tile_plans=tile_plans)
     return RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, error)
-
 
 
 def _stage_name(index: int, stages: list[Any]) -> str:
