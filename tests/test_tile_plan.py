@@ -70,8 +70,8 @@ def test_the_whole_image_when_it_fits():
 
 @pytest.mark.parametrize("budget_mib", [300, 800, 1500, 2500])
 def test_tiles_that_fit_when_it_does_not(budget_mib):
-    """1000x1500 needs ~2.7 GiB whole: under smaller budgets the plan tiles, its peak fits, and a larger
-    budget never gives a costlier plan (larger tiles, more graphs kept)."""
+    """1000x1500 needs ~2.7 GiB whole: under smaller budgets the plan tiles on the pooling grid and its
+    peak fits (that more budget never costs more: the next test)."""
     plan = plan_step("auto", None, (1000, 1500), LAYERS, FP, budget_mib * MIB)
     assert plan.tile is not None and plan.tile % 16 == 0 and plan.auto
     assert plan.need_bytes <= budget_mib * MIB and 1 <= plan.keep <= plan.crops
