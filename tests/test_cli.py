@@ -223,6 +223,34 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_rerun_has_every_step_onc
     assert result["status"] == "completed" and len(result["interruptions"]) == 1
 
 
+def test_sigterm_after_our_check_is_still_a_checkpointed_sigterm_stop(tmp_path, monkeypatch):
+    """A SIGTERM landing after ``StopOnSignal`` looked at a batch is seen first by Lightning's own check
+    (SIGTERMException, a SystemExit with code 0): it must still be the same stop, with last.ckpt, the
+    result recorded as SIGTERM and JobInterrupted raised (exit 143), not a silent exit 0 without a
+    checkpoint. The module's hook runs after the callbacks', so a real signal sent there hits that window."""
+    import torch
+
+    from nst_exp.api import compose_config
+    from nst_exp.run import runner
+    from nst_exp.run.module import StylizeModule
+    from nst_exp.run.signals import JobInterrupted
+
+    def sigterm_at_step_3(self, *args) -> None:
+        if self.trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(StylizeModule, "on_train_batch_end", sigterm_at_step_3, raising=False)
+    cfg = compose_config(["image.size=32", "trainer.max_steps=50", "logging.progress_bar=false", "trainer.accelerator=cpu"])
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(JobInterrupted) as stop:
+        runner.run(cfg, tmp_path / "run")
+    assert stop.value.signal == "SIGTERM" and signal.getsignal(signal.SIGTERM) == before
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["interruptions"][0]["signal"] == "SIGTERM"
+    assert torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["stage_step"] == 3
+    assert (tmp_path / "run" / "final.png").is_file()
+
+
 def test_interrupt_loses_no_snapshot(tmp_path):
     """Snapshots reach the host a batch late (the copy never waits): Ctrl-C still writes the last one staged."""
     import pytorch_lightning as pl

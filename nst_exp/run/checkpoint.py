@@ -22,7 +22,7 @@ from nst_exp.errors import UserError
 from nst_exp.images import open_image, pil_to_tensor
 from nst_exp.run.folder import CHECKPOINT, CONFIG_FILE, FINAL_IMAGE, read_result
 from nst_exp.run.module import StylizeModule
-from nst_exp.run.signals import JobInterrupted
+from nst_exp.run.signals import STEP_BOUNDARY_STOPS
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Checkpointer(pl.Callback):
             self.save(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: StylizeModule, exception: BaseException) -> None:
-        if isinstance(exception, (KeyboardInterrupt, JobInterrupted)):  # Ctrl-C, or SIGTERM/USR2 at a step boundary
+        if isinstance(exception, (KeyboardInterrupt, *STEP_BOUNDARY_STOPS)):  # Ctrl-C, or SIGTERM/USR2 at a step boundary
             self.save(trainer, pl_module)
 
     def save(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:

@@ -49,7 +49,7 @@ from nst_exp.run.setup import (
     upscale,
 )
 from nst_exp.run.stages import stages_of
-from nst_exp.run.signals import JobInterrupted, JobSignals, StopOnSignal
+from nst_exp.run.signals import STEP_BOUNDARY_STOPS, JobSignals, StopOnSignal
 from nst_exp.run.tb_hparams import write_session_end, write_session_start
 from nst_exp.run.trainer import Forever, make_trainer
 
@@ -160,13 +160,13 @@ def run(
             trainer = make_trainer(cfg, run_dir, logger, steps, callbacks, device, description=_stage_name(index, stages))
             try:
                 trainer.fit(module, train_dataloaders=Forever())
-            except JobInterrupted as exc:  # SIGTERM/USR2, acted on at a step boundary (checkpoint written)
-                status, stop = "interrupted", exc
-                error = f"{exc} at step {module.logged_step}; last.ckpt continues it (a requeued job does so by itself)"
+            except STEP_BOUNDARY_STOPS as exc:  # SIGTERM/USR2, acted on at a step boundary (checkpoint written)
+                status, stop = "interrupted", signals.as_interruption(exc)
+                error = f"{stop} at step {module.logged_step}; last.ckpt continues it (a requeued job does so by itself)"
             except SystemExit as exc:
                 status = "interrupted"
                 if not isinstance(exc.__context__, KeyboardInterrupt):  # Lightning turns Ctrl-C into sys.exit(1)
-                    stop = exc  # someone else's exit (e.g. Lightning's SIGTERM): not ours to swallow
+                    stop = exc  # someone else's exit: not ours to swallow
             except KeyboardInterrupt:
                 status = "interrupted"
             step += module.global_step

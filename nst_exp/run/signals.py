@@ -17,6 +17,7 @@ from types import FrameType
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 # submitit's pre-emption/time-out signal (SUBMITIT_PREEMPT_SIGNAL, USR2 by default) is only taken
 # over when a Python handler (submitit's) already owns it; SIGTERM always.
@@ -38,6 +39,12 @@ class JobInterrupted(Exception):
         if callable(self.previous):
             self.previous(self.signum, None)
         raise SystemExit(128 + self.signum)
+
+
+# What stops training at a step boundary because of a job signal: ours (``StopOnSignal``), or
+# Lightning's own SIGTERM check, which runs after the batch's hooks and wins when the signal lands
+# between the two.
+STEP_BOUNDARY_STOPS = (JobInterrupted, SIGTERMException)
 
 
 def signal_name(signum: int) -> str:
@@ -80,6 +87,13 @@ class JobSignals:
         if self.received is None:
             return None
         return JobInterrupted(self.received, self._previous.get(self.received))
+
+    def as_interruption(self, stop: BaseException) -> JobInterrupted:
+        """One of ``STEP_BOUNDARY_STOPS`` as ``JobInterrupted``: Lightning's SIGTERMException carries no
+        signal or previous owner, the noted signal does."""
+        if isinstance(stop, JobInterrupted):
+            return stop
+        return self.interruption() or JobInterrupted(signal.SIGTERM)
 
 
 class StopOnSignal(pl.Callback):
