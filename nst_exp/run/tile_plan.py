@@ -18,7 +18,7 @@ its gradient and the optimiser's state will take (``memory_fit``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +108,34 @@ def element_bytes(image: Tensor, bf16: bool) -> int:
     return 2 if bf16 else image.element_size()
 
 
+def saved_storage_bytes(run: Callable[[], object], exclude: Iterable[Tensor]) -> tuple[int, int]:
+    """Bytes of the storages autograd saves while ``run()`` builds its graph, each counted once and
+    ``exclude``'s not at all: (those of 4-d, activation-shaped tensors, those of the others).
+
+    The saved tensors are held in a list until the count is done (so no storage is freed and its
+    address reused mid-run) and the graph keeps only ``None`` in their place: a pack hook that returns
+    the tensor itself makes a node that saves its own output hold that output, and the output holds
+    the node, a cycle Python's gc cannot see, which would leak every probe's graph."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    maps: dict[int, int] = {}
+    other: dict[int, int] = {}
+    alive: list[Tensor] = []
+
+    def pack(t: Tensor) -> None:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            (maps if t.dim() == 4 else other)[ptr] = t.untyped_storage().nbytes()
+        alive.append(t)
+
+    def unpack(_: None) -> Tensor:
+        raise RuntimeError("a graph built to count its saved tensors cannot be differentiated")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        run()
+    alive.clear()
+    return sum(maps.values()), sum(other.values())
+
+
 def _saved_bytes(loss: StyleTransferLoss, image: Tensor, tile: int, bf16: bool) -> tuple[int, int, int, int]:
     """(crop pixels, owned pixels, bytes of activation-shaped storages, of the others) that autograd
     saves evaluating the first (corner) tile of ``tile`` px; each storage counted once, the loss's own
@@ -116,21 +144,11 @@ def _saved_bytes(loss: StyleTransferLoss, image: Tensor, tile: int, bf16: bool) 
     grid, halo = reach(loss.layers())
     rows, cols = next(tiles(*size, max(grid, tile // grid * grid), grid, halo))
     crop = image.detach()[..., rows.crop_start:rows.crop_end, cols.crop_start:cols.crop_end].clone().requires_grad_(True)
-    fixed = {t.untyped_storage().data_ptr() for t in [*loss.buffers(), *loss.encoder.buffers(), crop]}
-    maps: dict[int, int] = {}
-    other: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in fixed:
-            (maps if t.dim() == 4 else other)[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        tile_stats(loss, crop, rows, cols, size)
+    with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16):
+        maps, other = saved_storage_bytes(lambda: tile_stats(loss, crop, rows, cols, size),
+                                          [*loss.buffers(), *loss.encoder.buffers(), crop])
     owned = (rows.end - rows.start) * (cols.end - cols.start)
-    return crop.shape[-2] * crop.shape[-1], owned, sum(maps.values()), sum(other.values())
+    return crop.shape[-2] * crop.shape[-1], owned, maps, other
 
 
 def measure(loss: StyleTransferLoss, image: Tensor, bf16: bool) -> Footprint:
