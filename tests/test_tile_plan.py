@@ -64,7 +64,7 @@ def test_measuring_leaves_no_graph_behind():
 
     def live_tensors() -> int:
         gc.collect()
-        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))  # type(): no proxy's __class__
 
     tile_plan.measure(loss, content, True)  # anything made once (caches) is made here
     before = live_tensors()
