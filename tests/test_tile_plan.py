@@ -66,11 +66,15 @@ def test_measuring_leaves_no_graph_behind():
         gc.collect()
         return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))  # type(): no proxy's __class__
 
-    tile_plan.measure(loss, content, True)  # anything made once (caches) is made here
+    for bf16 in (True, False):  # anything made once per precision (caches) is made here
+        tile_plan.measure(loss, content, bf16)
     before = live_tensors()
     for bf16 in (True, False, True):
         tile_plan.measure(loss, content, bf16)
-    assert live_tensors() == before
+    # Not growing, not "unchanged": tensors made before this test (another test's, a cache's) may be
+    # freed meanwhile; a leaked graph is dozens of saved tensors per probe.
+    after = live_tensors()
+    assert after <= before, f"{after - before} tensors outlived three footprint measurements"
 
 
 def test_the_whole_image_when_it_fits():
