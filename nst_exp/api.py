@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import open_dict
 
-from nst_exp.cli.compose import compose_config
+from nst_exp.compose import compose_config
 from nst_exp.errors import UserError
 from nst_exp.labels import labels_of, run_label
 

@@ -147,7 +147,7 @@ class TrainerConfig:
     devices: int = 1  # processes sharing each evaluation's tiles (needs image.tile): one per GPU, or CPU processes
     precision: str = "auto"  # auto (bf16-mixed on a CPU with native bf16, else 32-true) | 32-true | bf16-mixed
     deterministic: bool = False
-    iters_per_step: int = 0  # optimiser iterations per Lightning batch (amortises Lightning's ~1.5 ms per batch); 0 = auto
+    iters_per_step: int = 0  # optimiser iterations per Lightning batch (amortises Lightning's fixed cost per batch); 0 = auto
     channels_last: bool = True  # NHWC activations on CUDA and the CPU (faster kernels there: cuDNN's, oneDNN's)
     compile: bool = False  # torch.compile the VGG19 forward (CUDA; pays off on long runs)
     cuda_graph: bool = True  # CUDA + optimizer.impl=compact: replay each step as one CUDA graph once L-BFGS's memory is full

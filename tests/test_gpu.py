@@ -23,7 +23,7 @@ def test_graph_replay_takes_the_eager_steps():
         x = x0.clone().requires_grad_(True)
         opt = CompactLBFGS([x], lr=0.5, history_size=5, cuda_graph=graph)
 
-        def closure():
+        def closure(x: torch.Tensor = x) -> torch.Tensor:
             x.grad = None
             loss = rosenbrock(x)
             loss.backward()

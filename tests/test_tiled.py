@@ -13,7 +13,8 @@ from nst_exp import stylize
 from nst_exp.api import compose_config
 from nst_exp.errors import UserError
 from nst_exp.model.layers import reach
-from nst_exp.model.tiled import evaluate_tiled, spans
+from nst_exp.model.tiled import evaluate_tiled
+from nst_exp.model.tiles import spans
 from nst_exp.run import setup
 
 SHALLOW = ["loss.content_layers=[relu2_2]", "loss.style_layers=[relu1_1,relu2_1,relu3_1]"]  # halo 12 px: many real tiles
@@ -172,7 +173,7 @@ def test_processes_sharing_tiles_over_gloo_match_one(tmp_path, world):
 def test_window_gradient_is_slicings_in_the_features_layout(fmt):
     """A tile's owned window of an activation hands back slicing's gradient, laid out as the activation
     (slicing's own backward gives NCHW zeros, which slowed every NHWC op after it)."""
-    from nst_exp.model.tiled import _window
+    from nst_exp.model.tiles import _window
 
     x = torch.randn(1, 4, 6, 5).contiguous(memory_format=fmt).requires_grad_(True)
     weight = torch.randn(1, 4, 3, 3)

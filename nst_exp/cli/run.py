@@ -11,12 +11,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from nst_exp.cli.compose import first_line
+from nst_exp.compose import first_line, register_launchers
 from nst_exp.config import CONF_DIR, register_configs
 from nst_exp.errors import UserError
 from nst_exp.run.folder import CHECKPOINT, FINAL_IMAGE, mark_ended, read_result, record_failure
 from nst_exp.run.signals import JobInterrupted
-from nst_exp.sweep.cluster import register_launchers
 from nst_exp.sweep.naming import register_resolvers
 
 
@@ -65,7 +64,7 @@ def _run_job(cfg: DictConfig) -> float:
         if _is_multirun():
             return math.inf  # the sweep goes on; the summary marks this job failed
         sys.exit(2)
-    except Exception as exc:  # noqa: BLE001 - a sweep must survive one job's crash (e.g. out of memory)
+    except Exception as exc:  # re-raised unless in a sweep, which must survive one job's crash (e.g. out of memory)
         if not _is_multirun():
             raise
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from nst_exp.model import color
 from nst_exp.model.layers import map_size
 from nst_exp.model.layout import channels_fastest
+from nst_exp.model.tiles import Region, summed_stats, whole_maps
 
 _EPS = 1e-8
 
@@ -104,7 +105,6 @@ def total_variation(image: Tensor) -> Tensor:
     return dy.pow(2).mean() + dx.pow(2).mean()
 
 
-Region = tuple[slice, slice]  # rows and columns of a layer's map (the positions a tile owns)
 _WHOLE: Region = (slice(None), slice(None))
 
 
@@ -334,7 +334,7 @@ def build_style_transfer_loss(
     """The loss of ``loss_cfg`` (the config's ``loss`` node) with its targets, computed once (no grad):
     content activations, the weighted blend of the style images' statistics, the mask at each style
     layer. Returns the loss and the content image as the targets saw it (grey in luminance mode).
-    With ``tile`` the images run through the encoder tile by tile (``model/tiled.py``): only the
+    With ``tile`` the images run through the encoder tile by tile (``model/tiles.py``): only the
     content layers' maps are ever whole, the style statistics are summed over the tiles."""
     content, styles = color_targets(content, styles, color_mode)
     normalize = loss_cfg.normalize
@@ -342,8 +342,6 @@ def build_style_transfer_loss(
     content_layers, style_layers = list(loss_cfg.content_layers), list(loss_cfg.style_layers)
     with torch.no_grad():
         if tile:
-            from nst_exp.model.tiled import summed_stats, whole_maps
-
             content_feats = whole_maps(encoder, content, content_layers, tile) if content_layers else {}
             style_stats = [summed_stats(encoder, s, style_layers, style_cls.stats, tile) for s in styles]
         else:

@@ -96,7 +96,7 @@ class VGG19Encoder(nn.Module):
         if memory not in ("lean", "fast"):
             raise UserError(f"model.memory must be lean or fast here (auto is resolved per device), got {memory!r}")
         # lean: max pooling keeps no int64 indices and finds the maxima again in its backward
-        # (8 bytes per pooled value less; one more pooling pass, ~3% of a CPU step).
+        # (8 bytes per pooled value less; one more pooling pass: its cost is in docs/performance.md).
         self.max_pool = max_pool2 if memory == "lean" else _max_pool2_torch
         if pooling not in ("max", "avg"):
             raise UserError(f"model.pooling must be 'max' or 'avg', got {pooling!r}")

@@ -100,7 +100,7 @@ def run(
     write_session_start(logger.experiment, {**flatten(to_container(cfg)), "experiment": labels["experiment"] or "none"})
     interruptions = list((read_result(run_dir) or {}).get("interruptions") or []) if resume and resume.optimizer else []
     clock_start = time.perf_counter()
-    clock = lambda: time.perf_counter() - clock_start  # noqa: E731
+    clock = lambda: time.perf_counter() - clock_start
     wall_offset = resume.wall_time_s if resume else 0.0
     step = resume.logged_step if resume else 0
     status, error, image = "completed", None, None

@@ -94,8 +94,8 @@ def build_network(cfg: DictConfig, device: torch.device) -> tuple[VGG19Encoder, 
 
 
 def iters_per_step(cfg: DictConfig, device: torch.device) -> int:
-    """``trainer.iters_per_step``, or for 0 (auto): 10 on CUDA, where a replayed step takes a few ms
-    and Lightning's per-batch cost ~1.5 ms; 1 on the CPU, where a step takes 100s of ms."""
+    """``trainer.iters_per_step``, or for 0 (auto): 10 on CUDA, where a replayed step is short
+    beside Lightning's fixed cost per batch; 1 on the CPU, where a step is long beside it."""
     if cfg.trainer.iters_per_step:
         return int(cfg.trainer.iters_per_step)
     return AUTO_ITERS_PER_STEP_CUDA if device.type == "cuda" else 1

@@ -34,9 +34,9 @@ from nst_exp.run.memory_fit import OTHER_BYTES_PER_PIXEL, PAIR_BYTES_PER_PIXEL, 
 
 MIB = 2**20
 WIDEST_CHANNELS = 64  # conv1_x: the widest maps per input pixel (64 channels at full resolution)
-# Live beside the kept graph, in widest maps (measured on the CPU at 1024 px, fp32 and bf16):
-BACKWARD_MAPS = 2.0  # during the backward: the gradient of a widest map and of its input (0.6-1.6 seen)
-NO_GRAD_MAPS = 4.0  # a forward without autograd: input, padded copy, output (3.75-4 seen)
+# Live beside the kept graph, in widest maps (calibrated on the CPU; the measurements are in docs/print-size.md):
+BACKWARD_MAPS = 2.0  # during the backward: the gradient of a widest map and of its input
+NO_GRAD_MAPS = 4.0  # a forward without autograd: input, padded copy, output
 PROBE_TILES = (32, 96)  # px owned by the two probe crops (plus their halo)
 PROBE_MARGIN = 1.03  # deep maps of a small crop floor a little more than a large image's
 FORWARD_SHARE = 1 / 3  # a forward's share of forward + backward: what a crop not kept costs once more

@@ -33,7 +33,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, logger: RunLogger, steps: int, 
 
         plugins.append(SLURMEnvironment(auto_requeue=False))
     if cfg.logging.progress_bar:
-        # Redrawn once per flush: every step costs ~3 ms on a fast GPU, and the loss it shows changes per flush.
+        # Redrawn once per flush: a redraw per step would cost a GPU run noticeably, and the loss it shows changes per flush.
         callbacks = [*callbacks, LossProgressBar(cfg.logging.flush_every, description, steps)]
     return pl.Trainer(
         max_steps=steps,

@@ -106,18 +106,3 @@ def _last_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
 
-
-def register_launchers() -> None:
-    """Make the launchers of ``hydra_plugins.nst_exp_launchers`` known to Hydra.
-
-    An editable install puts them where Python imports them but where Hydra's plugin scan does not look.
-    """
-    try:
-        from hydra.core.plugins import Plugins
-
-        from hydra_plugins.nst_exp_launchers import NstLocalLauncher, NstSlurmLauncher
-    except ImportError:  # the [sweeps] extra (hydra-submitit-launcher) is not installed
-        return
-    for launcher in (NstSlurmLauncher, NstLocalLauncher):
-        Plugins.instance().register(launcher)
-

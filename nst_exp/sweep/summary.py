@@ -134,7 +134,7 @@ def write_tables(jobs: Sequence[Job], out_dir: Path) -> tuple[Path, Path]:
         writer.writerow(header)
         writer.writerows(rows)
     md_path = out_dir / "summary.md"
-    escape = lambda s: s.replace("|", "\\|")  # noqa: E731
+    escape = lambda s: s.replace("|", "\\|")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
     md_path.write_text("\n".join(lines) + "\n")
