@@ -1,7 +1,8 @@
-"""The README against the code it documents: every default in its config table is the schema's.
+"""The docs against the code they document: every default in a config table is the schema's.
 
-Config defaults have one source, ``nst_exp/config.py``; the README's table is checked against it
-(and against the group choices in ``conf/config.yaml``), so the two cannot drift apart.
+Config defaults have one source, ``nst_exp/config.py``; the README's short table and the manual's
+full one (``docs/configuration.md``) are checked against it (and against the group choices in
+``conf/config.yaml``), so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -9,17 +10,19 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from nst_exp.api import compose_config
 from nst_exp.config import CONF_DIR, to_container
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REPO = Path(__file__).resolve().parent.parent
+TABLES = ["README.md", "docs/configuration.md"]
 
 
-def config_table() -> list[tuple[str, str]]:
-    """(keys cell, default cell) of each row of the README's ``| key | default | meaning |`` table."""
-    lines = README.read_text().splitlines()
+def config_table(doc: str) -> list[tuple[str, str]]:
+    """(keys cell, default cell) of each row of ``doc``'s ``| key | default | meaning |`` table."""
+    lines = (REPO / doc).read_text().splitlines()
     start = lines.index("| key | default | meaning |") + 2
     rows = []
     for line in lines[start:]:
@@ -65,18 +68,19 @@ def group_defaults() -> dict[str, str]:
     return {k: v for e in entries if isinstance(e, dict) for k, v in e.items()}
 
 
-def test_readme_config_defaults_are_the_schemas():
+@pytest.mark.parametrize("doc", TABLES)
+def test_config_table_defaults_are_the_schemas(doc):
     cfg = to_container(compose_config())
     groups = group_defaults()
     checked = 0
-    for keys_cell, default_cell in config_table():
+    for keys_cell, default_cell in config_table(doc):
         keys = re.findall(r"`([a-z_.]+=?)`", keys_cell)
         if not keys or keys[0].startswith("hydra.") or default_cell == "bundled images":
             continue
         values = split_values(default_cell)
         if len(values) == 1:
             values = values * len(keys)
-        assert len(values) == len(keys), f"README row {keys_cell!r}: {len(keys)} keys, {len(values)} defaults"
+        assert len(values) == len(keys), f"{doc} row {keys_cell!r}: {len(keys)} keys, {len(values)} defaults"
         for key, doc in zip(keys, values):
             if key.endswith("="):
                 actual: object = groups[key[:-1]]
@@ -84,6 +88,11 @@ def test_readme_config_defaults_are_the_schemas():
                 actual = cfg
                 for part in key.split("."):
                     actual = actual[part]
-            assert same(doc, actual), f"README says {key} defaults to {doc!r}; the schema (nst_exp/config.py) says {actual!r}"
+            assert same(doc, actual), f"{doc} says {key} defaults to {doc!r}; the schema (nst_exp/config.py) says {actual!r}"
             checked += 1
     assert checked >= 25  # the table was found and read
+
+
+def test_the_two_tables_list_the_same_keys():
+    """The README's short table and the manual's full one name the same keys, row by row."""
+    assert [k for k, _ in config_table("README.md")] == [k for k, _ in config_table("docs/configuration.md")]

@@ -38,3 +38,8 @@ def test_imports_keep_the_layers_and_have_no_circles():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 broken" in proc.stdout
 
+
+def test_docs_site_builds_strictly(tmp_path):
+    proc = _run([*_tool("mkdocs", "mkdocs"), "build", "--strict", "--site-dir", str(tmp_path / "site")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "site" / "index.html").exists()
