@@ -31,6 +31,7 @@ def test_settings_are_type_checked_with_the_cli_s_one_line_errors():
         nst_exp.stylize(image={"sise": 3})
 
 
+@pytest.mark.slow
 def test_stylize_never_shares_a_folder(tmp_path, monkeypatch, photo):
     """Three calls within one second: three folders, each named by its images and experiment."""
     monkeypatch.chdir(tmp_path)
@@ -46,6 +47,7 @@ def test_stylize_never_shares_a_folder(tmp_path, monkeypatch, photo):
         nst_exp.stylize(photo, output_dir=runs[0], **args)
 
 
+@pytest.mark.slow
 def test_stylize_with_pil_images(tmp_path, photo, painting):
     result = nst_exp.stylize(
         Image.open(photo), Image.open(painting), output_dir=tmp_path / "run",
@@ -56,6 +58,7 @@ def test_stylize_with_pil_images(tmp_path, photo, painting):
     assert list((tmp_path / "run").glob("events.out.tfevents*"))
 
 
+@pytest.mark.slow
 def test_stylize_with_paths_and_overrides(tmp_path, photo, painting):
     result = nst_exp.stylize(
         photo, str(painting), output_dir=tmp_path / "run", return_result=True,

@@ -115,6 +115,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Complete
     return proc, cwd
 
 
+@pytest.mark.slow
 def test_bench_smoke_table(smoke):
     proc, cwd = smoke
     assert "machine:" in proc.stdout and "s/step" in proc.stdout
@@ -141,6 +142,7 @@ def test_bench_smoke_table(smoke):
         < proc.stdout.index("tool at 64 px (round 2/2)")
 
 
+@pytest.mark.slow
 def test_bench_smoke_ttq(smoke):
     proc, cwd = smoke
     assert "time to quality at 32 px" in proc.stdout and "pastiche: 3 L-BFGS steps" in proc.stdout
@@ -150,6 +152,7 @@ def test_bench_smoke_ttq(smoke):
     assert all(p["seconds"] > 0 and p["content"] >= 0 and p["style"] >= 0 for p in ttq["tool_points"])
 
 
+@pytest.mark.slow
 def test_bench_writes_nothing_but_its_json(smoke):
     _, cwd = smoke
     assert sorted(p.name for p in cwd.iterdir()) == ["out.json"]  # run folders went to temp dirs

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 import pytest
+from PIL import Image
 
 from nst_exp.api import compose_config
 from nst_exp.cli.checks import check_overrides_compose, presets
@@ -13,6 +17,14 @@ from nst_exp.images import resolve_path
 GROUPS = ["content", "style", "model", "loss", "optimizer", "trainer", "logging"]
 
 
+def notice_hashes() -> dict[str, str]:
+    """file name -> sha256, as ``nst_exp/assets/NOTICE.md`` records the bundled images."""
+    from nst_exp.images import ASSETS_DIR
+
+    text = (ASSETS_DIR / "NOTICE.md").read_text()
+    return {name: digest for digest, name in re.findall(r"^([0-9a-f]{64})  (\S+)", text, re.M)}
+
+
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_preset_composes_and_validates(group):
     names = presets(group)
@@ -20,8 +32,11 @@ def test_every_preset_composes_and_validates(group):
     for name in names:
         cfg = compose_config([f"{group}={name}"])
         validate(cfg)
-        if group in ("content", "style"):
-            assert resolve_path(cfg[group].path, group).is_file()
+        if group in ("content", "style"):  # the very file the notice describes, and an image
+            path = resolve_path(cfg[group].path, group)
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == notice_hashes()[path.name], path
+            with Image.open(path) as img:
+                img.verify()
 
 
 def test_experiments_compose():

@@ -44,6 +44,7 @@ def tiny_stages(cfg) -> list[str]:
     return [f"image.multiscale_sizes=[{','.join(map(str, sizes))}]", f"image.multiscale_steps=[{','.join(['1'] * n)}]"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FIXED)
 def test_fixed_experiment_runs(tmp_path, name):
     cfg = compose_config([f"experiment={name}"])
@@ -56,21 +57,29 @@ def test_fixed_experiment_runs(tmp_path, name):
     assert max(result.image.size) == 48
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SWEEPS)
 def test_sweep_experiment_runs(tmp_path, name):
     params = sweep_params(name)
     expected = 1
     for values in params.values():
         expected *= len(yaml.safe_load("[" + values + "]")) if not values.startswith("[") else values.count("],") + 1
-    size = [] if "image.size" in params else ["image.size=32"]  # `sizes` sweeps the size itself
+    size = ["image.size=32"]
+    if "image.size" in params:  # `sizes`: each of its own sizes composes and validates; the sweep runs as many tiny ones
+        own = [int(v) for v in params["image.size"].split(",")]
+        for value in own:
+            validate(compose_config([f"experiment={name}", f"image.size={value}"]))
+        size = ["image.size=" + ",".join(str(32 + 8 * i) for i in range(len(own)))]  # the command line wins over the preset
     proc = run_cli(["run", "-m", f"experiment={name}", *size, *TINY[1:], "trainer.max_steps=1"], tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (sweep,) = [p for p in (tmp_path / "outputs" / "multirun").glob("*/*") if p.is_dir()]
     jobs = collect_jobs([sweep])
     assert len(jobs) == expected and {j.status for j in jobs} == {"completed"}
+    assert all(j.config["image"]["size"] <= 64 for j in jobs)  # tiny, whatever the preset says
     assert (sweep / "summary.csv").is_file() and (sweep / "contact_sheet.png").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("search", sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml")))
 def test_optuna_search_runs(tmp_path, search):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")

@@ -9,7 +9,7 @@ import torch
 import nst_exp
 from nst_exp.optim.lbfgs import CompactLBFGS
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def rosenbrock(x: torch.Tensor) -> torch.Tensor:

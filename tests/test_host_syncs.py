@@ -150,6 +150,7 @@ def audit(monkeypatch: pytest.MonkeyPatch) -> SyncAudit:
     return audit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -178,6 +179,7 @@ def test_step_loop_never_waits_for_the_device(tmp_path, overrides, audit):
     assert watcher.state_dtypes == {torch.float32, torch.float64}
 
 
+@pytest.mark.slow
 def test_the_audit_sees_a_sync(tmp_path, audit):
     """The audit is not blind: a callback that reads the loss history every batch is caught."""
 

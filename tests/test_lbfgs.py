@@ -76,6 +76,7 @@ def test_stationary_point_does_not_move():
     assert torch.equal(x.detach(), torch.ones(8))
 
 
+@pytest.mark.slow
 def test_real_transfer_matches_torch_lbfgs(tmp_path, photo, painting):
     images = {}
     for impl in ("compact", "torch"):

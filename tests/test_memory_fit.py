@@ -3,6 +3,8 @@ naming the largest ``optimizer.history_size`` that fits."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -30,9 +32,22 @@ def test_no_history_fits_says_adam():
         check_history_fits(compose_config([]), 100_000_000, CPU, available=8 * GIB)
 
 
-def test_free_memory_is_read_on_this_machine():
+def test_free_memory_is_memavailable_within_the_machines_ram():
+    """On Linux: MemAvailable, which lies between the kernel's free pages (less its reserve) and the RAM."""
     free = available_bytes(CPU)
-    assert free is not None and 0 < free < 2**50
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert free is not None and free <= os.sysconf("SC_PHYS_PAGES") * page
+    assert free >= os.sysconf("SC_AVPHYS_PAGES") * page // 2
+
+
+def test_free_memory_parses_meminfo_and_says_none_when_unknown(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24576000 kB\nMemFree:         1000000 kB\nMemAvailable:   12345678 kB\n")
+    assert available_bytes(CPU, meminfo) == 12345678 * 1024
+    meminfo.write_text("MemTotal:       24576000 kB\n")  # an old kernel without MemAvailable
+    assert available_bytes(CPU, meminfo) is None
+    assert available_bytes(CPU, tmp_path / "missing") is None
+    assert available_bytes(torch.device("meta")) is None
 
 
 def test_the_cli_stops_before_any_work(tmp_path):

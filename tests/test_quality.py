@@ -42,6 +42,7 @@ def content_small():
     return load_tensor("builtin:chelsea.png", SIZE)
 
 
+@pytest.mark.slow
 def test_luminance_only_keeps_content_colours(tmp_path, plain, content_small):
     lum, _ = stylize(tmp_path, "lum", "image.color=luminance")
     target = rgb_to_yiq(content_small)[:, 1:]
@@ -51,6 +52,7 @@ def test_luminance_only_keeps_content_colours(tmp_path, plain, content_small):
     assert (pil_to_tensor(lum) - content_small).abs().mean() > 0.02  # yet the luminance was stylised
 
 
+@pytest.mark.slow
 def test_histogram_matching_moves_colours_to_the_content(tmp_path, plain, content_small):
     hist, _ = stylize(tmp_path, "hist", "image.color=histogram")
     mean_c = content_small.mean(dim=(2, 3))
@@ -62,6 +64,7 @@ def test_histogram_matching_moves_colours_to_the_content(tmp_path, plain, conten
     assert torch.allclose(recoloured.mean(dim=(2, 3)), mean_c, atol=0.03)
 
 
+@pytest.mark.slow
 def test_mask_keeps_unmasked_region_closer_to_content(tmp_path, content_small):
     h, w = content_small.shape[-2:]
     mask = np.zeros((h, w), np.uint8)
@@ -74,6 +77,7 @@ def test_mask_keeps_unmasked_region_closer_to_content(tmp_path, content_small):
     assert right < 0.6 * left
 
 
+@pytest.mark.slow
 def test_more_style_weight_lowers_style_distance(tmp_path):
     _, weak = stylize(tmp_path, "weak", "loss.style_weight=2")
     _, strong = stylize(tmp_path, "strong", "loss.style_weight=200")
@@ -81,6 +85,7 @@ def test_more_style_weight_lowers_style_distance(tmp_path):
     assert strong.metrics["hp/eval_content"] > weak.metrics["hp/eval_content"]
 
 
+@pytest.mark.slow
 def test_mean_cov_loss_runs_and_stylises(tmp_path):
     _, res = stylize(tmp_path, "mc", "loss.style_loss=mean_cov")
     acc = EventAccumulator(str(res.run_dir), size_guidance={"scalars": 0})
@@ -91,6 +96,7 @@ def test_mean_cov_loss_runs_and_stylises(tmp_path):
     assert res.metrics["hp/eval_style"] < 1.5 * gram.metrics["hp/eval_style"]  # a different loss, a comparable result
 
 
+@pytest.mark.slow
 def test_multiscale_runs_every_stage_on_one_curve(tmp_path):
     img, res = stylize(tmp_path, "ms", "image.multiscale_sizes=[24,34]", "image.multiscale_steps=[5,4]", "trainer.max_steps=3")
     assert img.size == (48, 32) and res.metrics["hp/steps"] == 12
@@ -99,6 +105,7 @@ def test_multiscale_runs_every_stage_on_one_curve(tmp_path):
     assert [e.step for e in acc.Scalars("loss/total")] == list(range(12))
 
 
+@pytest.mark.slow
 def test_several_iterations_per_batch_keep_per_step_curves(tmp_path):
     # What CUDA runs by default (trainer.iters_per_step auto = 10), checked on the CPU: 4 optimiser
     # steps per Lightning batch, scalars staged asynchronously every 3 steps, snapshots every 4.
@@ -112,6 +119,7 @@ def test_several_iterations_per_batch_keep_per_step_curves(tmp_path):
     assert [e.step for e in acc.Images("image/generated")] == [4, 8, 10]  # every 4, and the last step
 
 
+@pytest.mark.slow
 def test_style_blend_weights(tmp_path, plain):
     only_first, _ = stylize(tmp_path, "blend10", "style.extra_paths=[builtin:hubble_deep_field.jpg]", "style.blend_weights=[1,0]")
     assert np.array_equal(np.asarray(only_first), np.asarray(plain[0]))  # weight 0 = that style is absent
@@ -119,6 +127,7 @@ def test_style_blend_weights(tmp_path, plain):
     assert not np.array_equal(np.asarray(mixed), np.asarray(plain[0]))
 
 
+@pytest.mark.slow
 def test_style_scale_sets_the_style_image_size(tmp_path):
     for scale, expected in ((0.5, 24), (2.0, 96)):
         _, res = stylize(tmp_path, f"scale{scale}", f"image.style_scale={scale}", "trainer.max_steps=2")
@@ -128,13 +137,34 @@ def test_style_scale_sets_the_style_image_size(tmp_path):
         assert max(style.width, style.height) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["noise", "style", "image"])
-def test_inits(tmp_path, init, photo):
-    extra = [f"image.init_path={photo}"] if init == "image" else []
-    img, _ = stylize(tmp_path, init, f"init={init}", "trainer.max_steps=3", *extra)
+def test_each_init_starts_from_what_it_names_and_runs(tmp_path, init, photo, painting, noise_image):
+    """noise: uniform noise fixed by the seed alone; style: the style image at the generated size;
+    image: ``image.init_path`` at that size. Then a short run from it completes."""
+    from nst_exp.api import compose_config
+    from nst_exp.run.setup import Inputs, initial_image
+
+    overrides = [f"init={init}", f"content.path={photo}", f"style.path={painting}", f"image.init_path={noise_image}"]
+    cfg = compose_config([*overrides, "seed=3"])
+    inputs = Inputs(cfg)
+    content = inputs.content_at(SIZE)
+    start = initial_image(cfg, inputs, content, torch.device("cpu"))
+    assert start.shape == content.shape
+    if init == "noise":
+        again = initial_image(cfg, Inputs(compose_config([*overrides, "seed=3", f"style.path={photo}"])), content * 0, torch.device("cpu"))
+        other = initial_image(compose_config([*overrides, "seed=4"]), inputs, content, torch.device("cpu"))
+        assert torch.equal(start, again) and not torch.equal(start, other)
+        assert 0 <= start.min() and start.max() < 1 and abs(start.mean().item() - 0.5) < 0.05
+    else:
+        source = Image.open(painting if init == "style" else noise_image).convert("RGB")
+        expected = pil_to_tensor(source.resize((content.shape[-1], content.shape[-2]), Image.Resampling.LANCZOS))
+        torch.testing.assert_close(start, expected, rtol=0, atol=0)
+    img, _ = stylize(tmp_path, init, *overrides, "trainer.max_steps=2")
     assert img.size == (48, 32)
 
 
+@pytest.mark.slow
 def test_seed_repeats_and_differs(tmp_path):
     a, _ = stylize(tmp_path, "a", "init=noise", "seed=1", "trainer.max_steps=5")
     b, _ = stylize(tmp_path, "b", "init=noise", "seed=1", "trainer.max_steps=5")
@@ -176,6 +206,7 @@ def test_evaluator_identical_and_unrelated():
     assert styled_like_style.style_distance < far.style_distance
 
 
+@pytest.mark.slow
 def test_evaluate_command_scores_any_image(tmp_path, plain):
     img_path = plain[1].run_dir / "final.png"
     proc = run_cli(["evaluate", str(img_path), "--content", "builtin:chelsea.png", "--style", "builtin:starry_night.jpg", "--json"], tmp_path)

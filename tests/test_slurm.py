@@ -39,10 +39,10 @@ def _cluster_problem() -> str | None:
 
 
 PROBLEM = _cluster_problem()
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.skipif(
     PROBLEM is not None,
     reason=f"no SLURM cluster ({PROBLEM}): start one with `bash ../shared/tools/local-slurm.sh` (root, ~1 min)",
-)
+)]
 
 SLURM = ["launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.array_parallelism=1",

@@ -73,6 +73,7 @@ def grid_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return sweep, proc
 
 
+@pytest.mark.slow
 def test_multirun_one_folder_named_jobs(grid_sweep):
     sweep, proc = grid_sweep
     names = sorted(p.name for p in run_dirs(sweep))
@@ -85,6 +86,7 @@ def test_multirun_one_folder_named_jobs(grid_sweep):
     assert "sweep:       4 jobs, 4 completed\n" in proc.stdout and f"tensorboard --logdir {sweep.relative_to(sweep.parents[3])}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_hparams_complete_for_every_run(grid_sweep):
     """Every run: the same hyperparameter keys, labels of the images really used, and each final metric
     once, at the last step (no NaN placeholder at step 0 in the SCALARS charts)."""
@@ -103,6 +105,7 @@ def test_hparams_complete_for_every_run(grid_sweep):
     assert styles == {("starry_night", 5.0), ("starry_night", 50.0), ("hubble_deep_field", 5.0), ("hubble_deep_field", 50.0)}
 
 
+@pytest.mark.slow
 def test_sweep_experiment_lists_swept_keys_first_and_final_metrics(grid_sweep):
     sweep, _ = grid_sweep
     experiment = sweep_experiment(sweep)
@@ -125,6 +128,7 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_tensorboard_server_hparams_show_swept_first_and_every_job(grid_sweep):
     """A real TensorBoard on loopback, through the HTTP API its HPARAMS tab uses: the swept parameters lead
     the table (the tab ticks the first ones), the final metrics are its metric columns, one row per job."""
@@ -158,6 +162,7 @@ def test_tensorboard_server_hparams_show_swept_first_and_every_job(grid_sweep):
         server.wait()
 
 
+@pytest.mark.slow
 def test_contact_sheet_and_summary(grid_sweep):
     sweep, _ = grid_sweep
     jobs = collect_jobs([sweep])
@@ -176,6 +181,7 @@ def test_contact_sheet_and_summary(grid_sweep):
     assert "sweep/contact_sheet" in acc.Tags()["images"]
 
 
+@pytest.mark.slow
 def test_failed_job_does_not_stop_sweep(tmp_path):
     """A file whose header reads but whose pixels do not (a cut-off JPEG) fails in its job only."""
     cut = tmp_path / "cut_painting.jpg"
@@ -195,6 +201,7 @@ def test_failed_job_does_not_stop_sweep(tmp_path):
 
 
 @pytest.mark.parametrize(("values", "message"), [
+    ("image.size=32,big", "bad value in 'image.size=big'"),
     ("style.path=builtin:starry_night.jpg,/no/such/painting.jpg", "style image not found: /no/such/painting.jpg"),
     ("image.size=64,0", "image.size must be a positive number, got 0"),
     ("image.multiscale_sizes=[24],[8] image.multiscale_steps=[2]", "becomes 8x5 px at a stage of image.multiscale_sizes=8"),
@@ -206,6 +213,7 @@ def test_bad_sweep_value_fails_before_any_job(tmp_path, values, message):
     assert not sweep_dirs(tmp_path)  # no job ran
 
 
+@pytest.mark.slow
 def test_compare_any_runs(tmp_path, grid_sweep):
     sweep, _ = grid_sweep
     runs = run_dirs(sweep)[:3]
@@ -219,6 +227,7 @@ def test_compare_any_runs(tmp_path, grid_sweep):
     assert bad.returncode == 2 and bad.stderr.startswith("error: not a folder")
 
 
+@pytest.mark.slow
 def test_two_sweeps_in_the_same_second_do_not_share_a_folder(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "nst_exp", "run", "-m", "trainer.max_steps=1", *FAST[:1], "logging.progress_bar=false"]
@@ -228,6 +237,7 @@ def test_two_sweeps_in_the_same_second_do_not_share_a_folder(tmp_path):
     assert len(sweep_dirs(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_optuna_search_three_trials(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     proc = run_cli(["run", "hparams_search=style_optuna", "hydra.sweeper.n_trials=3", *FAST], tmp_path, timeout=600)
@@ -240,6 +250,7 @@ def test_optuna_search_three_trials(tmp_path):
         assert job.status == "completed" and job.metrics["hp/objective"] >= 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["parallel", "submitit_local"])
 def test_local_launchers(tmp_path, launcher):
     pytest.importorskip({"parallel": "hydra_plugins.hydra_joblib_launcher", "submitit_local": "hydra_plugins.hydra_submitit_launcher"}[launcher])
@@ -258,6 +269,7 @@ def _steps(run_dir: Path) -> list[int]:
     return [e.step for e in acc.Scalars("loss/total")]
 
 
+@pytest.mark.slow
 def test_resume_by_hand_continues_the_curve(tmp_path):
     proc = run_cli(["run", *FAST, "trainer.max_steps=4"], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -271,6 +283,7 @@ def test_resume_by_hand_continues_the_curve(tmp_path):
     assert json.loads((run / "result.json").read_text())["metrics"]["hp/steps"] == 7
 
 
+@pytest.mark.slow
 def test_every_checkpoint_has_its_steps_on_disk(tmp_path):
     """A kill right after a checkpoint loses no scalars: the event file already holds every step it covers."""
     import pytorch_lightning as pl
@@ -297,6 +310,7 @@ def test_every_checkpoint_has_its_steps_on_disk(tmp_path):
         assert steps == list(range(done))
 
 
+@pytest.mark.slow
 def test_killed_job_rerun_in_its_folder_resumes_from_checkpoint(tmp_path):
     """What a requeued (pre-empted) cluster job does: the same command, the same folder, a last.ckpt."""
     run = tmp_path / "outputs" / "job"

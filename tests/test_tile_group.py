@@ -41,6 +41,7 @@ def _helper_lines(text: str) -> list[tuple[int, int, int]]:
     return [tuple(map(int, m)) for m in re.findall(r"tile helper (\d+)/(\d+): (\d+) evaluations shared", text)]
 
 
+@pytest.mark.slow
 def test_two_processes_from_the_cli_paint_the_one_process_image(tmp_path, one_process):
     out = tmp_path / "run"
     proc = run_cli(["run", *SHARED, "trainer.devices=2", f"hydra.run.dir={out}"], tmp_path)
@@ -51,6 +52,7 @@ def test_two_processes_from_the_cli_paint_the_one_process_image(tmp_path, one_pr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written beside the run folder
 
 
+@pytest.mark.slow
 def test_two_processes_with_auto_tiles_share_what_the_budget_forces(tmp_path):
     """image.tile=auto with a budget the whole image does not fit: both processes plan the same tiles
     (process 0's plan is sent with every evaluation) and the image is the one process's."""
@@ -71,6 +73,7 @@ def test_two_processes_with_auto_tiles_share_what_the_budget_forces(tmp_path):
     _same_image(two / "final.png", np.asarray(Image.open(one / "final.png"), dtype=np.int16))  # exact whatever the tiles
 
 
+@pytest.mark.slow
 def test_submitit_job_tasks_share_the_tiles(tmp_path, one_process):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     proc = run_cli(["run", "-m", "launcher=submitit_local", *SHARED, "trainer.devices=2", "seed=0"], tmp_path, timeout=600)
@@ -92,6 +95,7 @@ def test_devices_without_a_tile_is_one_line_with_the_fix():
         validate(compose_config(["trainer.devices=0"]))
 
 
+@pytest.mark.slow
 def test_a_helper_that_cannot_start_is_an_error_not_a_hang(tmp_path):
     """Spawned helpers import the calling script: without a ``__main__`` guard the helper fails at once,
     and process 0 says so (it does not wait at the rendezvous)."""
@@ -109,6 +113,7 @@ def test_a_helper_that_cannot_start_is_an_error_not_a_hang(tmp_path):
     assert "if __name__ == '__main__':" in proc.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_image_and_ends_the_helpers(tmp_path):
     """Ctrl-C during a two-process run: process 0 saves final.png and last.ckpt and exits 130; its helper
     ends with it (stopped between evaluations, or ended if the signal cut one short), nothing hangs."""

@@ -40,6 +40,7 @@ def _saved_bytes_of_whole(loss, image: torch.Tensor, bf16: bool) -> int:
     return maps + other
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("overrides", [[], ["model.memory=lean", "model.padding=zeros", "loss.style_loss=mean_cov"],
                                        ["loss.style_layers=[relu1_1,relu2_1]", "loss.content_layers=[relu2_2]"]])
@@ -126,6 +127,7 @@ def test_targets_tile_only_when_the_largest_input_does_not_fit():
     assert plan_targets(256, [(1000, 1500)], LAYERS, 1024, None) == 256
 
 
+@pytest.mark.slow
 def test_keeping_every_graph_is_still_exact():
     """Pass 2 from pass 1's graphs alone (keep = every crop) gives the terms and gradient of the whole image."""
     _, loss, content = _loss(160, ["loss.content_layers=[relu2_2]", "loss.style_layers=[relu1_1,relu2_1,relu3_1]"])
@@ -151,6 +153,7 @@ def test_bad_tile_settings_are_one_line():
     validate(compose_config(["image.tile=AUTO"]))
 
 
+@pytest.mark.slow
 def test_a_run_under_a_small_budget_tiles_itself_and_paints_the_same_image(tmp_path, capsys):
     settings = dict(trainer={"max_steps": 3, "accelerator": "cpu", "precision": "32-true"},
                     logging={"progress_bar": False, "image_every": 0})

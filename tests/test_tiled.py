@@ -39,25 +39,24 @@ def _assert_tiled_equals_whole(overrides: list[str], size: int, tile: int) -> No
     assert set(tiled) == set(whole)
     for name, value in whole.items():
         torch.testing.assert_close(tiled[name], value.detach(), rtol=2e-5, atol=1e-7, msg=name)
-    # Max pooling routes a gradient to the larger of two values, so where two are nearly tied a
-    # float-order difference of one ulp in the forward moves a pixel's gradient (seen: a handful of
-    # pixels with reflect padding + max pooling). The gradient as a whole must agree to float
-    # precision; elementwise it must where pooling is smooth (avg).
-    error = (image.grad - expected_grad).norm() / expected_grad.norm()
-    assert error < 1e-4, f"relative gradient error {error:.2e}"
-    if any(o == "model.pooling=avg" for o in overrides):
-        scale = expected_grad.abs().max()
-        torch.testing.assert_close(image.grad / scale, expected_grad / scale, rtol=0, atol=2e-5)
+    # Elementwise, max pooling included: a crop pools the same windows as the whole image, so a gradient
+    # routed to another maximum would show here as an error of the order of that pixel's gradient.
+    # Measured with reflect padding and max pooling: within 6e-7 of the largest entry in fp32 (5e-9 in
+    # fp64), at 240 px in 64 px tiles and at 150 px in 20 px tiles.
+    scale = expected_grad.abs().max()
+    torch.testing.assert_close(image.grad / scale, expected_grad / scale, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     [],  # the defaults: gram, reflect, max pooling, relu1_1..relu5_1 + relu4_2 (halo 80 px)
     ["loss.style_loss=mean_cov", "model.padding=zeros", "model.pooling=avg", "loss.tv_weight=0.1"],
 ])
 def test_default_layers_tiled_equal_whole(overrides):
-    _assert_tiled_equals_whole(overrides, 240, 64)  # 240x160 in 64 px tiles: 4 x 3 tiles, the last ones 112 / 96 px
+    _assert_tiled_equals_whole(overrides, 240, 96)  # 240x160 in 96 px tiles: 3 x 2 tiles, the last ones 48 / 64 px
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ["loss.style_loss=gram", "model.padding=reflect", "model.pooling=max"],
     ["loss.style_loss=mean_cov", "model.padding=zeros", "model.pooling=max"],
@@ -67,9 +66,11 @@ def test_default_layers_tiled_equal_whole(overrides):
     ["image.color=histogram", "style.extra_paths=[builtin:hubble_deep_field]", "style.blend_weights=[0.7,0.3]"],
 ])
 def test_shallow_layers_many_tiles_equal_whole(overrides):
-    _assert_tiled_equals_whole([*SHALLOW, *overrides], 150, 20)  # 150x100 (odd sizes after poolings) in 20 px tiles
+    _assert_tiled_equals_whole([*SHALLOW, *overrides], 150, 32)  # 150x100 (odd sizes after poolings) in 32 px tiles:
+    # 5 x 4 tiles, the last ones 22 px wide and 4 px (one pooling-grid step) high
 
 
+@pytest.mark.slow
 def test_masked_style_tiled_equals_whole(tmp_path):
     mask = np.zeros((100, 150), dtype=np.uint8)
     mask[:, 40:] = 255
@@ -91,6 +92,7 @@ def test_tiles_cover_the_image_once_with_crops_on_the_grid():
                 assert s.crop_end == min(side, s.end + halo)
 
 
+@pytest.mark.slow
 def test_a_tiled_run_paints_the_same_image(tmp_path):
     settings = dict(image={"size": 64}, trainer={"max_steps": 5, "accelerator": "cpu", "precision": "32-true"},
                     logging={"progress_bar": False, "image_every": 0}, overrides=SHALLOW)
@@ -111,6 +113,7 @@ def test_tile_off_the_pooling_grid_is_one_line_with_the_fix():
     validate(compose_config(["image.tile=48"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [[], ["loss.style_loss=mean_cov", "model.pooling=avg"]])
 def test_targets_made_tile_by_tile_equal_whole(overrides, tmp_path):
     """Huge content and style images: the content target assembled from tiles and the style statistics
@@ -135,6 +138,7 @@ def test_targets_made_tile_by_tile_equal_whole(overrides, tmp_path):
         assert error < 1e-5, f"{key}: {error:.1e}"
 
 
+@pytest.mark.slow
 def test_final_tiff_on_request(tmp_path):
     result = stylize(output_dir=tmp_path / "run", return_result=True, image={"size": 48},
                      trainer={"max_steps": 2, "accelerator": "cpu"}, logging={"progress_bar": False, "save_tiff": True})
@@ -155,6 +159,7 @@ def _evaluate_as_rank(rank: int, world: int, store: str, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_processes_sharing_tiles_over_gloo_match_one(tmp_path, world):
     """torch.distributed on the CPU (gloo): the tiles are shared out, pass 1's sums and pass 2's gradient
