@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from nst_exp.bench.cli import parse_args
 from nst_exp.bench.clock import StepClock, window_end
 from nst_exp.bench.flops import conv_flops, peak_tflops
+from nst_exp.bench.peak import measure_peak, vgg_conv_shapes
 from nst_exp.bench.ttq import QualityPoint, time_to_quality
 from nst_exp.model.layers import GATYS_STYLE_LAYERS, pastiche_layer
 
@@ -62,6 +64,23 @@ def test_peak_table():
     assert peak_tflops("NVIDIA H200", "bf16") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe", "bf16") is None  # a different part: not in the table
     assert peak_tflops(None, "fp32") is None
+
+
+@pytest.mark.parametrize("basis", ["fp32", "bf16"])
+def test_measured_peak_times_real_vgg_shaped_convs(basis: str):
+    """The CPU peak is the fastest of VGG19's C->C 3x3 convs, each timed for real: FLOPs by hand over a measured call."""
+    peak = measure_peak(basis, "cpu", base=(16, 24), repeats=2, matmul=64)
+    assert vgg_conv_shapes((16, 24)) == [(64, 16, 24), (128, 8, 12), (256, 4, 6), (512, 2, 3)]
+    assert [t.flops for t in peak.convs] == [2 * c * c * 9 * h * w for c, h, w in vgg_conv_shapes((16, 24))]
+    assert all(0 < t.seconds < 10 and math.isfinite(t.tflops) and t.tflops > 0 for t in peak.convs)
+    assert peak.tflops == max(t.tflops for t in peak.convs) and math.isfinite(peak.tflops) and peak.tflops > 0
+    assert peak.matmul is not None and peak.matmul.flops == 2 * 64**3 and peak.matmul.seconds > 0
+    # A second measurement merged in keeps each kernel's faster call, so the peak can only rise.
+    again = measure_peak(basis, "cpu", base=(16, 24), repeats=1, matmul=None)
+    merged = again.merge(peak)
+    assert [t.seconds for t in merged.convs] == [min(a.seconds, b.seconds) for a, b in zip(peak.convs, again.convs)]
+    assert merged.tflops >= max(peak.tflops, again.tflops) and merged.matmul == peak.matmul
+    assert merged.summary().startswith(f"{basis} {merged.tflops:.3f} TFLOP/s (conv ")
 
 
 def test_time_to_quality_rule():
@@ -136,6 +155,14 @@ def test_bench_smoke_table(smoke):
     assert all(r["mem_rise_mib_per_mpx"] == pytest.approx(r["mem_rise_mib"] / (r["width"] * r["height"] / 1e6)) for r in rows)
     assert all(cells[-4] == f"{r['mem_rise_mib_per_mpx']:.0f}" for r in rows for cells in [table[r["variant"]]])
     assert all(r["mem_mib_per_extra_mpx"] is None for r in rows)  # one size: no smaller one to grow from
+    # of peak on the CPU: over the fp32 peak measured at start (and again between the two rounds).
+    peak = json.loads((cwd / "out.json").read_text())["machine"]["peak"]
+    assert set(peak) == {"fp32"} and peak["fp32"]["tflops"] > 0 and len(peak["fp32"]["convs"]) == 4
+    assert "measured peak: fp32 " in proc.stdout and "of peak: n/a" not in proc.stdout
+    for r in rows:
+        assert r["peak_basis"] == "fp32" and r["peak_tflops"] == peak["fp32"]["tflops"]
+        assert r["peak_fraction"] == pytest.approx(r["tflops"] / r["peak_tflops"]) and r["peak_fraction"] > 0
+        assert table[r["variant"]][-1] == f"{100 * r['peak_fraction']:.1f}%"
     # --repeats 2: two interleaved rounds per variant, the row is the faster one
     assert all(len(r["round_means"]) == 2 and r["s_per_step_mean"] == min(r["round_means"]) for r in rows)
     assert proc.stdout.index("tool at 64 px (round 1/2)") < proc.stdout.index("bare at 64 px (round 1/2)") \

@@ -260,3 +260,60 @@ def test_memory_fast_and_lean_give_the_same_features_and_gradient(weights):
     assert resolve_memory("lean", torch.device("cpu")) == "lean"
     with pytest.raises(UserError, match="model.memory"):
         VGG19Encoder(weights, ["relu1_1"], memory="auto")
+
+
+@pytest.mark.parametrize("padding", ["reflect", "zeros"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_conv_relu_gives_the_same_bits_as_conv_then_relu(weights, padding, precision):
+    # On the CPU each conv and its ReLU run as one oneDNN call (model/conv_relu.py) wherever conv2d
+    # runs the same kernel: features and image gradient must be bit for bit those of conv2d + relu_,
+    # so a fixed-seed fp32 run does not change.
+    layers = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1"]
+    enc = VGG19Encoder(weights, layers, padding=padding, memory="fast").to(memory_format=torch.channels_last)
+    enc.channels_last = True
+    image = torch.rand(1, 3, 134, 200)  # large enough that conv2d runs conv1_1 in oneDNN in fp32 too
+    results = []
+    for fuse in (True, False):
+        enc.fuse_relu = fuse
+        x = image.clone().requires_grad_(True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            feats = enc(x)
+            sum(f.float().square().mean() for f in feats.values()).backward()
+        results.append((feats, x.grad))
+    (fused, fused_grad), (plain, plain_grad) = results
+    for name in layers:
+        assert torch.equal(fused[name], plain[name]), name
+        assert fused[name].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(fused_grad, plain_grad)
+    assert "ConvReLU" in fused["relu1_1"].grad_fn.name() and "ConvReLU" not in plain["relu1_1"].grad_fn.name()
+
+
+def test_fused_conv_relu_steps_aside_where_conv2d_runs_another_kernel(weights):
+    # Small fp32 maps (conv1_1 at 24x17, conv2_1 at 12x8 here) are not run by oneDNN in conv2d: the
+    # fused call, which is oneDNN's, would round differently, so those layers keep conv2d + relu.
+    enc = VGG19Encoder(weights, ["relu1_1", "relu2_1", "relu3_1"], padding="reflect").to(memory_format=torch.channels_last)
+    enc.channels_last = True
+    image = torch.rand(1, 3, 24, 17)
+    fused = enc(image)
+    enc.fuse_relu = False
+    plain = enc(image)
+    assert all(torch.equal(fused[name], plain[name]) for name in plain)
+
+
+def test_fused_conv_relu_keeps_no_input(weights):
+    # Like frozen_conv: the backward needs the output (kept anyway) and the input's shape, not the input.
+    from nst_exp.model.conv_relu import conv_relu_frozen
+
+    w, b = weights["conv1_2"]
+    w = w.contiguous(memory_format=torch.channels_last)
+    x = torch.rand(1, 64, 30, 30).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect").contiguous(memory_format=torch.channels_last)
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.data_ptr()) or t, lambda t: t):
+        y = conv_relu_frozen(padded, w, b)
+    assert padded.data_ptr() not in saved and y.data_ptr() in saved
+    g = torch.rand_like(y)
+    (gx,) = torch.autograd.grad(y, x, g, retain_graph=True)
+    ref = torch.relu(torch.nn.functional.conv2d(padded, w, b))
+    (gx_ref,) = torch.autograd.grad(ref, x, g)
+    assert torch.equal(y, ref) and torch.equal(gx, gx_ref)

