@@ -73,11 +73,11 @@ def test_sweep_experiment_runs(tmp_path, name):
 
 @pytest.mark.parametrize("search", sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml")))
 def test_optuna_search_runs(tmp_path, search):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    pytest.importorskip("optuna")
     proc = run_cli(["run", f"hparams_search={search}", "hydra.sweeper.n_trials=2", "image.size=32", *TINY[1:]],
                    tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Best value" in proc.stdout + proc.stderr
+    assert "best trial:" in proc.stdout
     (sweep,) = [p for p in (tmp_path / "outputs" / "multirun").glob("*/*") if p.is_dir()]
     jobs = collect_jobs([sweep])
     assert len(jobs) == 2 and all(j.status == "completed" and j.metrics["hp/objective"] >= 0 for j in jobs)
