@@ -44,6 +44,15 @@ def summary_rows(sweep: Path) -> dict[str, dict[str, str]]:
         return {row["job"]: row for row in csv.DictReader(fh)}
 
 
+def ran_at_once(sweep: Path) -> bool:
+    """Did the sweep's two jobs run at the same time: each wrote its config (at its start) before the
+    other wrote its result (at its end)?"""
+    jobs = sorted(p for p in sweep.iterdir() if p.name[0].isdigit())
+    started = [(p / "config.yaml").stat().st_mtime for p in jobs]
+    ended = [(p / "result.json").stat().st_mtime for p in jobs]
+    return len(jobs) == 2 and started[0] < ended[1] and started[1] < ended[0]
+
+
 def test_the_search_space_is_hydras_sweep_syntax():
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -171,6 +180,18 @@ def test_a_study_on_a_postgresql_server_runs_its_trials_in_parallel(tmp_path, po
     assert not (sweep / "optuna.db").exists()
     first, second = trials(postgres)
     assert first.state.name == second.state.name == "COMPLETE"
-    # one batch, run at the same time: each trial started before the other one ended
-    assert first.datetime_start < second.datetime_complete and second.datetime_start < first.datetime_complete
+    assert ran_at_once(sweep)  # one batch, its two trials at the same time
     assert {j.status for j in collect_jobs([sweep])} == {"completed"}
+
+
+def test_trials_of_an_sqlite_study_run_in_parallel_on_submitit(tmp_path):
+    """Two trials in one batch on the submitit launcher (the SLURM code path, run locally), both writing
+    their losses to the sweep folder's SQLite file at once."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    search(tmp_path, sweep, "launcher=submitit_local", "hydra.launcher.cpus_per_task=1", "hydra.sweeper.n_jobs=2",
+           "hydra.sweeper.n_trials=2", "trainer.max_steps=2")
+    first, second = trials(f"sqlite:///{sweep / 'optuna.db'}")
+    assert first.state.name == second.state.name == "COMPLETE"
+    assert first.intermediate_values and second.intermediate_values
+    assert ran_at_once(sweep)
