@@ -11,8 +11,11 @@ import os
 import pwd
 import shutil
 import socket
+import signal
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,3 +198,33 @@ def test_trials_of_an_sqlite_study_run_in_parallel_on_submitit(tmp_path):
     assert first.state.name == second.state.name == "COMPLETE"
     assert first.intermediate_values and second.intermediate_values
     assert ran_at_once(sweep)
+
+
+def test_a_trial_a_killed_search_left_running_continues_in_its_own_folder(tmp_path):
+    """The driver (and its job) killed mid-trial: the same command relaunches that trial into its folder,
+    where the job continues from last.ckpt; the study ends with that one trial, complete, every step once."""
+    sweep = tmp_path / "sweep"
+    args = ["run", "hparams_search=adam_optuna", f"hydra.sweep.dir={sweep}", *TINY, "trainer.max_steps=60",
+            "trainer.checkpoint_every=3", "logging.flush_every=3", "hydra.sweeper.n_trials=1"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "nst_exp", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(sweep.glob("0_*/last.ckpt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (job,) = sweep.glob("0_*")
+    assert (job / "last.ckpt").is_file() and not (job / "result.json").is_file()
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    assert [t.state.name for t in trials(storage)] == ["RUNNING"]
+
+    again = run_cli(args, tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (trial,) = trials(storage)
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["job_number"] == 0
+    steps = sorted(trial.intermediate_values)  # reported at each flush (every 3 steps) by both attempts, no gap
+    assert steps[-1] >= 50 and all(later - earlier == 3 for earlier, later in zip(steps, steps[1:]))
+    assert [p.name for p in sweep.glob("[0-9]*")] == [job.name]
+    (done,) = collect_jobs([sweep])
+    assert done.status == "completed" and done.metrics["hp/steps"] == 60 and not (job / "last.ckpt").exists()
