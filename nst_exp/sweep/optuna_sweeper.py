@@ -88,15 +88,35 @@ def next_job_number(sweep_dir: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+SWEEPER = "hydra_plugins.nst_exp_sweepers.NstOptunaSweeper"
+
+
+def check_settings(settings: Mapping[str, Any]) -> None:
+    """One-line errors for the sweeper's settings, before Hydra starts (``cli/checks.py``): direction,
+    counts, the search space, the sampler and pruner, and a storage URL that is given (not the default)."""
+    if settings.get("direction", "minimize") != "minimize":
+        raise UserError(f"hydra.sweeper.direction={settings['direction']}: the objective hp/objective is lower-is-better; "
+                        "fix: hydra.sweeper.direction=minimize")
+    for key in ("n_trials", "n_jobs"):
+        if not isinstance(settings.get(key, 1), int) or not settings.get(key, 1) >= 1:
+            raise UserError(f"hydra.sweeper.{key}={settings[key]} must be at least 1; fix: hydra.sweeper.{key}=1 or more")
+    try:
+        search_space(dict(settings.get("params") or {}), [])
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Hydra's override grammar: say which entry
+        raise UserError(f"hydra.sweeper.params: {str(exc).strip().splitlines()[0]}; fix: choice(...), range(...), "
+                        "interval(...) or tag(log, interval(...)) (docs/optuna.md)") from None
+    build(settings.get("sampler"))
+    build(settings.get("pruner"))
+    if settings.get("storage"):
+        open_storage(str(settings["storage"]))
+
+
 class OptunaSearch:
     def __init__(self, settings: Mapping[str, Any], *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
         self.settings = OmegaConf.create(dict(settings))
-        if self.settings.direction != "minimize":
-            raise UserError(f"hydra.sweeper.direction={self.settings.direction}: the objective hp/objective is lower-is-better; "
-                            "fix: hydra.sweeper.direction=minimize")
-        for key in ("n_trials", "n_jobs"):
-            if not self.settings[key] >= 1:
-                raise UserError(f"hydra.sweeper.{key}={self.settings[key]} must be at least 1; fix: hydra.sweeper.{key}=1 or more")
+        check_settings(self.settings)
         self.config = config
         self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
                                                                 task_function=task_function)

@@ -52,7 +52,8 @@ def build(spec: Any) -> Any:
     try:
         return instantiate(spec)
     except Exception as exc:  # noqa: BLE001 - a misspelt class or argument: one line
-        raise UserError(f"cannot build {dict(spec).get('_target_')}: {_first_line(exc)}; fix: an optuna.samplers.* or "
+        problem = _first_line(exc).split(", set env var HYDRA_FULL_ERROR")[0]
+        raise UserError(f"cannot build {dict(spec).get('_target_')}: {problem}; fix: an optuna.samplers.* or "
                         "optuna.pruners.* class and its arguments (docs/optuna.md)") from None
 
 
