@@ -138,15 +138,11 @@ class OptunaSearch:
                  f"{n_jobs} at a time")
         returns: list[JobReturn] = []
         stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if self._ours(t)]
-        failures, number = 0, next_job_number(self.sweep_dir)
+        # after every folder and every number a trial left running holds (its job may not have made its folder yet)
+        number = max([next_job_number(self.sweep_dir), *(int(t.user_attrs["job_number"]) + 1 for t in stale)])
+        failures = 0
         while True:
-            trials = study.get_trials(deepcopy=False)
-            done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-            elsewhere = sum(t.state == TrialState.RUNNING and not self._ours(t) for t in trials)  # other drivers' batches
-            missing = n_trials - done - elsewhere
-            if missing <= 0 or failures >= n_trials:
-                break
-            if stale:  # a driver killed mid-batch left these running: relaunch each into its own folder
+            if stale:  # a driver killed mid-batch left these running: relaunch them into their own folders
                 batch, stale = stale[:n_jobs], stale[n_jobs:]
                 jobs = sorted((t.number, list(t.user_attrs["overrides"]), int(t.user_attrs["job_number"])) for t in batch)
                 log.info(f"continuing trials {', '.join(str(j[0]) for j in jobs)} in their job folders")
@@ -155,6 +151,12 @@ class OptunaSearch:
                     failures += sum(not _finite(r) for r in results)
                     returns += results
                 continue
+            trials = study.get_trials(deepcopy=False)
+            done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+            elsewhere = sum(t.state == TrialState.RUNNING and not self._ours(t) for t in trials)  # other drivers' batches
+            missing = n_trials - done - elsewhere
+            if missing <= 0 or failures >= n_trials:
+                break
             jobs = []
             for _ in range(min(n_jobs, missing)):
                 trial = study.ask(space)
