@@ -51,10 +51,16 @@ def compose_config(overrides: list[str] | None = None, with_hydra: bool = False,
 
 
 def register_launchers() -> None:
-    """Make the launchers of ``hydra_plugins.nst_exp_launchers`` known to Hydra.
+    """Make the launchers of ``hydra_plugins.nst_exp_launchers`` and the sweeper of
+    ``hydra_plugins.nst_exp_sweepers`` (with its config, ``hydra/sweeper: nst_optuna``) known to Hydra.
 
     An editable install puts them where Python imports them but where Hydra's plugin scan does not look.
     """
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.nst_exp_sweepers import NstOptunaSweeper
+
+    Plugins.instance().register(NstOptunaSweeper)
     try:
         from hydra.core.plugins import Plugins
 

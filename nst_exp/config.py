@@ -173,6 +173,13 @@ class ObjectiveConfig:
 
 
 @dataclass
+class OptunaConfig:
+    """Set by the Optuna sweeper (``hydra/sweeper: nst_optuna``) for each job it launches, never by hand."""
+
+    trial: Optional[int] = None  # the study's trial this job is: it reports its relative loss there and may be pruned
+
+
+@dataclass
 class Config:
     content: ContentConfig = field(default_factory=ContentConfig)
     style: StyleConfig = field(default_factory=StyleConfig)
@@ -186,6 +193,7 @@ class Config:
     seed: int = 0
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     resume: Optional[str] = None  # a run folder to continue from its last checkpoint
+    optuna: OptunaConfig = field(default_factory=OptunaConfig)
 
 
 def register_configs() -> None:

@@ -238,19 +238,6 @@ def test_two_sweeps_in_the_same_second_do_not_share_a_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_optuna_search_three_trials(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    proc = run_cli(["run", "hparams_search=style_optuna", "hydra.sweeper.n_trials=3", *FAST], tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert "Best value" in proc.stdout + proc.stderr
-    (sweep,) = sweep_dirs(tmp_path)
-    jobs = collect_jobs([sweep])
-    assert len(jobs) == 3
-    for job in jobs:
-        assert job.status == "completed" and job.metrics["hp/objective"] >= 0
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["parallel", "submitit_local"])
 def test_local_launchers(tmp_path, launcher):
     pytest.importorskip({"parallel": "hydra_plugins.hydra_joblib_launcher", "submitit_local": "hydra_plugins.hydra_submitit_launcher"}[launcher])

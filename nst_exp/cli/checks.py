@@ -113,6 +113,11 @@ def check_launch(overrides: list[str], multirun: bool) -> None:
     folder = raw["sweep"]["dir"] if multirun else raw["run"]["dir"]
     check_writable(str(folder), "hydra.sweep.dir" if multirun else "hydra.run.dir")
     check_time_limit(raw.get("launcher") or {})
+    sweeper = raw.get("sweeper") or {}
+    if multirun and sweeper.get("_target_") == "hydra_plugins.nst_exp_sweepers.NstOptunaSweeper":
+        from nst_exp.sweep.optuna_sweeper import check_settings
+
+        check_settings(sweeper)
 
 
 def check_writable(template: str, key: str) -> None:

@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
     from nst_exp.run.folder import RESULT_FILE
-    from nst_exp.sweep.summary import collect_jobs, summarize
+    from nst_exp.sweep.summary import best_job, collect_jobs, summarize
 
     missing = [d for d in args.dirs if not d.is_dir()]
     if missing:
@@ -31,4 +31,7 @@ def main(argv: list[str]) -> int:
     print(f"runs:          {len(jobs)} ({sum(j.status == 'failed' for j in jobs)} failed)")
     print(f"contact sheet: {paths['contact_sheet']}")
     print(f"summary:       {paths['csv']}  {paths['md']}")
+    best = best_job(jobs)
+    if best is not None:
+        print(f"best:          {best.path} (hp/objective {best.metrics['hp/objective']:.4g})")
     return 0

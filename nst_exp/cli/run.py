@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,9 +15,12 @@ from omegaconf import DictConfig
 from nst_exp.compose import first_line, register_launchers
 from nst_exp.config import CONF_DIR, register_configs
 from nst_exp.errors import UserError
-from nst_exp.run.folder import CHECKPOINT, FINAL_IMAGE, mark_ended, read_result, record_failure
+from nst_exp.run.folder import CHECKPOINT, FINAL_IMAGE, FINISHED, mark_ended, read_result, record_failure
 from nst_exp.run.signals import JobInterrupted
 from nst_exp.sweep.naming import register_resolvers
+
+if TYPE_CHECKING:
+    from nst_exp.sweep.study import TrialReporter
 
 
 def _is_multirun() -> bool:
@@ -42,18 +46,29 @@ def _resumed(cfg: DictConfig) -> DictConfig:
     return resumed_config(cfg, list(HydraConfig.get().overrides.task))
 
 
+def _trial(cfg: DictConfig) -> TrialReporter | None:
+    """The Optuna trial this job is, when the nst_optuna sweeper launched it (``optuna.trial``)."""
+    if cfg.optuna.trial is None or not _is_multirun():
+        return None
+    from nst_exp.sweep.study import connect
+
+    hydra = HydraConfig.get()
+    return connect(cfg.optuna.trial, hydra.sweeper, hydra.sweep.dir)
+
+
 def _run_job(cfg: DictConfig) -> float:
     from nst_exp.run import runner  # heavy imports (torch, lightning) only once a job runs
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     done = read_result(run_dir)
-    if _is_multirun() and done and done.get("status") == "completed" and not (run_dir / CHECKPOINT).exists():
+    if _is_multirun() and done and done.get("status") in FINISHED and not (run_dir / CHECKPOINT).exists():
         # A job that finished just before the cluster pre-empted it, requeued into its folder: its result stands.
         print(f"done already: {run_dir}")
         return float((done.get("metrics") or {}).get("hp/objective", math.inf))
     try:
         cfg = _resumed(cfg)
-        result = runner.run(cfg, run_dir)
+        trial = _trial(cfg)
+        result = runner.run(cfg, run_dir, trial=trial)
     except JobInterrupted as exc:
         print(f"\ninterrupted: {exc}; the latest image is saved at {run_dir / FINAL_IMAGE}, "
               f"and last.ckpt continues the run", file=sys.stderr)
@@ -76,6 +91,9 @@ def _run_job(cfg: DictConfig) -> float:
         print(f"\ninterrupted: the latest image is saved at {image}", file=sys.stderr)
     elif result.status == "diverged":
         print(f"error: {result.error} (image: {image})", file=sys.stderr)
+    elif result.status == "pruned":
+        trial.pruned()
+        print(f"trial {trial.number} {result.error} (image: {image})")
     else:
         print(f"image:       {image}")
     print(f"logs:        {run_dir}")

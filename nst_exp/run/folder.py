@@ -70,8 +70,10 @@ def final_image(run_dir: Path) -> Path | None:
 
 
 # How a run or job ended. Only "completed" is a result a sweep may compare; "interrupted" is a run
-# stopped by Ctrl-C or a signal (last.ckpt continues it), the rest are final outcomes.
-STATUSES = ("completed", "interrupted", "diverged", "failed", "cancelled", "timed_out")
+# stopped by Ctrl-C or a signal (last.ckpt continues it), "pruned" an Optuna trial its study's pruner
+# stopped early (a finished trial, not a failure), the rest are final outcomes.
+STATUSES = ("completed", "pruned", "interrupted", "diverged", "failed", "cancelled", "timed_out")
+FINISHED = ("completed", "pruned")  # outcomes a sweep counts as done: rerunning the job would repeat it
 
 
 def write_result(

@@ -93,6 +93,7 @@ class StylizeModule(pl.LightningModule):
         self._recorded_step = -1
         self._optimizer_state = optimizer_state  # restored into the optimiser when training starts
         self.latest_losses: dict[str, float] = {}  # the terms of the last step written to TensorBoard
+        self.latest_step: int | None = None  # that step (logged numbering)
         self.diverged_at: int | None = None  # the logged step whose total was NaN/inf (training stops there)
         self._staged: _Staged | None = None  # history rows on their way to the host
 
@@ -146,6 +147,7 @@ class StylizeModule(pl.LightningModule):
             for name, value in zip(self.term_names, row):
                 writer.add_scalar(name, value, staged.first_step + i)
             self.latest_losses = dict(zip(self.term_names, row))
+            self.latest_step = staged.first_step + i
         writer.add_scalar("perf/evaluations", staged.evaluations, staged.first_step + len(rows) - 1)
 
     def on_train_start(self) -> None:

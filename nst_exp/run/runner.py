@@ -32,6 +32,7 @@ from nst_exp.model.tiled import evaluate_tiled
 from nst_exp.run.folder import FINAL_IMAGE, read_result, write_result
 from nst_exp.run.memory_fit import check_history_fits
 from nst_exp.run.precision import resolve_precision
+from nst_exp.run.pruning import PruneCheck, Reporter
 from nst_exp.run.tile_plan import TilePlan, stage_plan
 from nst_exp.run.logger import RunLogger, log_final_metrics, log_input_images, quiet_lightning
 from nst_exp.run.metrics import divergence_message, final_metrics, objective
@@ -70,11 +71,13 @@ def run(
     styles: list[Any] | None = None,
     extra_callbacks: tuple[pl.Callback, ...] = (),
     experiment: str | None = None,
+    trial: Reporter | None = None,
 ) -> RunResult:
     """Run one style transfer into ``run_dir``. Raises UserError for bad input (before any work).
 
     ``extra_callbacks`` join every stage's Trainer (the benchmark times steps with one);
-    ``experiment`` labels the run (default: the Hydra job's ``experiment=`` choice).
+    ``experiment`` labels the run (default: the Hydra job's ``experiment=`` choice); ``trial`` (an
+    Optuna trial's reporter) gets the loss at every flush and may stop the run, which ends "pruned".
     A SIGTERM (or submitit's SIGUSR2) stops the run at the next step boundary: the folder is
     saved (last.ckpt, final.png, result.json "interrupted") and ``JobInterrupted`` is raised.
     """
@@ -143,6 +146,7 @@ def run(
                 ImageSnapshots(cfg.logging.image_every, run_dir / folder.SNAPSHOT_DIR if cfg.logging.save_snapshots else None),
                 Checkpointer(run_dir / folder.CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, wall_offset, clock),
                 *extra_callbacks,
+                *([PruneCheck(trial)] if trial is not None else []),  # after the flusher: it reports what was flushed
                 StopOnSignal(signals),  # last: the others have seen the batch when it stops training
             ]
             iters = iters_per_step(cfg, device)
@@ -175,6 +179,9 @@ def run(
             if module.diverged_at is not None:
                 status, error = "diverged", divergence_message(module.diverged_at)
                 module.image.data.copy_(module.last_good)
+            pruned_at = next((c.pruned_at for c in callbacks if isinstance(c, PruneCheck)), None)
+            if status == "completed" and pruned_at is not None:
+                status, error = "pruned", f"pruned by the study's pruner at step {pruned_at}: its loss fell slower than the other trials'"
             if status != "completed":
                 break
     except KeyboardInterrupt:
@@ -186,7 +193,7 @@ def run(
             folder.save_final(run_dir, image, tiff=cfg.logging.save_tiff)
         if group is not None:
             group.close()
-    if status == "completed":
+    if status in folder.FINISHED:
         (run_dir / folder.CHECKPOINT).unlink(missing_ok=True)
     metrics = final_metrics(module.latest_losses if module is not None else {}, wall_offset + clock(), step)
     saved = FINAL_IMAGE if image is not None else None

@@ -105,4 +105,3 @@ def job_folder(launcher: Any, overrides: list[str], number: int) -> Path:
 def _last_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
-

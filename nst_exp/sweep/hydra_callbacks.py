@@ -16,13 +16,14 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from nst_exp.run.folder import read_result, record_failure
+from nst_exp.run.folder import FINISHED, read_result, record_failure
 
 
 class SweepSummary(Callback):
     """``on_job_end``: a failure record if the job raised past the task (its overrides are in ``.hydra/``).
     ``on_multirun_end``: contact sheet + summary.csv/md in the sweep folder (also in TensorBoard), one
-    line counting the jobs by status, and exit status 1 unless every job completed."""
+    line counting the jobs by status, and exit status 1 unless every job completed (or was pruned by its
+    Optuna study: a finished trial)."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.runtime.output_dir)
@@ -51,7 +52,7 @@ class SweepSummary(Callback):
             print(f"summary:     {paths['md']}")
             print(f"contact:     {paths['contact_sheet']}")
             print(f"tensorboard: tensorboard --logdir {sweep_dir}")
-        if counts["completed"] < len(jobs) or not summarized:
+        if sum(counts[s] for s in FINISHED) < len(jobs) or not summarized:
             # A SystemExit passes Hydra's callback guard and its error report: the command exits 1
             # (the other jobs ran; the summary marks the ones that did not complete).
             raise SystemExit(1)

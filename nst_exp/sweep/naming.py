@@ -18,6 +18,7 @@ MAX_LEN = 96
 # Overrides that do not distinguish jobs' results (logging, hardware) are left out of names.
 _IGNORED_PREFIXES = (
     "hydra.", "logging.", "trainer.accelerator", "trainer.devices", "trainer.device_index", "launcher", "hparams_search",
+    "optuna.",
 )
 _LONG_FLOAT = re.compile(r"^-?\d+\.\d{5,}(e-?\d+)?$")
 _IMAGE_FILE = re.compile(r"\.(png|jpe?g|webp|tiff?|bmp|gif)$", re.IGNORECASE)

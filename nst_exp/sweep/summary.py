@@ -92,11 +92,24 @@ def _job_order(job: Job) -> tuple:
     return (str(job.path.parent), int(head) if head.isdigit() else math.inf, job.path.name)
 
 
+def best_job(jobs: Sequence[Job]) -> Job | None:
+    """The completed job with the lowest ``hp/objective`` (the sweep objective, lower is better), if any;
+    in an Optuna search, the best trial of the study's jobs in these folders."""
+    scored = [j for j in jobs if j.status == "completed" and math.isfinite(j.metrics.get("hp/objective", math.nan))]
+    return min(scored, key=lambda j: j.metrics["hp/objective"], default=None)
+
+
+# Overrides that name a job's bookkeeping, not its settings (the Optuna trial number)
+_BOOKKEEPING = ("optuna.",)
+
+
 def swept_keys(jobs: Sequence[Job]) -> list[str]:
     """Override keys whose values differ between jobs, in order of first appearance."""
     keys: dict[str, set[str]] = {}
     for job in jobs:
         for key, value in job.override_dict().items():
+            if key.startswith(_BOOKKEEPING):
+                continue
             keys.setdefault(key, set()).add(value)
     varied = [k for k, values in keys.items() if len(values) > 1 or any(k not in j.override_dict() for j in jobs)]
     return varied
@@ -115,8 +128,9 @@ def _relative_to(path: Path, base: Path) -> str:
 
 
 def write_tables(jobs: Sequence[Job], out_dir: Path) -> tuple[Path, Path]:
-    """summary.csv and summary.md: one row per job."""
-    header = ["job", "content", "style", "experiment", "overrides", "status", "error", *METRIC_COLUMNS, "image"]
+    """summary.csv and summary.md: one row per job; the best one (lowest hp/objective) says ``best``."""
+    header = ["job", "content", "style", "experiment", "overrides", "status", "best", "error", *METRIC_COLUMNS, "image"]
+    best = best_job(jobs)
     rows = []
     for job in jobs:
         rows.append([
@@ -124,6 +138,7 @@ def write_tables(jobs: Sequence[Job], out_dir: Path) -> tuple[Path, Path]:
             *[job.labels.get(k) or "" for k in ("content", "style", "experiment")],
             " ".join(job.overrides),
             job.status,
+            "best" if job is best else "",
             job.error or "",
             *[_fmt(job.metrics.get(m)) for m in METRIC_COLUMNS],
             _relative_to(job.image, out_dir) if job.image else "",
@@ -137,6 +152,9 @@ def write_tables(jobs: Sequence[Job], out_dir: Path) -> tuple[Path, Path]:
     escape = lambda s: s.replace("|", "\\|")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
+    if best is not None:
+        lines += ["", f"**Best:** `{best.path.name}`, hp/objective {_fmt(best.metrics['hp/objective'])}"
+                      + (f": `{' '.join(best.overrides)}`" if best.overrides else "")]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -174,16 +192,19 @@ def _thumbnail(path: Path, box: int) -> Image.Image:
         return Image.new("RGB", (box, box), (200, 200, 200))
 
 
-def _caption(job: Job, keys: Sequence[str]) -> list[str]:
-    shown = {k: v for k, v in job.override_dict().items() if k in keys} or job.override_dict()
+def _caption(job: Job, keys: Sequence[str], best: bool = False) -> list[str]:
+    shown = {k: v for k, v in job.override_dict().items() if k in keys} or {
+        k: v for k, v in job.override_dict().items() if not k.startswith(_BOOKKEEPING)}
     labels = [label for k, v in shown.items() if (label := override_label(f"{k}={v}"))]
     lines = _wrap(", ".join(labels) or job.path.name, 2)
-    if job.status in ("completed", "interrupted", "diverged"):
+    if job.status in ("completed", "pruned", "interrupted", "diverged"):
         m = job.metrics
         lines.append(f"style {_fmt(m.get('hp/eval_style'))}  content {_fmt(m.get('hp/eval_content'))}")
         lines.append(f"loss {_fmt(m.get('hp/loss_total'))}  {_fmt(m.get('hp/wall_time_s'))}s")
         if job.status != "completed":
             lines.append(job.status.upper())
+        elif best:
+            lines.append(f"BEST  objective {_fmt(m.get('hp/objective'))}")
     else:
         lines.append(job.status.upper())
         lines += _wrap(job.error or "", 3)
@@ -225,6 +246,7 @@ def grid_layout(jobs: Sequence[Job], keys: Sequence[str]) -> tuple[list[list[Job
 
 def contact_sheet(jobs: Sequence[Job], title: str = "") -> Image.Image:
     keys = swept_keys(jobs)
+    best = best_job(jobs)
     grid, row_labels, col_labels = grid_layout(jobs, keys)
     font, small = _font(14), _font(11)
     caption_h, pad = 5 * 13 + 6, 8
@@ -259,7 +281,9 @@ def contact_sheet(jobs: Sequence[Job], title: str = "") -> Image.Image:
                 sheet.paste(tile, (x + (TILE - tile.width) // 2, y + (TILE - tile.height) // 2))
             else:
                 draw.rectangle((x, y, x + TILE, y + TILE), fill=(200, 200, 200))
-            for i, line in enumerate(_caption(job, keys)):
+            if job is best:
+                draw.rectangle((x - 3, y - 3, x + TILE + 2, y + TILE + 2), outline=(0, 160, 0), width=3)
+            for i, line in enumerate(_caption(job, keys, job is best)):
                 draw.text((x, y + TILE + 3 + i * 13), line, fill="black" if job.status == "completed" else "darkred", font=small)
     return sheet
 
@@ -275,7 +299,24 @@ def summarize(jobs: Sequence[Job], out_dir: Path, title: str = "", log_to_tensor
         _log_sheet(sheet, out_dir / "_summary")
         sessions = [{**flatten(job.config), "experiment": job.labels.get("experiment") or "none"} for job in jobs if job.config]
         write_experiment(out_dir / "_summary", sessions)
+        _log_best(best_job(jobs), out_dir / "_summary", len(jobs))
     return {"contact_sheet": sheet_path, "csv": csv_path, "md": md_path}
+
+
+def _log_best(best: Job | None, log_dir: Path, step: int) -> None:
+    """The best job as text in the ``_summary`` run (TEXT tab: ``sweep/best``), at step = the number of
+    jobs, so a sweep summarised again as it grows (a continued study) shows its latest best last."""
+    if best is None:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    overrides = " ".join(f"`{o}`" for o in best.overrides) or "(none)"
+    text = (f"**{best.path.name}**: hp/objective {_fmt(best.metrics['hp/objective'])}, "
+            f"style {_fmt(best.metrics.get('hp/eval_style'))}, content {_fmt(best.metrics.get('hp/eval_content'))}  \n"
+            f"overrides: {overrides}")
+    writer = SummaryWriter(str(log_dir))
+    writer.add_text("sweep/best", text, step)
+    writer.close()
 
 
 def _log_sheet(sheet: Image.Image, log_dir: Path) -> None:
