@@ -153,7 +153,7 @@ def _evaluate_as_rank(rank: int, world: int, store: str, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         loss, image = _loss_and_image(SHALLOW, 150)
-        terms = evaluate_tiled(loss, image, 20)
+        terms = evaluate_tiled(loss, image, 32)
         torch.save({"terms": terms, "grad": image.grad}, f"{out}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
@@ -165,7 +165,7 @@ def test_processes_sharing_tiles_over_gloo_match_one(tmp_path, world):
     """torch.distributed on the CPU (gloo): the tiles are shared out, pass 1's sums and pass 2's gradient
     all-reduced; every process ends with the one-process terms and gradient (3 processes: uneven shares)."""
     loss, image = _loss_and_image(SHALLOW, 150)
-    alone = evaluate_tiled(loss, image, 20)
+    alone = evaluate_tiled(loss, image, 32)  # 20 tiles: 3 processes take 7, 7 and 6
     torch.multiprocessing.spawn(_evaluate_as_rank, args=(world, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=world)
     for rank in range(world):
         shared = torch.load(tmp_path / f"out.{rank}")

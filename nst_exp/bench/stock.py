@@ -29,8 +29,7 @@ _VGG19 = ((1, 2, 64), (2, 2, 128), (3, 4, 256), (4, 4, 512), (5, 4, 512))  # (bl
 def stock_channels_last(device: str) -> bool:
     """NHWC where it pays: on CUDA (cuDNN), and on the CPU in fp32 and bf16 (oneDNN).
 
-    Measured on the CPU at 256 px: bf16 0.149 s/step NHWC against 0.156-0.176 NCHW; fp32
-    0.332 NHWC against 0.345-0.355 NCHW (512 px: 1.39 against 1.45 s) (README, *Performance*).
+    The stock floor was measured both ways on the CPU, in both precisions (docs/performance.md).
     """
     return device in ("cuda", "cpu")
 

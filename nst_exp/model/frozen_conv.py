@@ -3,7 +3,7 @@
 PyTorch's convolution saves its input for the weight gradient even when the weight needs none.
 Here the weights are frozen buffers and only the image's gradient is ever computed, which needs
 the weight and the input's shape alone. With reflect padding the saved input is a padded copy of
-an activation the ReLU keeps anyway; dropping it cut a 512 px CPU step's memory by 13%.
+an activation the ReLU keeps anyway, so dropping it saves a step's memory (docs/performance.md).
 """
 
 from __future__ import annotations

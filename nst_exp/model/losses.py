@@ -48,8 +48,8 @@ class _OuterSum(torch.autograd.Function):
 
     Autograd's bmm backward takes two products (one per operand) and returns their sum with one of
     them transposed: an NCHW gradient with NHWC strides, which the ReLU backward and the gradient
-    additions then walk element by element (on the CPU 8x slower at relu1_1; about 7% of an fp32
-    step at 256 px, Gram products included)."""
+    additions then walk element by element (on the CPU much slower than in the features' layout;
+    the figures are in docs/performance.md)."""
 
     @staticmethod
     def forward(ctx: Any, features: Tensor) -> Tensor:  # type: ignore[override]

@@ -2,8 +2,8 @@
 
 ``F.max_pool2d`` keeps its input and an int64 index per output for the backward. The input is
 the ReLU's output, which the ReLU keeps anyway; the indices are new memory: at 8 bytes each
-they outweigh an fp32 pooled map twice and a bf16 one four times (40 MB of the 264 MB that one
-512 px loss evaluation keeps in fp32). Here the backward finds the maxima again from the kept
+they outweigh an fp32 pooled map twice and a bf16 one four times (what that saves is in
+docs/performance.md). Here the backward finds the maxima again from the kept
 input: one more pooling pass per pooling layer, the same indices, the same gradient.
 """
 

@@ -2,8 +2,8 @@
 
 ``F.pad(x, (1, 1, 1, 1), mode="reflect")`` falls short three ways here:
 - on CUDA it returns an NCHW tensor even for NHWC input, so with channels-last weights cuDNN
-  copied every padded activation back to NHWC, and the backward every gradient (at 1024 px
-  ~40% of a step's GPU time);
+  copied every padded activation back to NHWC, and the backward every gradient (a large share
+  of a step's GPU time: docs/performance.md);
 - it keeps its input for the backward: new memory where that input is a pooling output;
 - CPU autocast runs it in fp32, so each bf16 activation was upcast, kept, and cast back.
 This version writes the padded tensor in the input's layout and dtype, and its backward needs

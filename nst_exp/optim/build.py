@@ -20,8 +20,8 @@ def build_optimizer(image: Tensor, cfg: OptimizerConfig, cuda_graph: bool = Fals
 
 def resolve_impl(cfg: OptimizerConfig, device: torch.device) -> LBFGSImpl:
     """``optimizer.impl=auto``: compact on CUDA (no host syncs, CUDA graphs); torch on the CPU, where
-    compact's three passes over the stored pairs per step cost more than torch's two (2-3% of a
-    256 px step), and with a line search (only torch's has one)."""
+    compact's three passes over the stored pairs per step cost more than torch's two (figures in
+    docs/performance.md), and with a line search (only torch's has one)."""
     if cfg.impl != LBFGSImpl.auto:
         return cfg.impl
     return LBFGSImpl.compact if device.type == "cuda" and not cfg.line_search else LBFGSImpl.torch

@@ -1,8 +1,8 @@
 """``trainer.precision=auto``: bf16 autocast on a CPU that computes bf16 natively, fp32 everywhere else.
 
-On a CPU with AMX-BF16 or AVX512-BF16 a bf16-mixed step is 2-3x faster than fp32 at evaluator
-distances within 1-2% of fp32's (README, *Performance*); a CPU without them emulates bf16, so it
-gets fp32. GPUs keep fp32 (TF32 convolutions): ``32-true`` is also the choice for bit-for-bit
+On a CPU with AMX-BF16 or AVX512-BF16 a bf16-mixed step is much faster than fp32 at evaluator
+distances close to fp32's (docs/performance.md, *Precision auto*); a CPU without them emulates bf16,
+so it gets fp32. GPUs keep fp32 (TF32 convolutions): ``32-true`` is also the choice for bit-for-bit
 reproducible runs on any machine.
 """
 
