@@ -83,6 +83,13 @@ def test_measured_peak_times_real_vgg_shaped_convs(basis: str):
     assert merged.summary().startswith(f"{basis} {merged.tflops:.3f} TFLOP/s (conv ")
 
 
+def test_of_peak_on_a_busy_machine_says_so():
+    from nst_exp.bench.table import busy_note
+
+    assert busy_note(1.5, 2) is None and busy_note(None, 2) is None
+    assert "load average (9.50) exceeds the 2 cores" in busy_note(9.5, 2)
+
+
 def test_time_to_quality_rule():
     points = [QualityPoint(10, 1.0, 0.30, 0.50), QualityPoint(20, 2.0, 0.45, 0.30), QualityPoint(30, 3.0, 0.39, 0.33)]
     assert time_to_quality(points, content=0.40, style=0.35) == ("both", points[2])

@@ -128,7 +128,8 @@ def main(argv: list[str]) -> int:
     if rows:
         print()
         print(header_line(info))
-        print(format_table(rows, device, peaks), flush=True)
+        load = max(filter(None, (info["load_average_1min"], machine_info(device)["load_average_1min"])), default=None)
+        print(format_table(rows, device, peaks, (load, info["cores"])), flush=True)
 
     ttq = None
     if args.ttq:

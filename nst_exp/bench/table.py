@@ -144,10 +144,21 @@ def _cells(r: dict[str, Any]) -> list[str]:
     ]
 
 
-def format_table(rows: Sequence[dict[str, Any]], device: str, peaks: dict[str, Peak] | None = None) -> str:
+def format_table(rows: Sequence[dict[str, Any]], device: str, peaks: dict[str, Peak] | None = None,
+                 load: tuple[float | None, int | None] = (None, None)) -> str:
     lines = [_line([name for name, _ in TABLE_COLUMNS])]
     lines += [_line(_cells(r)) for r in rows]
-    return "\n".join(lines + legend(rows, device, peaks))
+    return "\n".join(lines + legend(rows, device, peaks, load))
+
+
+def busy_note(load_average: float | None, cores: int | None) -> str | None:
+    """A warning when other work shared the CPU: a short microbench then catches a different share of the
+    cores than the minutes of steps do, so ``of peak`` can even pass 100%."""
+    if load_average is None or not cores or load_average <= cores:
+        return None
+    return (f"of peak on a busy machine: the load average ({load_average:.2f}) exceeds the {cores} cores, so the "
+            "peak and the steps each ran on whatever share of the cores was free at the time; compare rows of "
+            "this run with each other, and take of peak from a quiet machine.")
 
 
 def peak_line(peaks: dict[str, Peak]) -> str:
@@ -165,7 +176,8 @@ def tiled_ratios(rows: Sequence[dict[str, Any]]) -> list[str]:
             for size in sorted(set(tool) & set(tiled))]
 
 
-def legend(rows: Sequence[dict[str, Any]], device: str, peaks: dict[str, Peak] | None = None) -> list[str]:
+def legend(rows: Sequence[dict[str, Any]], device: str, peaks: dict[str, Peak] | None = None,
+           load: tuple[float | None, int | None] = (None, None)) -> list[str]:
     steps = next((r["measured_steps"] for r in rows if not r["error"]), 0)
     notes = [
         f"s/step: mean over {steps} measured steps after warm-up (window total / steps); median also shown.",
@@ -198,6 +210,8 @@ def legend(rows: Sequence[dict[str, Any]], device: str, peaks: dict[str, Peak] |
                 "rounds, each kernel's fastest call): the fastest of VGG19's C->C 3x3 convolutions (64-512 channels, "
                 "channels-last, forward) on this machine now (bench/peak.py; docs/performance-cpu.md); "
                 + peak_line(peaks) + ".")
+            if note := busy_note(*load):
+                notes.append(note)
         else:
             notes.append("of peak: n/a (no peak measured).")
         if not all(r.get("mem_peak_window_only", True) for r in rows):
