@@ -4,7 +4,8 @@ On the CPU a convolution followed by ``relu_`` writes its output, then reads and
 for the ReLU: a pass over every activation that oneDNN can do in the convolution's own store
 (``mkldnn._convolution_pointwise`` with the ``relu`` post-op, the kernel inductor fuses to for
 inference). It is used only where ``conv2d`` itself would run oneDNN (``_select_conv_backend``),
-so the result is the same bits as ``relu(conv2d(x))`` in fp32 and bf16 (the ReLU is exact). The backward needs only the output, which the next layer and the losses keep anyway
+so the result is the same bits as ``relu(conv2d(x))`` in fp32 and bf16 (the ReLU is exact).
+The backward needs only the output, which the next layer and the losses keep anyway
 (``ReLU``'s own backward keeps it too), and the input's shape: the input is not saved, as in
 ``frozen_conv.py``. Under CPU autocast the input and weights are cast per call, as autocast casts
 them for ``conv2d`` (no cached copy: it would add a fixed amount of memory to every run).
