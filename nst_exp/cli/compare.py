@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
     from nst_exp.run.folder import RESULT_FILE
-    from nst_exp.sweep.summary import collect_jobs, summarize
+    from nst_exp.sweep.summary import collect_jobs, differences_lines, summarize
 
     missing = [d for d in args.dirs if not d.is_dir()]
     if missing:
@@ -31,4 +31,8 @@ def main(argv: list[str]) -> int:
     print(f"runs:          {len(jobs)} ({sum(j.status == 'failed' for j in jobs)} failed)")
     print(f"contact sheet: {paths['contact_sheet']}")
     print(f"summary:       {paths['csv']}  {paths['md']}")
+    differs = differences_lines(jobs)
+    if differs:
+        print("differs:")
+        print("\n".join("  " + line.removeprefix("- ").replace("`", "") for line in differs))
     return 0

@@ -3,6 +3,8 @@
 A run (CLI job, sweep job, ``nst_exp.stylize``) writes only into its folder:
 
 - ``config.yaml``: the composed config (``write_config``), written before the first step;
+- ``provenance.yaml``: versions, commit, device, weights, seed, every ``auto`` as resolved
+  (``write_provenance``; the record is ``run.provenance``'s, also in result.json);
 - ``final.png``: the image (``save_final``), also on Ctrl-C or divergence; ``final.tif`` too with
   ``logging.save_tiff``;
 - ``last.ckpt``: the resume state (``CHECKPOINT``; its contents are ``run.checkpoint``'s);
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_FILE = "config.yaml"
+PROVENANCE_FILE = "provenance.yaml"
 FINAL_IMAGE = "final.png"
 FINAL_TIFF = "final.tif"  # with logging.save_tiff, for print workflows
 CHECKPOINT = "last.ckpt"
@@ -54,6 +57,14 @@ def write_config(run_dir: Path, cfg: Any) -> Path:
     return path
 
 
+def write_provenance(run_dir: Path, record: dict[str, Any]) -> Path:
+    import yaml
+
+    path = run_dir / PROVENANCE_FILE
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
+    return path
+
+
 def save_final(run_dir: Path, image: Any, tiff: bool = False) -> Path:
     """The run's image (a tensor in [0, 1] or a PIL image), written atomically; also as TIFF if ``tiff``."""
     from nst_exp.images import save_png, tensor_to_pil
@@ -84,10 +95,11 @@ def write_result(
     interruptions: list[dict[str, Any]] | None = None,
     labels: dict[str, str | None] | None = None,
     tile_plans: list[dict[str, Any]] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> None:
     """result.json of a run (``status`` one of STATUSES); ``interruptions`` lists the signals it survived,
     ``labels`` its content, style and experiment (default: from ``cfg`` and the Hydra job), ``tile_plans``
-    how each stage evaluated its loss (whole, or which tiles)."""
+    how each stage evaluated its loss (whole, or which tiles), ``provenance`` what ran it (``run.provenance``)."""
     from nst_exp.labels import labels_of
 
     payload = {
@@ -98,6 +110,7 @@ def write_result(
         **(labels or labels_of(cfg)),
         "interruptions": interruptions or [],
         "tile_plans": tile_plans or [],
+        "provenance": provenance or {},
     }
     _write(run_dir, payload)
 

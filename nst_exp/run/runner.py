@@ -25,7 +25,7 @@ from nst_exp.evaluate import Evaluator
 from nst_exp.images import fit_long_side, tensor_to_pil
 from nst_exp.labels import labels_of
 from nst_exp.model import color
-from nst_exp.run import folder, tile_group
+from nst_exp.run import folder, provenance, tile_group
 from nst_exp.run.callbacks import ImageSnapshots, ScalarFlusher
 from nst_exp.run.checkpoint import Checkpointer, find_resume_state
 from nst_exp.model.tiled import evaluate_tiled
@@ -95,9 +95,13 @@ def run(
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
     encoder, step_encoder = build_network(cfg, device)
     folder.write_config(run_dir, cfg)
+    record = provenance.collect(cfg, device)
+    folder.write_provenance(run_dir, record)
 
     logger = RunLogger(run_dir)
-    write_session_start(logger.experiment, {**flatten(to_container(cfg)), "experiment": labels["experiment"] or "none"})
+    # The HPARAMS session is written once every auto is decided (the final stage's tile plan), or at the end.
+    session = {**flatten(to_container(cfg)), "experiment": labels["experiment"] or "none"}
+    session_written = False
     interruptions = list((read_result(run_dir) or {}).get("interruptions") or []) if resume and resume.optimizer else []
     clock_start = time.perf_counter()
     clock = lambda: time.perf_counter() - clock_start  # noqa: E731
@@ -136,6 +140,11 @@ def run(
             plan = stage_plan(cfg, loss, content_t, bf16, group.world if group else 1)  # whole, or tiles that fit
             loss.encoder = step_encoder  # after the plan: it measures the plain encoder
             plans.append((stage.size, plan))
+            if index == len(stages) - 1:
+                record = provenance.with_tile(record, plan.tile)
+                folder.write_provenance(run_dir, record)
+                write_session_start(logger.experiment, {**session, **provenance.hparams(record)})
+                session_written = True
             if plan.tile is not None:
                 print(f"{_stage_name(index, stages)}: {plan.describe()}", flush=True)
             callbacks = [
@@ -191,6 +200,8 @@ def run(
     metrics = final_metrics(module.latest_losses if module is not None else {}, wall_offset + clock(), step)
     saved = FINAL_IMAGE if image is not None else None
     tile_plans = [plan.record(size) for size, plan in plans]
+    if not session_written:  # stopped (or failed) before the final stage: the session says what was decided
+        write_session_start(logger.experiment, {**session, **provenance.hparams(record)})
     if stop is not None:
         # The job goes on elsewhere (requeued) or was cancelled: no final metrics, no evaluation (the
         # cluster's grace time is short); the folder says where it stopped, last.ckpt how to go on.
@@ -198,7 +209,7 @@ def run(
                               "wall_time_s": round(metrics["hp/wall_time_s"], 1)})
         logger.close(status)
         write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
-                     tile_plans=tile_plans)
+                     tile_plans=tile_plans, provenance=record)
         raise stop
     # The evaluator runs VGG19 on the whole image at once: not for an image that needed tiles (its
     # hp/eval_* and objective stay unset; compare such runs by eye or at a smaller size).
@@ -212,7 +223,7 @@ def run(
     write_session_end(logger.experiment, completed=status == "completed")
     logger.close("success" if status == "completed" else status)
     write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
-                 tile_plans=tile_plans)
+                 tile_plans=tile_plans, provenance=record)
     return RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, error)
 
 
