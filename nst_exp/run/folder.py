@@ -32,7 +32,8 @@ SNAPSHOT_DIR = "snapshots"
 
 def prepare(run_dir: Path, resume: str | None = None) -> Path:
     """Create the run folder (one-line error if it cannot be written), and never reuse a finished run's
-    folder: one with a final image and no last.ckpt is only continued by ``resume=`` pointing at it."""
+    folder: one with a final image, no last.ckpt and a final result (``FINAL_RESULTS``, or none) is only
+    continued by ``resume=`` pointing at it. A failed, cancelled or timed-out run's folder runs again."""
     from nst_exp.errors import UserError
 
     try:
@@ -44,7 +45,9 @@ def prepare(run_dir: Path, resume: str | None = None) -> Path:
         raise UserError(f"cannot write the run folder {run_dir}: {exc.strerror or exc}; fix: a writable place "
                         "(hydra.run.dir=/path for a run, hydra.sweep.dir=/path for a sweep, output_dir= in Python)") from None
     resuming_here = bool(resume) and Path(resume).resolve() == run_dir.resolve()
-    if (run_dir / FINAL_IMAGE).exists() and not (run_dir / CHECKPOINT).exists() and not resuming_here:
+    result = read_result(run_dir)
+    finished = result is None or result.get("status") in FINAL_RESULTS
+    if (run_dir / FINAL_IMAGE).exists() and not (run_dir / CHECKPOINT).exists() and finished and not resuming_here:
         raise UserError(f"{run_dir} already holds a finished run; fix: another folder, or resume={run_dir} to continue it")
     return run_dir
 
@@ -83,6 +86,8 @@ def final_image(run_dir: Path) -> Path | None:
 # How a run or job ended. Only "completed" is a result a sweep may compare; "interrupted" is a run
 # stopped by Ctrl-C or a signal (last.ckpt continues it), the rest are final outcomes.
 STATUSES = ("completed", "interrupted", "diverged", "failed", "cancelled", "timed_out")
+# A sweep run again (resume=<sweep folder>) keeps these jobs; the others run again (from last.ckpt if any).
+FINAL_RESULTS = ("completed", "diverged")
 
 
 def write_result(

@@ -33,7 +33,8 @@ from nst_exp.run.folder import FINAL_IMAGE, read_result, write_result
 from nst_exp.run.memory_fit import check_history_fits
 from nst_exp.run.precision import resolve_precision
 from nst_exp.run.tile_plan import TilePlan, stage_plan
-from nst_exp.run.logger import RunLogger, log_final_metrics, log_input_images, quiet_lightning
+from nst_exp.run.logger import RunLogger, log_final_metrics, log_input_images, quiet_lightning, trim_logs
+from nst_exp.run.loggers import check_available, make_loggers
 from nst_exp.run.metrics import divergence_message, final_metrics, objective
 from nst_exp.run.module import StylizeModule
 from nst_exp.run.setup import (
@@ -50,7 +51,6 @@ from nst_exp.run.setup import (
 )
 from nst_exp.run.stages import stages_of
 from nst_exp.run.signals import STEP_BOUNDARY_STOPS, JobSignals, StopOnSignal
-from nst_exp.run.tb_hparams import write_session_end, write_session_start
 from nst_exp.run.trainer import Forever, make_trainer
 
 
@@ -86,6 +86,8 @@ def run(
         raise UserError(f"resume: the run has done {resume.stage_step} steps at its final size and trainer.max_steps="
                         f"{cfg.trainer.max_steps} is the total; fix: trainer.max_steps={resume.stage_step + 100} "
                         f"(or any number above {resume.stage_step})")
+    check_available(cfg.logging.loggers)
+    trim_logs(run_dir, resume.logged_step if resume else 0)  # steps from there on are written (again) below
     quiet_lightning()
     inputs = Inputs(cfg, content, styles)
     labels = labels_of(cfg, experiment)
@@ -98,7 +100,7 @@ def run(
     record = provenance.collect(cfg, device)
     folder.write_provenance(run_dir, record)
 
-    logger = RunLogger(run_dir)
+    logger = RunLogger(run_dir, "tensorboard" in cfg.logging.loggers, make_loggers(cfg, run_dir, labels["experiment"]))
     # The HPARAMS session is written once every auto is decided (the final stage's tile plan), or at the end.
     session = {**flatten(to_container(cfg)), "experiment": labels["experiment"] or "none"}
     session_written = False
@@ -143,7 +145,7 @@ def run(
             if index == len(stages) - 1:
                 record = provenance.with_tile(record, plan.tile)
                 folder.write_provenance(run_dir, record)
-                write_session_start(logger.experiment, {**session, **provenance.hparams(record)})
+                logger.log_session_start({**session, **provenance.hparams(record)})
                 session_written = True
             if plan.tile is not None:
                 print(f"{_stage_name(index, stages)}: {plan.describe()}", flush=True)
@@ -201,13 +203,13 @@ def run(
     saved = FINAL_IMAGE if image is not None else None
     tile_plans = [plan.record(size) for size, plan in plans]
     if not session_written:  # stopped (or failed) before the final stage: the session says what was decided
-        write_session_start(logger.experiment, {**session, **provenance.hparams(record)})
+        logger.log_session_start({**session, **provenance.hparams(record)})
     if stop is not None:
         # The job goes on elsewhere (requeued) or was cancelled: no final metrics, no evaluation (the
         # cluster's grace time is short); the folder says where it stopped, last.ckpt how to go on.
         interruptions.append({"signal": getattr(stop, "signal", type(stop).__name__), "step": step,
                               "wall_time_s": round(metrics["hp/wall_time_s"], 1)})
-        logger.close(status)
+        logger.close(status)  # no artifacts: the cluster's grace time is short
         write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
                      tile_plans=tile_plans, provenance=record)
         raise stop
@@ -220,8 +222,9 @@ def run(
         metrics["hp/objective"] = objective(cfg, metrics)
         logger.experiment.add_image("image/final", image[0].cpu(), step)
     log_final_metrics(logger.experiment, metrics, step)
-    write_session_end(logger.experiment, completed=status == "completed")
-    logger.close("success" if status == "completed" else status)
+    logger.log_session_end(completed=status == "completed")
+    logger.log_artifacts([run_dir / FINAL_IMAGE, run_dir / folder.FINAL_TIFF, run_dir / folder.SNAPSHOT_DIR])
+    logger.close(status)
     write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
                  tile_plans=tile_plans, provenance=record)
     return RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, error)
