@@ -201,6 +201,9 @@ def test_killed_sweep_resumes_on_the_cluster(tmp_path):
     cluster, and every step is in its logs once."""
     from test_sweep_resume import job_dirs, kill_tree, raw_steps
 
+    from nst_exp.errors import UserError
+    from nst_exp.sweep.resume import sweep_command
+
     steps = (30, JOB0_STEPS)
     sweep = tmp_path / "sweep"
     args = [a for a in SLURM if not a.startswith("trainer.checkpoint_every=")]
@@ -213,6 +216,8 @@ def test_killed_sweep_resumes_on_the_cluster(tmp_path):
 
         _wait_for(one_done_one_going, 600, "job 0 to finish and job 1 to checkpoint")
         kill_tree(proc)  # the driver: its jobs belong to the cluster and go on
+        with pytest.raises(UserError, match="jobs of this sweep still run"):  # resuming beside them is refused
+            sweep_command([f"resume={sweep}"])
         subprocess.run(["scancel", "-u", "root"], capture_output=True)  # the workers too
         _wait_for(lambda: not _squeue(), 120, "the cancelled jobs to leave the queue")
         first, second = job_dirs(sweep)

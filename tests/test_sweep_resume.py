@@ -20,6 +20,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from conftest import ASSETS, run_cli
+from nst_exp.errors import UserError
+from nst_exp.sweep.resume import sweep_command
 from nst_exp.sweep.summary import collect_jobs
 
 STEPS = (6, 20, 20)  # the short first job finishes while the others still run
@@ -43,9 +45,16 @@ def tree(pid: int) -> list[int]:
     return found
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and all its workers at once: nobody gets to clean up."""
+def kill_tree(proc: subprocess.Popen, driver_first: bool = False) -> None:
+    """SIGKILL the driver and all its workers: nobody gets to clean up. ``driver_first``: the driver
+    alone, then check that resuming is refused while its workers (submitit's jobs) still run."""
     pids = tree(proc.pid)
+    if driver_first:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        sweep = Path(next(a.split("=", 1)[1] for a in proc.args if str(a).startswith("hydra.sweep.dir=")))
+        with pytest.raises(UserError, match=r"jobs of this sweep still run \(\d+"):
+            sweep_command([f"resume={sweep}"])
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -77,7 +86,7 @@ def job_dirs(sweep: Path) -> list[Path]:
     return sorted((p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()), key=lambda p: int(p.name.split("_")[0]))
 
 
-def kill_mid_sweep(cwd: Path, sweep: Path, args: list[str]) -> tuple[Path, int]:
+def kill_mid_sweep(cwd: Path, sweep: Path, args: list[str], driver_first: bool = False) -> tuple[Path, int]:
     """Start the sweep, SIGKILL it (workers too) once a job has finished while another is between
     checkpoints; returns that interrupted job's folder and its checkpoint's step."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -96,7 +105,7 @@ def kill_mid_sweep(cwd: Path, sweep: Path, args: list[str]) -> tuple[Path, int]:
                 break
             time.sleep(0.1)
     finally:
-        kill_tree(proc)
+        kill_tree(proc, driver_first and interrupted is not None)
     assert interrupted is not None, f"the sweep never had a finished and a running job: {proc.stderr.read()[-2000:]}"
     assert not (interrupted / "result.json").is_file(), "the job finished before the kill"
     return interrupted, torch.load(interrupted / "last.ckpt", weights_only=True)["logged_step"]
@@ -133,7 +142,8 @@ def test_killed_sweep_resumes_every_job_once(tmp_path, launcher):
     extra = [] if launcher == "basic" else [f"launcher={launcher}"]
     loggers = ["logging.loggers=[tensorboard,csv]"] if launcher == "basic" else []
     sweep = tmp_path / "sweep"
-    interrupted, ckpt_step = kill_mid_sweep(tmp_path, sweep, [*SWEEP, *extra, *loggers])
+    # submitit's local jobs outlive their driver: resuming is refused until they are gone too
+    interrupted, ckpt_step = kill_mid_sweep(tmp_path, sweep, [*SWEEP, *extra, *loggers], driver_first=launcher == "submitit_local")
     kept = {j: (j / "result.json").read_text() for j in job_dirs(sweep) if (j / "result.json").is_file()}
     proc = run_cli(["run", f"resume={sweep}"], tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

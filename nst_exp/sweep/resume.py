@@ -10,6 +10,8 @@ cancelled or never started one runs (again). ``resume=<run folder>`` stays what 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -51,6 +53,11 @@ def sweep_command(argv: list[str]) -> list[str]:
         raise UserError(f"resume={folder} runs that sweep's own overrides again, and {changed[0]} would change its jobs; "
                         f"fix: drop {changed[0]} (only hydra.* settings, e.g. hydra.launcher.n_jobs=1, may change), "
                         "or start a new sweep")
+    running = live_jobs(folder)
+    if running:
+        raise UserError(f"resume={folder}: jobs of this sweep still run ({', '.join(running[:5])}), and would share their "
+                        "folders with the resumed ones; fix: wait for them to end, or stop them (scancel <id> on SLURM, "
+                        "kill <pid> for submitit_local), then resume")
     cwd = (record.get("hydra") or {}).get("runtime", {}).get("cwd")
     target = str(folder.resolve())
     if cwd and Path(cwd).is_dir() and Path(cwd).resolve() != Path.cwd().resolve():
@@ -58,3 +65,28 @@ def sweep_command(argv: list[str]) -> list[str]:
         print(f"resume:      in {cwd}, where the sweep started")
     kept = [o for o in hydra if not o.startswith(_SET_HERE)]
     return ["-m", *task, *kept, *extra, f"hydra.sweep.dir={target}"]
+
+
+def live_jobs(folder: Path) -> list[str]:
+    """The submitit jobs of the sweep (``<sweep>/.submitit/<job id>``) that still run: SLURM jobs that
+    ``squeue`` lists, or local jobs (the id is the process id) whose process is alive here. A driver
+    killed with SIGKILL leaves them running; resuming beside them would run a job twice in one folder."""
+    ids = [p.name for p in sorted((folder / ".submitit").glob("*")) if p.is_dir() and p.name[:1].isdigit()]
+    if not ids:
+        return []
+    live = []
+    for job in ids:
+        cmdline = Path(f"/proc/{job}/cmdline")
+        try:
+            if job.isdigit() and b"submitit" in cmdline.read_bytes():
+                live.append(job)
+        except OSError:
+            pass
+    if shutil.which("squeue"):
+        try:
+            out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        queued = {line.strip().split("_")[0] for line in out.splitlines() if line.strip()}
+        live += [job for job in ids if job.split("_")[0] in queued and job not in live]
+    return live
