@@ -82,6 +82,15 @@ def raw_steps(run_dir: Path, tag: str = "loss/total") -> list[int]:
     return steps
 
 
+def summary_sheets(sweep: Path) -> int:
+    """Contact sheets in the sweep's ``_summary`` TensorBoard run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(sweep / "_summary"), size_guidance={"images": 0})
+    acc.Reload()
+    return len(acc.Images("sweep/contact_sheet"))
+
+
 def job_dirs(sweep: Path) -> list[Path]:
     return sorted((p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()), key=lambda p: int(p.name.split("_")[0]))
 
@@ -131,6 +140,7 @@ def check_whole_sweep(sweep: Path, kept: dict[Path, str], resumed: Path, ckpt_st
         rows = list(csv.DictReader(fh))
     assert [r["status"] for r in rows] == ["completed"] * len(STEPS)
     assert Image.open(sweep / "contact_sheet.png").width > 0
+    assert summary_sheets(sweep) == 1  # one contact sheet in TensorBoard, of all jobs
 
 
 @pytest.mark.parametrize("launcher", ["basic", "parallel", "submitit_local"])
@@ -176,6 +186,7 @@ def test_failed_job_runs_again_on_resume(tmp_path):
     assert "sweep:       2 jobs, 2 completed" in proc.stdout and f"done already: {first}" in proc.stdout
     assert (first / "result.json").read_text() == kept
     assert [j.status for j in collect_jobs([sweep])] == ["completed", "completed"]
+    assert summary_sheets(sweep) == 1  # the new summary replaced the first
 
 
 def test_resume_of_a_sweep_refuses_a_changed_setting(tmp_path):

@@ -313,6 +313,8 @@ def summarize(jobs: Sequence[Job], out_dir: Path, title: str = "", log_to_tensor
     sheet = contact_sheet(jobs, title)
     sheet.save(sheet_path)
     if log_to_tensorboard:
+        for stale in (out_dir / "_summary").glob("events.out.tfevents.*"):  # a resumed sweep, compare again: one sheet
+            stale.unlink()
         _log_sheet(sheet, out_dir / "_summary")
         sessions = [{**settings(job), "experiment": job.labels.get("experiment") or "none"} for job in jobs if job.config]
         write_experiment(out_dir / "_summary", sessions)
