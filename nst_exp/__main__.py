@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from nst_exp.cli.checks import check_overrides_compose, check_run_overrides
         from nst_exp.errors import UserError
 
+        from nst_exp.sweep.resume import sweep_command
+
         try:
+            rest = sweep_command(rest)  # resume=<sweep folder>: that sweep's own command, into its folder
             check_run_overrides(rest)
             check_overrides_compose(rest)
         except UserError as exc:

@@ -162,6 +162,9 @@ class LoggingConfig:
     progress_bar: bool = True
     save_snapshots: bool = False  # also write snapshot PNGs into the run folder
     save_tiff: bool = False  # also write the final image as final.tif (lossless LZW), for print workflows
+    loggers: List[str] = field(default_factory=lambda: ["tensorboard"])  # any of LOGGERS, several at once (run/loggers.py)
+    mlflow_tracking_uri: Optional[str] = None  # null = a SQLite store in the run folder (mlflow/mlflow.db)
+    mlflow_experiment: Optional[str] = None  # the MLflow experiment; null = the run's experiment= label, else nst_exp
 
 
 @dataclass
@@ -212,6 +215,22 @@ def _non_negative(value: float, key: str) -> None:
 
 
 TILE_AUTO = "auto"
+LOGGERS = ("tensorboard", "csv", "mlflow")  # logging.loggers: TensorBoard, Lightning's CSVLogger and MLFlowLogger
+
+
+def check_loggers(names: Any) -> None:
+    """One line for a typo'd or repeated ``logging.loggers`` name."""
+    import difflib
+
+    names = list(names)
+    for name in names:
+        if name not in LOGGERS:
+            near = difflib.get_close_matches(str(name), LOGGERS, n=1)
+            hint = f"did you mean {near[0]}? or " if near else ""
+            raise UserError(f"logging.loggers: unknown logger {name!r}; fix: {hint}any of {', '.join(LOGGERS)}, "
+                            "e.g. logging.loggers=[tensorboard,csv]")
+    if len(set(names)) != len(names):
+        raise UserError(f"logging.loggers={names} names a logger twice; fix: each once, e.g. logging.loggers=[tensorboard,csv]")
 
 
 def tile_setting(cfg: DictConfig | Config) -> int | str | None:
@@ -311,6 +330,7 @@ def validate(cfg: DictConfig | Config) -> None:
             "(16-mixed is refused because L-BFGS cannot run under fp16 AMP)"
         )
     _non_negative(cfg.logging.image_every, "logging.image_every")
+    check_loggers(cfg.logging.get("loggers", ["tensorboard"]))
     _positive(cfg.logging.flush_every, "logging.flush_every")
     _non_negative(cfg.trainer.checkpoint_every, "trainer.checkpoint_every")
     _non_negative(cfg.trainer.iters_per_step, "trainer.iters_per_step")

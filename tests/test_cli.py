@@ -98,7 +98,7 @@ def test_console_is_clean(default_run):
     for noise in ("Training:", "Epoch", "srun", "Traceback", "LOCAL_RANK"):
         assert noise not in console
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "config.yaml", next(run_dir.glob("events*")).name,
-                                                         "final.png", "result.json"]
+                                                         "final.png", "provenance.yaml", "result.json"]
 
 
 @pytest.mark.slow

@@ -193,3 +193,47 @@ def test_job_tasks_share_the_tiles_on_the_cluster(tmp_path):
     a = np.asarray(Image.open(job / "final.png"), dtype=np.int16)
     b = np.asarray(Image.open(one / "final.png"), dtype=np.int16)
     assert a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
+def test_killed_sweep_resumes_on_the_cluster(tmp_path):
+    """The driver SIGKILLed mid-sweep and its jobs cancelled (one finished, one between checkpoints):
+    ``resume=<sweep folder>`` keeps the finished job, continues the other from its last.ckpt on the
+    cluster, and every step is in its logs once."""
+    from test_sweep_resume import job_dirs, kill_tree, raw_steps
+
+    from nst_exp.errors import UserError
+    from nst_exp.sweep.resume import sweep_command
+
+    steps = (30, JOB0_STEPS)
+    sweep = tmp_path / "sweep"
+    args = [a for a in SLURM if not a.startswith("trainer.checkpoint_every=")]
+    proc = _start_sweep(tmp_path, [*args, f"trainer.max_steps={steps[0]},{steps[1]}", "trainer.checkpoint_every=20",
+                                   f"hydra.sweep.dir={sweep}"])
+    try:
+        def one_done_one_going() -> bool:
+            jobs = job_dirs(sweep) if sweep.is_dir() else []
+            return len(jobs) == 2 and (jobs[0] / "result.json").is_file() and (jobs[1] / "last.ckpt").is_file()
+
+        _wait_for(one_done_one_going, 600, "job 0 to finish and job 1 to checkpoint")
+        kill_tree(proc)  # the driver: its jobs belong to the cluster and go on
+        with pytest.raises(UserError, match="jobs of this sweep still run"):  # resuming beside them is refused
+            sweep_command([f"resume={sweep}"])
+        subprocess.run(["scancel", "-u", "root"], capture_output=True)  # the workers too
+        _wait_for(lambda: not _squeue(), 120, "the cancelled jobs to leave the queue")
+        first, second = job_dirs(sweep)
+        kept = (first / "result.json").read_text()
+        if (second / "result.json").is_file():  # scancel's SIGTERM: checkpointed at a step boundary, "interrupted"
+            assert json.loads((second / "result.json").read_text())["status"] != "completed"
+        resumed = subprocess.run([sys.executable, "-m", "nst_exp", "run", f"resume={sweep}"], cwd=tmp_path, capture_output=True,
+                                 text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""})
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["scancel", "-u", "root"], capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "sweep:       2 jobs, 2 completed" in resumed.stdout
+    assert (first / "result.json").read_text() == kept  # kept, not run again
+    for job, n in zip((first, second), steps):
+        assert json.loads((job / "result.json").read_text())["metrics"]["hp/steps"] == n
+        assert raw_steps(job) == list(range(n))  # every step once, as stored
+    assert len(list(second.glob("events.out.tfevents.*"))) == 2  # continued (from last.ckpt), not started over

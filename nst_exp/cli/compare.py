@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
     from nst_exp.run.folder import RESULT_FILE
-    from nst_exp.sweep.summary import best_job, collect_jobs, summarize
+    from nst_exp.sweep.summary import best_job, collect_jobs, differences_lines, summarize
 
     missing = [d for d in args.dirs if not d.is_dir()]
     if missing:
@@ -34,4 +34,8 @@ def main(argv: list[str]) -> int:
     best = best_job(jobs)
     if best is not None:
         print(f"best:          {best.path} (hp/objective {best.metrics['hp/objective']:.4g})")
+    differs = differences_lines(jobs)
+    if differs:
+        print("differs:")
+        print("\n".join("  " + line.removeprefix("- ").replace("`", "") for line in differs))
     return 0

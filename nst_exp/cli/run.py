@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from nst_exp.compose import first_line, register_launchers
 from nst_exp.config import CONF_DIR, register_configs
 from nst_exp.errors import UserError
-from nst_exp.run.folder import CHECKPOINT, FINAL_IMAGE, FINISHED, mark_ended, read_result, record_failure
+from nst_exp.run.folder import CHECKPOINT, FINAL_IMAGE, FINAL_RESULTS, mark_ended, read_result, record_failure
 from nst_exp.run.signals import JobInterrupted
 from nst_exp.sweep.naming import register_resolvers
 
@@ -61,8 +61,9 @@ def _run_job(cfg: DictConfig) -> float:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     done = read_result(run_dir)
-    if _is_multirun() and done and done.get("status") in FINISHED and not (run_dir / CHECKPOINT).exists():
-        # A job that finished just before the cluster pre-empted it, requeued into its folder: its result stands.
+    if _is_multirun() and done and done.get("status") in FINAL_RESULTS and not (run_dir / CHECKPOINT).exists():
+        # A job that finished before its sweep was run again (resume=<sweep folder>), or just before the
+        # cluster pre-empted it and requeued it into its folder: its result stands.
         print(f"done already: {run_dir}")
         return float((done.get("metrics") or {}).get("hp/objective", math.inf))
     try:
@@ -165,7 +166,7 @@ def main(argv: list[str]) -> int:
     register_configs()
     register_resolvers()
     register_launchers()
-    resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]  # a run folder (a sweep's: __main__)
     if resume and resume[-1] not in ("", "null") and not any(a.startswith("hydra.run.dir=") for a in argv):
         argv = [*argv, f"hydra.run.dir={resume[-1]}"]  # continue in the run's own folder: one curve, one place
     sys.argv = [sys.argv[0], *argv]

@@ -3,6 +3,8 @@
 A run (CLI job, sweep job, ``nst_exp.stylize``) writes only into its folder:
 
 - ``config.yaml``: the composed config (``write_config``), written before the first step;
+- ``provenance.yaml``: versions, commit, device, weights, seed, every ``auto`` as resolved
+  (``write_provenance``; the record is ``run.provenance``'s, also in result.json);
 - ``final.png``: the image (``save_final``), also on Ctrl-C or divergence; ``final.tif`` too with
   ``logging.save_tiff``;
 - ``last.ckpt``: the resume state (``CHECKPOINT``; its contents are ``run.checkpoint``'s);
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_FILE = "config.yaml"
+PROVENANCE_FILE = "provenance.yaml"
 FINAL_IMAGE = "final.png"
 FINAL_TIFF = "final.tif"  # with logging.save_tiff, for print workflows
 CHECKPOINT = "last.ckpt"
@@ -29,7 +32,8 @@ SNAPSHOT_DIR = "snapshots"
 
 def prepare(run_dir: Path, resume: str | None = None) -> Path:
     """Create the run folder (one-line error if it cannot be written), and never reuse a finished run's
-    folder: one with a final image and no last.ckpt is only continued by ``resume=`` pointing at it."""
+    folder: one with a final image, no last.ckpt and a final result (``FINAL_RESULTS``, or none) is only
+    continued by ``resume=`` pointing at it. A failed, cancelled or timed-out run's folder runs again."""
     from nst_exp.errors import UserError
 
     try:
@@ -41,7 +45,9 @@ def prepare(run_dir: Path, resume: str | None = None) -> Path:
         raise UserError(f"cannot write the run folder {run_dir}: {exc.strerror or exc}; fix: a writable place "
                         "(hydra.run.dir=/path for a run, hydra.sweep.dir=/path for a sweep, output_dir= in Python)") from None
     resuming_here = bool(resume) and Path(resume).resolve() == run_dir.resolve()
-    if (run_dir / FINAL_IMAGE).exists() and not (run_dir / CHECKPOINT).exists() and not resuming_here:
+    result = read_result(run_dir)
+    finished = result is None or result.get("status") in FINAL_RESULTS
+    if (run_dir / FINAL_IMAGE).exists() and not (run_dir / CHECKPOINT).exists() and finished and not resuming_here:
         raise UserError(f"{run_dir} already holds a finished run; fix: another folder, or resume={run_dir} to continue it")
     return run_dir
 
@@ -51,6 +57,14 @@ def write_config(run_dir: Path, cfg: Any) -> Path:
 
     path = run_dir / CONFIG_FILE
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def write_provenance(run_dir: Path, record: dict[str, Any]) -> Path:
+    import yaml
+
+    path = run_dir / PROVENANCE_FILE
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
     return path
 
 
@@ -74,6 +88,8 @@ def final_image(run_dir: Path) -> Path | None:
 # stopped early (a finished trial, not a failure), the rest are final outcomes.
 STATUSES = ("completed", "pruned", "interrupted", "diverged", "failed", "cancelled", "timed_out")
 FINISHED = ("completed", "pruned")  # outcomes a sweep counts as done: rerunning the job would repeat it
+# A sweep run again (resume=<sweep folder>) keeps these jobs; the others run again (from last.ckpt if any).
+FINAL_RESULTS = (*FINISHED, "diverged")
 
 
 def write_result(
@@ -86,10 +102,11 @@ def write_result(
     interruptions: list[dict[str, Any]] | None = None,
     labels: dict[str, str | None] | None = None,
     tile_plans: list[dict[str, Any]] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> None:
     """result.json of a run (``status`` one of STATUSES); ``interruptions`` lists the signals it survived,
     ``labels`` its content, style and experiment (default: from ``cfg`` and the Hydra job), ``tile_plans``
-    how each stage evaluated its loss (whole, or which tiles)."""
+    how each stage evaluated its loss (whole, or which tiles), ``provenance`` what ran it (``run.provenance``)."""
     from nst_exp.labels import labels_of
 
     payload = {
@@ -100,6 +117,7 @@ def write_result(
         **(labels or labels_of(cfg)),
         "interruptions": interruptions or [],
         "tile_plans": tile_plans or [],
+        "provenance": provenance or {},
     }
     _write(run_dir, payload)
 

