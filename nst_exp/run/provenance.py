@@ -86,14 +86,14 @@ def versions() -> dict[str, str | None]:
     import hydra
     import pytorch_lightning
 
-    import nst_exp
+    from nst_exp._version import __version__
 
     try:
         from importlib.metadata import version
 
         nst = version("nst_exp")
     except Exception:  # noqa: BLE001 - run from a checkout that is not installed
-        nst = nst_exp.__version__
+        nst = __version__
     return {"nst_exp": nst, "python": platform.python_version(), "torch": str(torch.__version__),  # TorchVersion: a str subclass
             "lightning": str(pytorch_lightning.__version__), "hydra": str(hydra.__version__)}
 
