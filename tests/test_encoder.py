@@ -285,7 +285,9 @@ def test_fused_conv_relu_gives_the_same_bits_as_conv_then_relu(weights, padding,
         assert torch.equal(fused[name], plain[name]), name
         assert fused[name].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(fused_grad, plain_grad)
-    assert "ConvReLU" in fused["relu1_1"].grad_fn.name() and "ConvReLU" not in plain["relu1_1"].grad_fn.name()
+    # fp32 takes the fused call; bf16 keeps autocast's conv2d + relu_ (no faster fused, measured).
+    assert ("ConvReLU" in fused["relu1_1"].grad_fn.name()) == (precision == "fp32")
+    assert "ConvReLU" not in plain["relu1_1"].grad_fn.name()
 
 
 def test_fused_conv_relu_steps_aside_where_conv2d_runs_another_kernel(weights):

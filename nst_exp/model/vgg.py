@@ -130,7 +130,7 @@ class VGG19Encoder(nn.Module):
             raise ValueError(f"unknown preprocessing {preprocessing!r}")
         self.register_buffer("in_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("in_shift", shift.view(1, 3, 1, 1), persistent=False)
-        self.fuse_relu = True  # conv + ReLU as one oneDNN call on the CPU (model/conv_relu.py; the same bits)
+        self.fuse_relu = True  # fp32 conv + ReLU as one oneDNN call on the CPU (model/conv_relu.py; the same bits)
         self.channels_last = False  # set with .to(memory_format=torch.channels_last) for NHWC cuDNN kernels
         self.requires_grad_(False)
         self.eval()
