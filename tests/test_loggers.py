@@ -62,6 +62,20 @@ def test_a_typo_in_a_logger_name_fails_at_start_in_one_line(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_mlflow_not_installed_is_one_line_with_the_fix(monkeypatch):
+    """Where the extra is missing (simulated: this environment has it), asking for mlflow fails before any work."""
+    import importlib.util
+
+    from nst_exp.errors import UserError
+    from nst_exp.run.loggers import check_available
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(UserError, match=r"mlflow, which is not installed; fix: pip install 'nst_exp\[mlflow\]'"):
+        check_available(["tensorboard", "mlflow"])
+    check_available(["tensorboard", "csv"])
+
+
 def test_mlflow_in_a_real_local_store_inside_the_run_folder(tmp_path, monkeypatch):
     pytest.importorskip("mlflow", reason="MLflow is the optional extra nst_exp[mlflow] (the dev extra installs it)")
     from mlflow.tracking import MlflowClient

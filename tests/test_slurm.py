@@ -204,7 +204,7 @@ def test_killed_sweep_resumes_on_the_cluster(tmp_path):
     from nst_exp.errors import UserError
     from nst_exp.sweep.resume import sweep_command
 
-    steps = (30, JOB0_STEPS)
+    steps = (30, 300)  # job 1: long enough to be caught between checkpoints (every 20 steps)
     sweep = tmp_path / "sweep"
     args = [a for a in SLURM if not a.startswith("trainer.checkpoint_every=")]
     proc = _start_sweep(tmp_path, [*args, f"trainer.max_steps={steps[0]},{steps[1]}", "trainer.checkpoint_every=20",

@@ -93,6 +93,9 @@ def check_values(cfg: Any) -> None:
     from nst_exp.run.input_checks import check_inputs
 
     validate(cfg)
+    from nst_exp.run.loggers import check_available
+
+    check_available(cfg.logging.loggers)  # an optional logger that is not installed: before any job
     if cfg.resume:
         return  # the resumed run's own config (its images) is read by the job
     check_inputs(cfg)
