@@ -103,20 +103,26 @@ def test_bad_overrides_fail_in_one_line(argv, message):
     assert "\n" not in str(info.value)
 
 
-def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(tmp_path):
+def test_auto_precision_is_bf16_only_on_a_cpu_whose_bf16_is_fast(tmp_path):
     import torch
 
     from nst_exp.run import precision
 
-    native, emulated = tmp_path / "native", tmp_path / "emulated"
-    native.write_text("model name\t: X\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
-    emulated.write_text("model name\t: Y\nflags\t\t: fpu sse avx2 avx512f\n")
-    assert precision.cpu_has_native_bf16(native) and not precision.cpu_has_native_bf16(emulated)
-    assert not precision.cpu_has_native_bf16(tmp_path / "missing")
+    cpus = {
+        "amx": ("GenuineIntel", "fpu sse avx512f avx512_bf16 amx_tile amx_bf16", True),
+        "amd_avx512_bf16": ("AuthenticAMD", "fpu sse avx512f avx512_bf16", True),
+        "intel_avx512_bf16_no_amx": ("GenuineIntel", "fpu sse avx512f avx512_bf16 avx512_fp16", False),
+        "emulated": ("GenuineIntel", "fpu sse avx2 avx512f", False),
+    }
+    for name, (vendor, flags, fast) in cpus.items():
+        info = tmp_path / name
+        info.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: X\nflags\t\t: {flags}\n")
+        assert precision.cpu_has_fast_bf16(info) is fast, name
+    assert not precision.cpu_has_fast_bf16(tmp_path / "missing")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert precision.resolve_precision("auto", cuda) == "32-true"
     assert precision.resolve_precision("32-true", cpu) == "32-true" and precision.resolve_precision("bf16-mixed", cuda) == "bf16-mixed"
-    expected = "bf16-mixed" if precision.cpu_has_native_bf16() else "32-true"
+    expected = "bf16-mixed" if precision.cpu_has_fast_bf16() else "32-true"
     assert precision.resolve_precision("auto", cpu) == expected
 
 
