@@ -1,9 +1,10 @@
 """The slurm launcher on a real SLURM cluster: pre-emption, time limits and cancellation.
 
-Needs a running cluster with the partitions of ``shared/tools/local-slurm.sh`` (``debug``, and
-``urgent`` that pre-empts it). Start one on this machine (root, about a minute) and run:
+Needs a running cluster with the partitions of ``tools/test_cluster.sh`` (``debug``, and
+``urgent`` that pre-empts it; docs/clusters-testing.md). Start one on this machine (root) and run:
 
-    bash ../shared/tools/local-slurm.sh && python -m pytest -q tests/test_slurm.py
+    sudo bash tools/test_cluster.sh start && python -m pytest -q tests/test_slurm.py
+    sudo bash tools/test_cluster.sh stop
 
 Without a cluster these tests are skipped, saying why.
 """
@@ -41,7 +42,7 @@ def _cluster_problem() -> str | None:
 PROBLEM = _cluster_problem()
 pytestmark = pytest.mark.skipif(
     PROBLEM is not None,
-    reason=f"no SLURM cluster ({PROBLEM}): start one with `bash ../shared/tools/local-slurm.sh` (root, ~1 min)",
+    reason=f"no SLURM cluster ({PROBLEM}): start one with `sudo bash tools/test_cluster.sh start` (docs/clusters-testing.md)",
 )
 
 SLURM = ["launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",

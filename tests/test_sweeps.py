@@ -64,6 +64,18 @@ def test_job_dirname_is_safe_and_short():
     assert job_dirname(["logging.image_every=5"]) == "default"
 
 
+def test_folder_names_keep_letters_of_any_script_and_drop_what_is_unsafe():
+    from nst_exp.labels import MAX_PART, run_label, safe_part
+
+    assert job_dirname(["content.path=/home/me/Été/plage à Nice.jpg"]) == "content=plage-à-Nice"
+    assert run_label("crème brûlée", "Mondrian", "café") == "café_crème-brûlée_Mondrian"
+    assert safe_part("cafe\u0301") == "café"  # decomposed é (macOS file names): one letter again
+    assert safe_part("a/b\\c\x00d\ne:f*g?\"h") == "a-b-c-d-e-f-g-h"  # separators, control characters, Windows' reserved
+    assert len(safe_part("é" * 100).encode()) <= MAX_PART  # a file name's limit is in bytes
+    long = job_dirname([f"loss.w{i}=é" for i in range(40)])
+    assert len(long.encode()) <= MAX_LEN and long.endswith(tuple("0123456789abcdef"))
+
+
 @pytest.fixture(scope="module")
 def grid_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     cwd = tmp_path_factory.mktemp("sweep")

@@ -94,6 +94,11 @@ def check_values(cfg: Any) -> None:
 
     validate(cfg)
     if cfg.resume:
+        from pathlib import Path
+
+        from nst_exp.run.checkpoint import check_resume_target
+
+        check_resume_target(Path(cfg.resume))
         return  # the resumed run's own config (its images) is read by the job
     check_inputs(cfg)
 

@@ -1,9 +1,18 @@
-"""The Hydra entry point for ``python -m nst_exp run``: compose, run, report."""
+"""The Hydra entry point for ``python -m nst_exp run``: compose, run, report.
+
+A single run's folder is decided here, before Hydra starts, and Hydra writes its ``.hydra/`` files
+into a staging folder instead: they join the run folder only once the run is accepted
+(``runner.run``'s ``on_accept``). A refused run (a wrong ``resume=``, a finished run's folder,
+nothing left to do) leaves every file as it was and creates nothing.
+"""
 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -14,10 +23,76 @@ from omegaconf import DictConfig
 from nst_exp.cli.compose import first_line
 from nst_exp.config import CONF_DIR, register_configs
 from nst_exp.errors import UserError
+from nst_exp.files import WriteFailed, is_write_error
 from nst_exp.run.folder import CHECKPOINT, FINAL_IMAGE, mark_ended, read_result, record_failure
 from nst_exp.run.signals import JobInterrupted
 from nst_exp.sweep.cluster import register_launchers
 from nst_exp.sweep.naming import register_resolvers
+
+
+@dataclass
+class _Staged:
+    """A single run's real folder, and the staging folder Hydra writes into until the run is accepted."""
+
+    target: Path
+    staging: Path
+    given: list[str]  # the command's own hydra.run.dir override, if any (Hydra's record keeps it)
+    accepted: bool = False
+
+
+_STAGED: _Staged | None = None
+
+
+def _stage(argv: list[str]) -> list[str]:
+    """For a single run: resolve its folder now (as Hydra would) and point Hydra at a staging folder."""
+    global _STAGED
+    if any(a.startswith("-") for a in argv):
+        return argv  # -m, --cfg, --help...: Hydra's own ways, as always
+    try:
+        from hydra.types import RunMode
+        from omegaconf import OmegaConf
+
+        from nst_exp.cli.compose import compose_config
+
+        cfg = compose_config(argv, with_hydra=True)
+        if cfg.hydra.mode == RunMode.MULTIRUN:
+            return argv
+        HydraConfig.instance().set_config(cfg)
+        target = Path(str(OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=True))).absolute()
+    except Exception:  # noqa: BLE001 - what cannot be resolved here is Hydra's to report, as always
+        return argv
+    finally:
+        HydraConfig.instance().cfg = None
+    staging = Path(tempfile.mkdtemp(prefix="nst_exp-hydra-"))
+    _STAGED = _Staged(target, staging, [a for a in argv if a.startswith("hydra.run.dir=")][-1:])
+    return [a for a in argv if not a.startswith("hydra.run.dir=")] + [f"hydra.run.dir={staging}"]
+
+
+def _accept(run_dir: Path) -> None:
+    """The run is accepted: Hydra's staged ``.hydra/`` files join its folder, naming the real folder. A
+    continued run keeps the ``.hydra/`` of the command that made it (a sweep's summary reads its overrides)."""
+    from omegaconf import OmegaConf
+
+    from nst_exp.files import write_text
+
+    if _STAGED is None:
+        return
+    _STAGED.accepted = True
+    hydra = HydraConfig.get()
+    if hydra.output_subdir is None:
+        return
+    staged, dest = _STAGED.staging / str(hydra.output_subdir), run_dir / str(hydra.output_subdir)
+    if dest.exists() or not staged.is_dir():
+        return
+    for path in sorted(staged.glob("*.yaml")):
+        text = path.read_text()
+        if path.name == "hydra.yaml":
+            saved = OmegaConf.load(path)
+            saved.hydra.run.dir = saved.hydra.runtime.output_dir = str(run_dir)
+            saved.hydra.overrides.hydra = [o for o in saved.hydra.overrides.hydra
+                                           if not o.startswith("hydra.run.dir=")] + _STAGED.given
+            text = OmegaConf.to_yaml(saved)
+        write_text(dest / path.name, text, "Hydra record")
 
 
 def _is_multirun() -> bool:
@@ -46,7 +121,9 @@ def _resumed(cfg: DictConfig) -> DictConfig:
 def _run_job(cfg: DictConfig) -> float:
     from nst_exp.run import runner  # heavy imports (torch, lightning) only once a job runs
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    staged = _STAGED if _STAGED is not None and not _is_multirun() else None
+    run_dir = staged.target if staged else Path(HydraConfig.get().runtime.output_dir)
+    accepted = lambda: staged is None or staged.accepted  # noqa: E731 - a sweep job's folder is its own from the start
     done = read_result(run_dir)
     if _is_multirun() and done and done.get("status") == "completed" and not (run_dir / CHECKPOINT).exists():
         # A job that finished just before the cluster pre-empted it, requeued into its folder: its result stands.
@@ -54,22 +131,32 @@ def _run_job(cfg: DictConfig) -> float:
         return float((done.get("metrics") or {}).get("hp/objective", math.inf))
     try:
         cfg = _resumed(cfg)
-        result = runner.run(cfg, run_dir)
+        result = runner.run(cfg, run_dir, on_accept=_accept)
     except JobInterrupted as exc:
         print(f"\ninterrupted: {exc}; the latest image is saved at {run_dir / FINAL_IMAGE}, "
               f"and last.ckpt continues the run", file=sys.stderr)
         return _hand_over(exc, run_dir)
     except UserError as exc:
-        record_failure(run_dir, str(exc), cfg)
+        if accepted() and not isinstance(exc, WriteFailed):  # a refused run writes nothing; a failed write recorded itself
+            _record_failure(run_dir, str(exc), cfg)
         print(f"error: {exc}", file=sys.stderr)
         if _is_multirun():
             return math.inf  # the sweep goes on; the summary marks this job failed
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - a sweep must survive one job's crash (e.g. out of memory)
-        if not _is_multirun():
-            raise
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        record_failure(run_dir, message, cfg)
+        if is_write_error(exc):  # a write no module turned into WriteFailed: still one line
+            failed = WriteFailed("file", exc.filename or run_dir, exc, fix="free space or make it writable, then "
+                                 f"resume={run_dir} if the folder holds last.ckpt or final.png, else run the command again")
+            print(f"error: {failed}", file=sys.stderr)
+            if not _is_multirun():
+                sys.exit(1)
+            message = str(failed)
+        elif not _is_multirun():
+            if accepted():
+                _record_failure(run_dir, message, cfg)
+            raise
+        _record_failure(run_dir, message, cfg)
         print(f"error: job failed: {message}", file=sys.stderr)
         return math.inf
     image = run_dir / FINAL_IMAGE
@@ -88,6 +175,13 @@ def _run_job(cfg: DictConfig) -> float:
     if result.status == "diverged" and not _is_multirun():
         sys.exit(3)
     return result.metrics.get("hp/objective", math.inf)
+
+
+def _record_failure(run_dir: Path, message: str, cfg: DictConfig) -> None:
+    try:
+        record_failure(run_dir, message, cfg)
+    except WriteFailed:
+        pass  # the disk refuses even this: the error line says what happened
 
 
 def _job_task(cfg: DictConfig, rank: int, world: int, local_world: int) -> float:
@@ -151,7 +245,7 @@ def main(argv: list[str]) -> int:
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if resume and resume[-1] not in ("", "null") and not any(a.startswith("hydra.run.dir=") for a in argv):
         argv = [*argv, f"hydra.run.dir={resume[-1]}"]  # continue in the run's own folder: one curve, one place
-    sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *_stage(argv)]
     entry = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
     try:
         entry()  # a sweep with failed jobs exits 1 from its summary callback (sweep/hydra_callbacks.py)
@@ -159,4 +253,7 @@ def main(argv: list[str]) -> int:
         print("interrupted: the sweep stopped; finished jobs keep their folders "
               "(python -m nst_exp compare <sweep folder> summarises them)", file=sys.stderr)
         return 130
+    finally:
+        if _STAGED is not None:
+            shutil.rmtree(_STAGED.staging, ignore_errors=True)
     return 0

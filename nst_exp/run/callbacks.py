@@ -108,7 +108,7 @@ class ImageSnapshots(pl.Callback):
             image = copy.get().float().clamp(0, 1)
             trainer.logger.experiment.add_image("image/generated", image, step)
             if self.snapshot_dir is not None:
-                save_png(image, self.snapshot_dir / f"step_{step:06d}.png")
+                save_png(image, self.snapshot_dir / f"step_{step:06d}.png", "snapshot")
         self._pending.clear()
 
 

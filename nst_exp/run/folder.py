@@ -16,6 +16,7 @@ A run (CLI job, sweep job, ``nst_exp.stylize``) writes only into its folder:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,31 +28,48 @@ RESULT_FILE = "result.json"
 SNAPSHOT_DIR = "snapshots"
 
 
-def prepare(run_dir: Path, resume: str | None = None) -> Path:
-    """Create the run folder (one-line error if it cannot be written), and never reuse a finished run's
-    folder: one with a final image and no last.ckpt is only continued by ``resume=`` pointing at it."""
+def check_target(run_dir: Path, resume: str | None = None) -> None:
+    """Refuse, writing nothing, a folder that cannot be made or written, and a finished run's folder: one
+    with a final image and no last.ckpt is only continued by ``resume=`` pointing at it."""
     from nst_exp.errors import UserError
 
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write the run folder {run_dir}: {exc.strerror or exc}; fix: a writable place "
-                        "(hydra.run.dir=/path for a run, hydra.sweep.dir=/path for a sweep, output_dir= in Python)") from None
+    existing = run_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} cannot be written to"
+    if problem:
+        raise UserError(f"cannot write the run folder {run_dir}: {problem}; fix: a writable place "
+                        "(hydra.run.dir=/path for a run, hydra.sweep.dir=/path for a sweep, output_dir= in Python)")
     resuming_here = bool(resume) and Path(resume).resolve() == run_dir.resolve()
     if (run_dir / FINAL_IMAGE).exists() and not (run_dir / CHECKPOINT).exists() and not resuming_here:
         raise UserError(f"{run_dir} already holds a finished run; fix: another folder, or resume={run_dir} to continue it")
+
+
+def create(run_dir: Path) -> Path:
+    """Make the run folder, once the run is accepted (``check_target`` and every other check passed)."""
+    from nst_exp.files import writing
+
+    with writing("run folder", run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def prepare(run_dir: Path, resume: str | None = None) -> Path:
+    """``check_target`` then ``create``: for callers with nothing to check in between."""
+    check_target(run_dir, resume)
+    return create(run_dir)
 
 
 def write_config(run_dir: Path, cfg: Any) -> Path:
     from omegaconf import OmegaConf
 
-    path = run_dir / CONFIG_FILE
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return path
+    from nst_exp.files import write_text
+
+    return write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True), "run's config")
 
 
 def save_final(run_dir: Path, image: Any, tiff: bool = False) -> Path:
@@ -60,8 +78,8 @@ def save_final(run_dir: Path, image: Any, tiff: bool = False) -> Path:
 
     pil = image if not hasattr(image, "detach") else tensor_to_pil(image)
     if tiff:
-        save_png(pil, run_dir / FINAL_TIFF)
-    return save_png(pil, run_dir / FINAL_IMAGE)
+        save_png(pil, run_dir / FINAL_TIFF, "final image")
+    return save_png(pil, run_dir / FINAL_IMAGE, "final image")
 
 
 def final_image(run_dir: Path) -> Path | None:
@@ -107,7 +125,7 @@ def record_failure(run_dir: Path, message: str, cfg: Any = None) -> None:
     it holds (image, metrics), marked failed, and a completed run's record is never overwritten by a
     failed attempt to continue it."""
     existing = read_result(run_dir)
-    if existing is None:
+    if existing is None or not isinstance(existing, dict):
         write_result(run_dir, "failed", error=message, cfg=cfg)
     elif existing.get("status") != "completed":
         mark_ended(run_dir, "failed", message)
@@ -124,11 +142,10 @@ def mark_ended(run_dir: Path, status: str, error: str, overrides: list[str] | No
 
 
 def _write(run_dir: Path, payload: dict[str, Any]) -> None:
-    """Atomic: a job killed while writing never leaves a torn result.json."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(run_dir / RESULT_FILE)
+    """Atomic: a job killed while writing, or a full disk, never leaves a torn result.json."""
+    from nst_exp.files import write_text
+
+    write_text(run_dir / RESULT_FILE, json.dumps(payload, indent=2, default=str), "run record")
 
 
 def read_result(run_dir: Path) -> dict[str, Any] | None:

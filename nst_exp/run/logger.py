@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,10 @@ from typing import Any
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
+from nst_exp.files import WriteFailed
 from nst_exp.run.metrics import HPARAM_METRICS
+
+EVENT_FILE = "TensorBoard event file"
 
 
 def quiet_lightning() -> None:
@@ -41,8 +45,21 @@ class RunLogger(TensorBoardLogger):
     def __init__(self, run_dir: Path) -> None:
         super().__init__(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
 
+    def open(self) -> Any:
+        """Create the event file now (a full disk fails here, as ``WriteFailed``), its writes guarded."""
+        try:
+            writer = self.experiment
+        except OSError as exc:
+            raise WriteFailed(EVENT_FILE, self.save_dir, exc) from None
+        guard_event_file(writer)
+        return writer
+
     def finalize(self, status: str) -> None:
-        self.experiment.flush()
+        try:
+            self.experiment.flush()
+        except WriteFailed:
+            if status == "success":
+                raise  # else the run is failing already: its first failure is the one reported
 
     def save(self) -> None:
         """Only flush: the run folder's config.yaml is the config (no Lightning hparams.yaml)."""
@@ -50,6 +67,47 @@ class RunLogger(TensorBoardLogger):
 
     def close(self, status: str) -> None:
         super().finalize(status)
+
+
+def guard_event_file(writer: Any) -> None:
+    """A failed write of ``writer``'s event file raises ``WriteFailed`` (naming the file) in the run's
+    thread, and TensorBoard's writer thread dies without a traceback: its error is kept and raised by
+    the next write or flush, here as that one line."""
+    from nst_exp.run.tb_hparams import _file_writer
+
+    _quiet_event_writer_threads()
+    events = _file_writer(writer).event_writer
+    if getattr(events, "_nst_guarded", False):
+        return
+    path = Path(getattr(events, "_file_name", None) or events.get_logdir())
+    for name in ("add_event", "flush", "close"):
+        setattr(events, name, _guarded(getattr(events, name), path))
+    events._nst_guarded = True
+
+
+def _guarded(method: Any, path: Path) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except OSError as exc:
+            raise WriteFailed(EVENT_FILE, path, exc) from None
+
+    return call
+
+
+def _quiet_event_writer_threads() -> None:
+    """TensorBoard's ``_AsyncWriterThread`` re-raises a failed write after keeping it: no traceback for that."""
+    previous = threading.excepthook
+    if getattr(previous, "_nst_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook._nst_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def log_final_metrics(writer: Any, metrics: dict[str, float], step: int) -> None:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
@@ -21,6 +22,7 @@ from PIL import Image
 
 from nst_exp.config import ColorMode, flatten, to_container, validate
 from nst_exp.errors import UserError
+from nst_exp.files import WriteFailed
 from nst_exp.evaluate import Evaluator
 from nst_exp.images import fit_long_side, tensor_to_pil
 from nst_exp.labels import labels_of
@@ -70,6 +72,7 @@ def run(
     styles: list[Any] | None = None,
     extra_callbacks: tuple[pl.Callback, ...] = (),
     experiment: str | None = None,
+    on_accept: Callable[[Path], None] | None = None,
 ) -> RunResult:
     """Run one style transfer into ``run_dir``. Raises UserError for bad input (before any work).
 
@@ -77,9 +80,15 @@ def run(
     ``experiment`` labels the run (default: the Hydra job's ``experiment=`` choice).
     A SIGTERM (or submitit's SIGUSR2) stops the run at the next step boundary: the folder is
     saved (last.ckpt, final.png, result.json "interrupted") and ``JobInterrupted`` is raised.
+
+    A run refused (bad input, a finished run's folder, nothing left to do) writes nothing: every check
+    comes before the folder is made, then ``on_accept(run_dir)`` (the CLI moves Hydra's files in).
+    A write that fails (a full disk) saves what it can, records the run as failed and raises
+    ``WriteFailed``: one line naming the file, and how to continue once there is room.
     """
     validate(cfg)
-    run_dir = folder.prepare(Path(run_dir), cfg.resume)
+    run_dir = Path(run_dir)
+    folder.check_target(run_dir, cfg.resume)
     stages = stages_of(cfg)
     resume = find_resume_state(run_dir, cfg.resume, len(stages) - 1, sum(cfg.image.multiscale_steps))
     if resume and resume.stage == len(stages) - 1 and cfg.trainer.max_steps <= resume.stage_step:
@@ -94,10 +103,16 @@ def run(
     check_history_fits(cfg, math.prod(fit_long_side(inputs.content.size, cfg.image.size)), device)
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
     encoder, step_encoder = build_network(cfg, device)
-    folder.write_config(run_dir, cfg)
-
-    logger = RunLogger(run_dir)
-    write_session_start(logger.experiment, {**flatten(to_container(cfg)), "experiment": labels["experiment"] or "none"})
+    folder.create(run_dir)  # accepted: from here on the folder holds this run
+    if on_accept is not None:
+        on_accept(run_dir)
+    try:
+        folder.write_config(run_dir, cfg)
+        logger = RunLogger(run_dir)
+        logger.open()
+        write_session_start(logger.experiment, {**flatten(to_container(cfg)), "experiment": labels["experiment"] or "none"})
+    except WriteFailed as exc:
+        raise _continue_hint(exc, run_dir) from None
     interruptions = list((read_result(run_dir) or {}).get("interruptions") or []) if resume and resume.optimizer else []
     clock_start = time.perf_counter()
     clock = lambda: time.perf_counter() - clock_start  # noqa: E731
@@ -110,6 +125,7 @@ def run(
     group = tile_group.start(cfg, device, content, styles)  # trainer.devices > 1: processes sharing the tiles
     bf16 = resolve_precision(cfg.trainer.precision, device).startswith("bf16")
     plans: list[tuple[int, TilePlan]] = []  # each stage's long side and plan, as run
+    failure: WriteFailed | None = None  # the first write that failed (a full disk): the run stops, saving what it can
     try:
         signals.install()
         for index, stage in enumerate(stages):
@@ -169,6 +185,8 @@ def run(
                     stop = exc  # someone else's exit: not ours to swallow
             except KeyboardInterrupt:
                 status = "interrupted"
+            except WriteFailed as exc:
+                status, failure = "failed", exc
             step += module.global_step
             if trainer.interrupted and status == "completed":
                 status = "interrupted"
@@ -179,26 +197,34 @@ def run(
                 break
     except KeyboardInterrupt:
         status = "interrupted"
+    except WriteFailed as exc:
+        status, failure = "failed", exc
     finally:
         signals.restore()
         if module is not None:
             image = finish_image(cfg, module.image.detach(), inputs)
-            folder.save_final(run_dir, image, tiff=cfg.logging.save_tiff)
+            try:
+                folder.save_final(run_dir, image, tiff=cfg.logging.save_tiff)
+            except WriteFailed as exc:
+                status, failure = "failed", failure or exc
         if group is not None:
             group.close()
-    if status == "completed":
-        (run_dir / folder.CHECKPOINT).unlink(missing_ok=True)
     metrics = final_metrics(module.latest_losses if module is not None else {}, wall_offset + clock(), step)
-    saved = FINAL_IMAGE if image is not None else None
+    saved = FINAL_IMAGE if image is not None and (run_dir / FINAL_IMAGE).is_file() else None
     tile_plans = [plan.record(size) for size, plan in plans]
+    if failure is not None:
+        _record_write_failure(failure, run_dir, logger, saved, metrics, labels, interruptions, tile_plans)
     if stop is not None:
         # The job goes on elsewhere (requeued) or was cancelled: no final metrics, no evaluation (the
         # cluster's grace time is short); the folder says where it stopped, last.ckpt how to go on.
         interruptions.append({"signal": getattr(stop, "signal", type(stop).__name__), "step": step,
                               "wall_time_s": round(metrics["hp/wall_time_s"], 1)})
-        logger.close(status)
-        write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
-                     tile_plans=tile_plans)
+        try:
+            logger.close(status)
+            write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
+                         tile_plans=tile_plans)
+        except WriteFailed as exc:
+            _record_write_failure(exc, run_dir, logger, saved, metrics, labels, interruptions, tile_plans)
         raise stop
     # The evaluator runs VGG19 on the whole image at once: not for an image that needed tiles (its
     # hp/eval_* and objective stay unset; compare such runs by eye or at a smaller size).
@@ -207,13 +233,46 @@ def run(
             image, inputs.content_at(cfg.image.size), [inputs.style_at(i, cfg.image.size) for i in range(len(inputs.styles))],
             inputs.style_weights).as_metrics())
         metrics["hp/objective"] = objective(cfg, metrics)
-        logger.experiment.add_image("image/final", image[0].cpu(), step)
-    log_final_metrics(logger.experiment, metrics, step)
-    write_session_end(logger.experiment, completed=status == "completed")
-    logger.close("success" if status == "completed" else status)
-    write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
-                 tile_plans=tile_plans)
+    try:
+        if "hp/objective" in metrics:
+            logger.experiment.add_image("image/final", image[0].cpu(), step)
+        log_final_metrics(logger.experiment, metrics, step)
+        write_session_end(logger.experiment, completed=status == "completed")
+        logger.close("success" if status == "completed" else status)
+        write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
+                     tile_plans=tile_plans)
+    except WriteFailed as exc:
+        _record_write_failure(exc, run_dir, logger, saved, metrics, labels, interruptions, tile_plans)
+    if status == "completed":  # only once result.json says so: until then last.ckpt continues the run
+        (run_dir / folder.CHECKPOINT).unlink(missing_ok=True)
     return RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, error)
+
+
+def _continue_hint(failure: WriteFailed, run_dir: Path) -> WriteFailed:
+    """The fix of a failed write: room, then ``resume=`` where the folder can continue, else a new run."""
+    resumable = (run_dir / folder.CHECKPOINT).is_file() or (
+        (run_dir / FINAL_IMAGE).is_file() and (run_dir / folder.CONFIG_FILE).is_file())
+    then = f"resume={run_dir} continues the run" if resumable else "run the command again"
+    failure.fix = f"{failure.room()}, then {then}"
+    return failure
+
+
+def _record_write_failure(failure: WriteFailed, run_dir: Path, logger: RunLogger, saved: str | None,
+                          metrics: dict[str, float], labels: dict[str, Any], interruptions: list[dict[str, Any]],
+                          tile_plans: list[dict[str, Any]]) -> None:
+    """After a failed write: close the event file and record the run as failed where the disk still lets
+    us (each file is whole, old or new), then raise the failure as one line."""
+    _continue_hint(failure, run_dir)
+    try:
+        logger.close("failed")
+    except WriteFailed:
+        pass
+    try:
+        write_result(run_dir, "failed", str(failure), saved, metrics, interruptions=interruptions, labels=labels,
+                     tile_plans=tile_plans)
+    except WriteFailed:
+        pass
+    raise failure
 
 
 def _stage_name(index: int, stages: list[Any]) -> str:

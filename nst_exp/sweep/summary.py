@@ -8,6 +8,7 @@ callback at the end of a multirun and ``python -m nst_exp compare`` on any runs.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import textwrap
 from collections.abc import Iterable, Sequence
@@ -19,6 +20,8 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from nst_exp.config import flatten
+from nst_exp.files import write_text, writing
+from nst_exp.images import save_png
 from nst_exp.labels import image_label
 from nst_exp.run.folder import CONFIG_FILE, RESULT_FILE, final_image, read_result
 from nst_exp.run.metrics import HPARAM_METRICS
@@ -128,16 +131,16 @@ def write_tables(jobs: Sequence[Job], out_dir: Path) -> tuple[Path, Path]:
             *[_fmt(job.metrics.get(m)) for m in METRIC_COLUMNS],
             _relative_to(job.image, out_dir) if job.image else "",
         ])
-    csv_path = out_dir / "summary.csv"
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    table = csv.writer(text)
+    table.writerow(header)
+    table.writerows(rows)
+    csv_path = write_text(out_dir / "summary.csv", text.getvalue(), "summary table")
     md_path = out_dir / "summary.md"
     escape = lambda s: s.replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
-    md_path.write_text("\n".join(lines) + "\n")
+    write_text(md_path, "\n".join(lines) + "\n", "summary table")
     return csv_path, md_path
 
 
@@ -266,15 +269,19 @@ def contact_sheet(jobs: Sequence[Job], title: str = "") -> Image.Image:
 
 def summarize(jobs: Sequence[Job], out_dir: Path, title: str = "", log_to_tensorboard: bool = True) -> dict[str, Path]:
     """Write contact_sheet.png, summary.csv and summary.md for ``jobs`` (see ``collect_jobs``) into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing("summary folder", out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = write_tables(jobs, out_dir)
-    sheet_path = out_dir / "contact_sheet.png"
     sheet = contact_sheet(jobs, title)
-    sheet.save(sheet_path)
+    sheet_path = save_png(sheet, out_dir / "contact_sheet.png", "contact sheet")
     if log_to_tensorboard:
-        _log_sheet(sheet, out_dir / "_summary")
-        sessions = [{**flatten(job.config), "experiment": job.labels.get("experiment") or "none"} for job in jobs if job.config]
-        write_experiment(out_dir / "_summary", sessions)
+        from nst_exp.run.logger import EVENT_FILE, _quiet_event_writer_threads
+
+        _quiet_event_writer_threads()
+        with writing(EVENT_FILE, out_dir / "_summary"):
+            _log_sheet(sheet, out_dir / "_summary")
+            sessions = [{**flatten(job.config), "experiment": job.labels.get("experiment") or "none"} for job in jobs if job.config]
+            write_experiment(out_dir / "_summary", sessions)
     return {"contact_sheet": sheet_path, "csv": csv_path, "md": md_path}
 
 
