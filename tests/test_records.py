@@ -177,7 +177,7 @@ def test_truncated_checkpoint_is_one_line_and_its_fix_is_what_happens(tmp_path, 
     proc = cli(["run", f"resume={run}", "trainer.max_steps=6"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((run / "result.json").read_text())
-    assert result["status"] == "completed" and result["metrics"]["hp/steps"] == 6
+    assert result["status"] == "completed" and result["metrics"]["result/steps"] == 6
 
 
 @pytest.mark.parametrize("content", ["random bytes", "another program's checkpoint", "a tensor"])
@@ -254,7 +254,7 @@ def test_full_disk_is_one_line_keeps_every_file_whole_and_resumes_once_there_is_
     proc = cli(args, tmp_path)  # room again: the same command continues the run
     assert proc.returncode == 0, proc.stderr
     result = json.loads((run / "result.json").read_text())
-    assert result["status"] == "completed" and result["metrics"]["hp/steps"] == 30
+    assert result["status"] == "completed" and result["metrics"]["result/steps"] == 30
     no_temporary_files(small_disk)
 
 
@@ -298,9 +298,21 @@ def test_read_only_folder_keeps_the_record_and_names_the_problem(small_disk):
 
     run = small_disk / "run"
     run.mkdir()
-    write_result(run, "completed", metrics={"hp/steps": 3})
+    write_result(run, "completed", metrics={"result/steps": 3})
     before = tree(run)
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     with pytest.raises(WriteFailed, match=r"could not write the run record .*result.json: the filesystem is read-only; fix: make .* writable"):
         write_result(run, "failed", error="x")
     assert tree(run) == before and read_result(run)["status"] == "completed"
+
+
+def test_records_written_before_the_result_prefix_read_as_today(tmp_path):
+    """result.json files from before ``hp/*`` became ``result/*``: compare and resume= still read their metrics."""
+    from nst_exp.run.folder import read_result
+    from nst_exp.sweep.summary import load_job
+
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({"status": "completed", "metrics": {"hp/steps": 7.0, "hp/objective": 0.5}}))
+    assert read_result(run)["metrics"] == {"result/steps": 7.0, "result/objective": 0.5}
+    assert load_job(run).metrics["result/objective"] == 0.5

@@ -135,7 +135,7 @@ def test_preempted_and_timed_out_jobs(tmp_path):
     assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]  # no extra folders from requeues
 
     done, timed_out = (json.loads((p / "result.json").read_text()) for p in jobs)
-    assert done["status"] == "completed" and done["metrics"]["hp/steps"] == JOB0_STEPS
+    assert done["status"] == "completed" and done["metrics"]["result/steps"] == JOB0_STEPS
     assert len(done["interruptions"]) >= 1  # the pre-emption (SIGUSR2 or SIGTERM)
     assert _steps(jobs[0]) == list(range(JOB0_STEPS))  # resumed where it stopped: no step twice, none missing
 

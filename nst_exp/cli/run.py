@@ -100,7 +100,7 @@ def _is_multirun() -> bool:
 
 
 def task(cfg: DictConfig) -> float:
-    """One job. Returns the sweep objective (``hp/objective``, lower is better; inf for a failed job)."""
+    """One job. Returns the sweep objective (``result/objective``, lower is better; inf for a failed job)."""
     from nst_exp.run.tile_group import job_tasks
 
     tasks = job_tasks()
@@ -128,7 +128,7 @@ def _run_job(cfg: DictConfig) -> float:
     if _is_multirun() and done and done.get("status") == "completed" and not (run_dir / CHECKPOINT).exists():
         # A job that finished just before the cluster pre-empted it, requeued into its folder: its result stands.
         print(f"done already: {run_dir}")
-        return float((done.get("metrics") or {}).get("hp/objective", math.inf))
+        return float((done.get("metrics") or {}).get("result/objective", math.inf))
     try:
         cfg = _resumed(cfg)
         result = runner.run(cfg, run_dir, on_accept=_accept)
@@ -174,7 +174,7 @@ def _run_job(cfg: DictConfig) -> float:
         sys.exit(130)
     if result.status == "diverged" and not _is_multirun():
         sys.exit(3)
-    return result.metrics.get("hp/objective", math.inf)
+    return result.metrics.get("result/objective", math.inf)
 
 
 def _record_failure(run_dir: Path, message: str, cfg: DictConfig) -> None:

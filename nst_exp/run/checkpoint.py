@@ -58,12 +58,12 @@ def find_resume_state(run_dir: Path, resume: str | None, last_stage: int, coarse
         raise UserError(f"resume={src} holds neither {CHECKPOINT} nor {FINAL_IMAGE}; fix: point resume at a run folder")
     result = read_result(src) or {}
     metrics = result.get("metrics") or {}
-    logged = int(metrics.get("hp/steps") or 0)
+    logged = int(metrics.get("result/steps") or 0)
     return ResumeState(
         stage=last_stage,
         stage_step=max(0, logged - coarse_steps),
         logged_step=logged,
-        wall_time_s=float(metrics.get("hp/wall_time_s") or 0.0),
+        wall_time_s=float(metrics.get("result/wall_time_s") or 0.0),
         image=pil_to_tensor(open_image(final, "resume")),
         optimizer=None,
     )
@@ -86,7 +86,7 @@ def load_state(ckpt: Path, resume: str | None) -> ResumeState:
     run_dir = ckpt.parent
     final = run_dir / FINAL_IMAGE
     if final.is_file():
-        steps = (read_result(run_dir) or {}).get("metrics", {}).get("hp/steps")
+        steps = (read_result(run_dir) or {}).get("metrics", {}).get("result/steps")
         at = f" (step {int(steps)})" if isinstance(steps, (int, float)) else ""
         continue_from = (f"move it away (mv {ckpt} {ckpt}.bad) and resume={run_dir} continues from its saved "
                          f"{FINAL_IMAGE}{at} with a fresh optimiser")

@@ -149,8 +149,13 @@ def _write(run_dir: Path, payload: dict[str, Any]) -> None:
 
 
 def read_result(run_dir: Path) -> dict[str, Any] | None:
+    from nst_exp.run.metrics import current_names
+
     path = run_dir / RESULT_FILE
     try:
-        return json.loads(path.read_text())
+        payload = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if isinstance(payload, dict) and isinstance(payload.get("metrics"), dict):
+        payload["metrics"] = current_names(payload["metrics"])
+    return payload

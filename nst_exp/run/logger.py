@@ -111,7 +111,7 @@ def _quiet_event_writer_threads() -> None:
 
 
 def log_final_metrics(writer: Any, metrics: dict[str, float], step: int) -> None:
-    """The HPARAMS table's metric values: the last ``hp/*`` scalar of each run (none that is unknown)."""
+    """The HPARAMS table's metric values: the last ``result/*`` scalar of each run (none that is unknown)."""
     for name in HPARAM_METRICS:
         value = metrics.get(name)
         if value is not None and math.isfinite(value):

@@ -142,8 +142,8 @@ def run(
                 optimizer_state, stage_done = resume.optimizer, resume.stage_step
                 steps = stage.steps - stage_done
             elif module is None:
-                log_input_images(logger.experiment, {"input/content": inputs.content_at(stage.size), **{
-                    f"input/style_{i}": inputs.style_at(i, style_size(cfg, stage)) for i in range(len(inputs.styles))}})
+                log_input_images(logger.experiment, {"source/content": inputs.content_at(stage.size), **{
+                    f"source/style_{i}": inputs.style_at(i, style_size(cfg, stage)) for i in range(len(inputs.styles))}})
                 init = initial_image(cfg, inputs, content_t, device)
             else:
                 init = upscale(module.image.detach().to(device), content_t)
@@ -218,7 +218,7 @@ def run(
         # The job goes on elsewhere (requeued) or was cancelled: no final metrics, no evaluation (the
         # cluster's grace time is short); the folder says where it stopped, last.ckpt how to go on.
         interruptions.append({"signal": getattr(stop, "signal", type(stop).__name__), "step": step,
-                              "wall_time_s": round(metrics["hp/wall_time_s"], 1)})
+                              "wall_time_s": round(metrics["result/wall_time_s"], 1)})
         try:
             logger.close(status)
             write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
@@ -227,15 +227,15 @@ def run(
             _record_write_failure(exc, run_dir, logger, saved, metrics, labels, interruptions, tile_plans)
         raise stop
     # The evaluator runs VGG19 on the whole image at once: not for an image that needed tiles (its
-    # hp/eval_* and objective stay unset; compare such runs by eye or at a smaller size).
+    # result/eval_* and objective stay unset; compare such runs by eye or at a smaller size).
     if image is not None and plans and plans[-1][1].tile is None:
         metrics.update(Evaluator(device, encoder if evaluator_compatible(cfg) else None).score(
             image, inputs.content_at(cfg.image.size), [inputs.style_at(i, cfg.image.size) for i in range(len(inputs.styles))],
             inputs.style_weights).as_metrics())
-        metrics["hp/objective"] = objective(cfg, metrics)
+        metrics["result/objective"] = objective(cfg, metrics)
     try:
-        if "hp/objective" in metrics:
-            logger.experiment.add_image("image/final", image[0].cpu(), step)
+        if "result/objective" in metrics:
+            logger.experiment.add_image("output/final", image[0].cpu(), step)
         log_final_metrics(logger.experiment, metrics, step)
         write_session_end(logger.experiment, completed=status == "completed")
         logger.close("success" if status == "completed" else status)

@@ -183,8 +183,8 @@ def _caption(job: Job, keys: Sequence[str]) -> list[str]:
     lines = _wrap(", ".join(labels) or job.path.name, 2)
     if job.status in ("completed", "interrupted", "diverged"):
         m = job.metrics
-        lines.append(f"style {_fmt(m.get('hp/eval_style'))}  content {_fmt(m.get('hp/eval_content'))}")
-        lines.append(f"loss {_fmt(m.get('hp/loss_total'))}  {_fmt(m.get('hp/wall_time_s'))}s")
+        lines.append(f"style {_fmt(m.get('result/eval_style'))}  content {_fmt(m.get('result/eval_content'))}")
+        lines.append(f"loss {_fmt(m.get('result/loss_total'))}  {_fmt(m.get('result/wall_time_s'))}s")
         if job.status != "completed":
             lines.append(job.status.upper())
     else:
