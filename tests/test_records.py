@@ -142,6 +142,19 @@ def test_a_refused_run_in_a_finished_run_rewrites_nothing(tmp_path, finished, ho
     assert not staging_left(tmp_path)  # Hydra's staging folder is gone too
 
 
+def test_refusal_found_while_planning_the_first_stage_writes_nothing(tmp_path, interrupted):
+    """Some refusals need the loss built (the memory budget fits no tile): they still come before the
+    folder is written, for a new folder as for a run being continued."""
+    run = _copy(interrupted, tmp_path)
+    before = tree(run)
+    budget = ["image.size=128", "image.memory_mib=5"]
+    one_line_error(cli(["run", f"resume={run}", *budget], tmp_path), "the budget is 5 MiB", "fix:")
+    assert tree(run) == before
+    new = tmp_path / "new" / "run"
+    one_line_error(cli(["run", *FAST, *budget, f"hydra.run.dir={new}"], tmp_path), "the budget is 5 MiB")
+    assert not (tmp_path / "new").exists() and not staging_left(tmp_path)
+
+
 def test_accepted_run_has_hydra_s_record_naming_its_own_folder(finished):
     hydra = (finished / ".hydra" / "hydra.yaml").read_text()
     assert f"dir: {finished}" in hydra and f"output_dir: {finished}" in hydra and "nst_exp-hydra" not in hydra

@@ -103,16 +103,22 @@ def run(
     check_history_fits(cfg, math.prod(fit_long_side(inputs.content.size, cfg.image.size)), device)
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
     encoder, step_encoder = build_network(cfg, device)
-    folder.create(run_dir)  # accepted: from here on the folder holds this run
-    if on_accept is not None:
-        on_accept(run_dir)
-    try:
-        folder.write_config(run_dir, cfg)
-        logger = RunLogger(run_dir)
-        logger.open()
-        write_session_start(logger.experiment, {**flatten(to_container(cfg)), "experiment": labels["experiment"] or "none"})
-    except WriteFailed as exc:
-        raise _continue_hint(exc, run_dir) from None
+
+    def open_records() -> RunLogger:
+        """The run is accepted (every check passed, the first stage's plan made): its folder and records begin."""
+        folder.create(run_dir)
+        if on_accept is not None:
+            on_accept(run_dir)
+        try:
+            folder.write_config(run_dir, cfg)
+            opened = RunLogger(run_dir)
+            opened.open()
+            write_session_start(opened.experiment, {**flatten(to_container(cfg)), "experiment": labels["experiment"] or "none"})
+        except WriteFailed as exc:
+            raise _continue_hint(exc, run_dir) from None
+        return opened
+
+    logger: RunLogger | None = None  # None until the run is accepted: a refused run writes nothing
     interruptions = list((read_result(run_dir) or {}).get("interruptions") or []) if resume and resume.optimizer else []
     clock_start = time.perf_counter()
     clock = lambda: time.perf_counter() - clock_start  # noqa: E731
@@ -135,21 +141,25 @@ def run(
             loss, content_t = build_loss(cfg, encoder, inputs, stage, device)
             steps, optimizer_state, stage_done = stage.steps, None, 0
             if resume and index == resume.stage:
-                init = upscale(resume.image.to(device), content_t)
-                if cfg.image.color == ColorMode.luminance and resume.optimizer is None:
-                    init = color.luminance(init)  # a finished run's final.png carries the content's chroma
                 # trainer.max_steps (and each stage's steps) is a total: do what is left of it
                 optimizer_state, stage_done = resume.optimizer, resume.stage_step
                 steps = stage.steps - stage_done
+            # whole, or tiles that fit (a refusal when nothing fits: before the run is accepted)
+            plan = stage_plan(cfg, loss, content_t, bf16, group.world if group else 1) if steps > 0 else None
+            if resume and index == resume.stage:
+                init = upscale(resume.image.to(device), content_t)
+                if cfg.image.color == ColorMode.luminance and resume.optimizer is None:
+                    init = color.luminance(init)  # a finished run's final.png carries the content's chroma
             elif module is None:
+                logger = logger or open_records()
                 log_input_images(logger.experiment, {"source/content": inputs.content_at(stage.size), **{
                     f"source/style_{i}": inputs.style_at(i, style_size(cfg, stage)) for i in range(len(inputs.styles))}})
                 init = initial_image(cfg, inputs, content_t, device)
             else:
                 init = upscale(module.image.detach().to(device), content_t)
-            if steps <= 0:
+            if plan is None:  # no steps left in this stage
                 continue
-            plan = stage_plan(cfg, loss, content_t, bf16, group.world if group else 1)  # whole, or tiles that fit
+            logger = logger or open_records()
             loss.encoder = step_encoder  # after the plan: it measures the plain encoder
             plans.append((stage.size, plan))
             if plan.tile is not None:
@@ -209,6 +219,8 @@ def run(
                 status, failure = "failed", failure or exc
         if group is not None:
             group.close()
+    if logger is None:  # the records never began: a failed first write, or a stop (Ctrl-C, a signal) before acceptance
+        raise failure or stop or KeyboardInterrupt()
     metrics = final_metrics(module.latest_losses if module is not None else {}, wall_offset + clock(), step)
     saved = FINAL_IMAGE if image is not None and (run_dir / FINAL_IMAGE).is_file() else None
     tile_plans = [plan.record(size) for size, plan in plans]
