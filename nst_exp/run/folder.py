@@ -10,7 +10,12 @@ A run (CLI job, sweep job, ``nst_exp.stylize``) writes only into its folder:
   ``record_failure``, ``mark_ended``),
   what sweep summaries and ``compare`` read (``read_result``);
 - ``snapshots/``: image snapshots as PNGs when ``logging.save_snapshots``;
-- TensorBoard's event file (``run.logger``) and Hydra's ``.hydra/`` (overrides).
+- TensorBoard's event file (``run.logger``) and Hydra's ``.hydra/`` (overrides; a single run's is
+  moved in from a staging folder once the run is accepted, ``cli/run.py``).
+
+Nothing is made before a run is accepted (``check_target`` reads only; ``create`` comes after every
+check), and every file is written atomically (``nst_exp.files``): a refused run or a full disk never
+leaves a torn or rewritten record.
 """
 
 from __future__ import annotations
