@@ -132,8 +132,23 @@ PartitionName=urgent Nodes=ALL Default=NO MaxTime=INFINITE State=UP PriorityTier
 EOF
 }
 
+foreign_daemons() {  # SLURM daemons running that this script did not start (another cluster on this machine)
+  local name pid
+  for name in slurmctld slurmd slurmdbd; do
+    for pid in $(pgrep -x "$name" || true); do
+      [ -f "$STATE/$name.pid" ] && [ "$(cat "$STATE/$name.pid")" = "$pid" ] && continue
+      echo "$name (pid $pid)"
+    done
+  done
+}
+
 start() {
   [ "$(id -u)" = 0 ] || die "run as root (it installs packages and starts daemons)"
+  local foreign
+  foreign=$(foreign_daemons | paste -sd, -)
+  if [ -n "$foreign" ]; then  # its slurm.conf must not be overwritten under it
+    die "a SLURM cluster not started by this script is running here: ${foreign}; use it (sinfo shows its partitions) or stop it first"
+  fi
   mkdir -p "$STATE" "$LOGS" "$CONF"
   install_packages
   start_munge
