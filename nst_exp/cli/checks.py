@@ -96,7 +96,7 @@ def check_values(cfg: Any) -> None:
     if cfg.resume:
         from pathlib import Path
 
-        from nst_exp.run.checkpoint import check_resume_target
+        from nst_exp.run.folder import check_resume_target
 
         check_resume_target(Path(cfg.resume))
         return  # the resumed run's own config (its images) is read by the job

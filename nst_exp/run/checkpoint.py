@@ -21,7 +21,7 @@ from nst_exp.run.callbacks import crossed
 from nst_exp.errors import UserError
 from nst_exp.files import atomic_write
 from nst_exp.images import open_image, pil_to_tensor
-from nst_exp.run.folder import CHECKPOINT, CONFIG_FILE, FINAL_IMAGE, read_result
+from nst_exp.run.folder import CHECKPOINT, CONFIG_FILE, FINAL_IMAGE, check_resume_target, read_result
 from nst_exp.run.module import StylizeModule
 from nst_exp.run.signals import STEP_BOUNDARY_STOPS
 
@@ -94,21 +94,6 @@ def load_state(ckpt: Path, resume: str | None) -> ResumeState:
         continue_from = f"this run has no saved {FINAL_IMAGE} to continue from"
     start_over = "start over in a new folder (the same command without resume= and hydra.run.dir=)"
     raise UserError(f"cannot read the checkpoint {ckpt}: {problem}; fix: {continue_from}, or {start_over}")
-
-
-def check_resume_target(src: Path) -> None:
-    """``resume=`` names a run folder made by nst_exp; else one line saying what it is, before anything is written."""
-    hint = "point resume at a run folder made by nst_exp (it holds config.yaml and final.png or last.ckpt)"
-    if not src.exists():
-        raise UserError(f"resume={src} does not exist; fix: {hint}")
-    if not src.is_dir():
-        raise UserError(f"resume={src} is not a folder; fix: {hint}")
-    if not (src / CONFIG_FILE).is_file():
-        jobs = sorted(p.parent.name for p in src.glob(f"*/{CONFIG_FILE}"))
-        if jobs or (src / "multirun.yaml").is_file():
-            example = f"resume={src / jobs[0]}" if jobs else f"resume={src}/<job folder>"
-            raise UserError(f"resume={src} is a sweep folder, not a run; fix: resume one of its jobs, e.g. {example}")
-        raise UserError(f"resume={src} is not a run folder made by nst_exp (no {CONFIG_FILE}); fix: {hint}")
 
 
 class Checkpointer(pl.Callback):

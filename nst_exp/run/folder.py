@@ -54,6 +54,23 @@ def check_target(run_dir: Path, resume: str | None = None) -> None:
         raise UserError(f"{run_dir} already holds a finished run; fix: another folder, or resume={run_dir} to continue it")
 
 
+def check_resume_target(src: Path) -> None:
+    """``resume=`` names a run folder made by nst_exp; else one line saying what it is, before anything is written."""
+    from nst_exp.errors import UserError
+
+    hint = "point resume at a run folder made by nst_exp (it holds config.yaml and final.png or last.ckpt)"
+    if not src.exists():
+        raise UserError(f"resume={src} does not exist; fix: {hint}")
+    if not src.is_dir():
+        raise UserError(f"resume={src} is not a folder; fix: {hint}")
+    if not (src / CONFIG_FILE).is_file():
+        jobs = sorted(p.parent.name for p in src.glob(f"*/{CONFIG_FILE}"))
+        if jobs or (src / "multirun.yaml").is_file():
+            example = f"resume={src / jobs[0]}" if jobs else f"resume={src}/<job folder>"
+            raise UserError(f"resume={src} is a sweep folder, not a run; fix: resume one of its jobs, e.g. {example}")
+        raise UserError(f"resume={src} is not a run folder made by nst_exp (no {CONFIG_FILE}); fix: {hint}")
+
+
 def create(run_dir: Path) -> Path:
     """Make the run folder, once the run is accepted (``check_target`` and every other check passed)."""
     from nst_exp.files import writing
