@@ -57,7 +57,9 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def staging_left(cwd: Path) -> list[Path]:
-    return list((cwd / "tmp").glob("nst_exp-hydra-*"))
+    from nst_exp.cli.run import STAGING_PREFIX
+
+    return list((cwd / "tmp").glob(f"{STAGING_PREFIX}*"))
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +155,19 @@ def test_refusal_found_while_planning_the_first_stage_writes_nothing(tmp_path, i
     new = tmp_path / "new" / "run"
     one_line_error(cli(["run", *FAST, *budget, f"hydra.run.dir={new}"], tmp_path), "the budget is 5 MiB")
     assert not (tmp_path / "new").exists() and not staging_left(tmp_path)
+
+
+def test_staging_of_a_killed_run_is_removed_by_the_next_one(tmp_path):
+    """A run killed outright (SIGKILL) cannot clean up Hydra's staging folder; the next run removes it."""
+    from nst_exp.cli.run import STAGING_PREFIX, remove_stale_staging
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{STAGING_PREFIX}{int(gone.stdout)}-abc"
+    alive = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-def"
+    for path in (stale, alive):
+        (path / ".hydra").mkdir(parents=True)
+    remove_stale_staging(tmp_path)
+    assert not stale.exists() and alive.exists()
 
 
 def test_accepted_run_has_hydra_s_record_naming_its_own_folder(finished):

@@ -9,6 +9,7 @@ nothing left to do) leaves every file as it was and creates nothing.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -41,6 +42,7 @@ class _Staged:
 
 
 _STAGED: _Staged | None = None
+STAGING_PREFIX = "nst_exp-hydra-"
 
 
 def _stage(argv: list[str]) -> list[str]:
@@ -63,9 +65,24 @@ def _stage(argv: list[str]) -> list[str]:
         return argv
     finally:
         HydraConfig.instance().cfg = None
-    staging = Path(tempfile.mkdtemp(prefix="nst_exp-hydra-"))
+    remove_stale_staging()
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
     _STAGED = _Staged(target, staging, [a for a in argv if a.startswith("hydra.run.dir=")][-1:])
     return [a for a in argv if not a.startswith("hydra.run.dir=")] + [f"hydra.run.dir={staging}"]
+
+
+def remove_stale_staging(root: Path | None = None) -> None:
+    """Staging folders of runs killed outright (SIGKILL: no ``finally``), named by a process that is gone."""
+    for path in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*"):
+        pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # alive, another user's
 
 
 def _accept(run_dir: Path) -> None:
