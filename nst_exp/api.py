@@ -19,17 +19,13 @@ if TYPE_CHECKING:
 
 
 def new_run_dir(root: Path, label: str) -> Path:
-    """A folder no other run has: ``root/<date>/<time with microseconds>_<label>``, created here."""
+    """A folder no other run has: ``root/<date>/<time with microseconds>_<label>``; the run makes it once
+    accepted (a refused call leaves nothing behind)."""
     while True:
         now = datetime.now()
         path = root / now.strftime("%Y-%m-%d") / f"{now.strftime('%H-%M-%S-%f')}_{label}"
-        try:
-            path.mkdir(parents=True)
+        if not path.exists():
             return path
-        except FileExistsError:
-            continue  # another call in the same microsecond: take the next one
-        except OSError as exc:
-            raise UserError(f"cannot create the run folder {path}: {exc.strerror or exc}; fix: output_dir=/a/writable/path") from None
 
 
 def stylize(

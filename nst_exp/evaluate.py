@@ -36,7 +36,7 @@ class Scores:
     style_distance: float
 
     def as_metrics(self) -> dict[str, float]:
-        return {"hp/eval_content": self.content_distance, "hp/eval_style": self.style_distance}
+        return {"result/eval_content": self.content_distance, "result/eval_style": self.style_distance}
 
 
 class Evaluator:

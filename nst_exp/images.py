@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,6 +106,10 @@ def open_image(source: str | Path | Image.Image, what: str = "image", max_pixels
         try:
             with pixel_limit(max_pixels) as limit, Image.open(path) as opened:
                 check_pixels(opened.size, what, path, limit)
+                frames = getattr(opened, "n_frames", 1)
+                if frames > 1:  # an animated GIF, WebP or a multi-page TIFF: Pillow opens the first frame
+                    print(f"note: the {what} image {path} has {frames} frames; the first one is used "
+                          "(save the frame you want as a PNG to use another)", file=sys.stderr)
                 img = ImageOps.exif_transpose(opened)  # an upright copy, info (transparency) kept
                 img.load()
         except UnidentifiedImageError:
@@ -148,13 +153,12 @@ def load_tensor(source: str | Path | Image.Image, long_side: int, what: str = "i
 _SAVE_FORMATS = {".png": ("PNG", {}), ".tif": ("TIFF", {"compression": "tiff_lzw"}), ".tiff": ("TIFF", {"compression": "tiff_lzw"})}
 
 
-def save_png(image: Tensor | Image.Image, path: Path) -> Path:
+def save_png(image: Tensor | Image.Image, path: Path, what: str | None = None) -> Path:
     """Write an image atomically (tmp file then rename), so an interrupted save never leaves a broken
-    file: PNG, or lossless LZW TIFF for a ``.tif``/``.tiff`` path."""
+    file: PNG, or lossless LZW TIFF for a ``.tif``/``.tiff`` path. A failed write is ``WriteFailed``
+    naming ``what`` (default "image"), and the previous file stays."""
+    from nst_exp.files import atomic_write
+
     pil = image if isinstance(image, Image.Image) else tensor_to_pil(image)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     fmt, options = _SAVE_FORMATS[path.suffix.lower()]
-    pil.save(tmp, format=fmt, **options)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: pil.save(tmp, format=fmt, **options), what or "image")

@@ -8,10 +8,11 @@ tables, the contact sheet and TensorBoard's HPARAMS table. A preset's image and 
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import PurePath
 from typing import Any
 
-_SAFE = "A-Za-z0-9._+"  # characters a folder name keeps anywhere, and "-"
+_SAFE = r"\w.+"  # what a folder name keeps anywhere, and "-": letters and digits of any script (é, ß, 猫), "_", ".", "+"
 MAX_PART = 40  # characters of one image's stem in a folder name
 
 
@@ -37,10 +38,21 @@ def image_label(node: Any) -> str | None:
 
 
 def safe_part(text: str, limit: int | None = MAX_PART, keep: str = "") -> str:
-    """A filesystem-safe piece of a folder name: each run of characters outside ``_SAFE``, ``keep`` and
-    ``-`` becomes one ``-``; at most ``limit`` characters."""
+    """A filesystem-safe piece of a folder name: letters of any script are kept (NFC: ``café`` stays
+    ``café``); each run of other characters outside ``_SAFE``, ``keep`` and ``-`` (``/``, spaces, control
+    characters, quotes...) becomes one ``-``; at most ``limit`` characters and ``limit`` bytes in UTF-8."""
     unsafe = re.compile(f"[^{_SAFE}{re.escape(keep)}-]+")  # "-" last: a literal, not a range
-    return unsafe.sub("-", text).strip("-.")[:limit].rstrip("-.")
+    cleaned = unsafe.sub("-", unicodedata.normalize("NFC", text)).strip("-.")
+    return cut_bytes(cleaned, limit).rstrip("-.") if limit is not None else cleaned
+
+
+def cut_bytes(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters and ``limit`` UTF-8 bytes (a file name's limit is in
+    bytes), never inside a character."""
+    text = text[:limit]
+    while len(text.encode()) > limit:
+        text = text[:-1]
+    return text
 
 
 def run_label(content: str | None, style: str | None, experiment: str | None = None) -> str:

@@ -65,7 +65,7 @@ def test_stylize_with_paths_and_overrides(tmp_path, photo, painting):
         overrides=["image.size=32", "trainer.max_steps=2", "optimizer=adam", "logging.progress_bar=false"],
     )
     assert result.status == "completed" and result.image.size == (32, 22)
-    assert result.metrics["hp/steps"] == 2
+    assert result.metrics["result/steps"] == 2
     assert (tmp_path / "run" / "config.yaml").read_text().count("adam") == 1
 
 

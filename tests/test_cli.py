@@ -43,7 +43,7 @@ def test_run_writes_png_config_and_result(default_run):
     assert image.size == (48, 32)  # chelsea is 451x300
     assert (run_dir / "config.yaml").read_text().count("starry_night") >= 1
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["status"] == "completed" and result["metrics"]["hp/steps"] == 8
+    assert result["status"] == "completed" and result["metrics"]["result/steps"] == 8
     assert f"tensorboard --logdir {run_dir}" in proc.stdout
     assert str(run_dir / "final.png") in proc.stdout
 
@@ -68,8 +68,8 @@ def test_event_file_tags_and_loss_fell(default_run):
     assert [e.step for e in total] == list(range(8))  # every step, once
     assert total[-1].value < total[0].value
     images = set(acc.Tags()["images"])
-    assert {"input/content", "input/style_0", "image/generated", "image/final"} <= images
-    assert [e.step for e in acc.Images("image/generated")] == [4, 8]
+    assert {"source/content", "source/style_0", "output/generated", "output/final"} <= images
+    assert [e.step for e in acc.Images("output/generated")] == [4, 8]
 
 
 @pytest.mark.slow
@@ -86,7 +86,7 @@ def test_hparams_logged_with_final_metrics(default_run):
     assert hparams["loss.style_weight"].number_value > 0
     assert hparams["style.name"].string_value == "starry_night" and hparams["content.name"].string_value == "chelsea"
     assert "_hparams_/experiment" not in content and "_hparams_/session_end_info" in content
-    for tag in ("hp/loss_total", "hp/loss_style", "hp/eval_style", "hp/wall_time_s", "hp/steps"):
+    for tag in ("result/loss_total", "result/loss_style", "result/eval_style", "result/wall_time_s", "result/steps"):
         assert [(e.step, math.isfinite(e.value)) for e in acc.Scalars(tag)] == [(8, True)]
 
 
@@ -271,11 +271,11 @@ def test_interrupt_loses_no_snapshot(tmp_path):
     cfg = compose_config(["image.size=32", "trainer.max_steps=50", "logging.image_every=1", "logging.save_snapshots=true",
                           "logging.progress_bar=false", "trainer.accelerator=cpu"])
     result = runner.run(cfg, tmp_path / "run", extra_callbacks=(CtrlCAtStep5(),))
-    assert result.status == "interrupted" and result.metrics["hp/steps"] == 5
+    assert result.status == "interrupted" and result.metrics["result/steps"] == 5
     pngs = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "run" / "snapshots").glob("step_*.png"))
     acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0})
     acc.Reload()
-    assert pngs == [e.step for e in acc.Images("image/generated")] == [1, 2, 3, 4, 5]
+    assert pngs == [e.step for e in acc.Images("output/generated")] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow

@@ -53,7 +53,7 @@ def test_fixed_experiment_runs(tmp_path, name):
     result = runner.run(cfg, tmp_path / name)
     assert result.status == "completed", result.error
     stages = len(cfg.image.multiscale_sizes)
-    assert result.metrics["hp/steps"] == 2 + stages  # every coarse stage ran its step, then the final stage
+    assert result.metrics["result/steps"] == 2 + stages  # every coarse stage ran its step, then the final stage
     assert max(result.image.size) == 48
 
 
@@ -112,6 +112,6 @@ def test_optuna_search_runs(tmp_path, search):
     assert "best trial:" in proc.stdout
     (sweep,) = [p for p in (tmp_path / "outputs" / "multirun").glob("*/*") if p.is_dir()]
     jobs = collect_jobs([sweep])
-    assert len(jobs) == 2 and all(j.status == "completed" and j.metrics["hp/objective"] >= 0 for j in jobs)
+    assert len(jobs) == 2 and all(j.status == "completed" and j.metrics["result/objective"] >= 0 for j in jobs)
     if search == "adam_optuna":
         assert all(j.config["optimizer"]["name"] == "adam" for j in jobs)

@@ -60,12 +60,12 @@ def test_graph_run_matches_eager_run(tmp_path, photo, painting):
     diff = np.abs(np.asarray(eager.image, dtype=float) - np.asarray(graph.image, dtype=float)).mean()
     assert diff < 1.0
     # The per-step curve is written from the device-side history, replayed steps included.
-    assert graph.metrics["hp/loss_total"] == pytest.approx(eager.metrics["hp/loss_total"], rel=1e-3)
-    assert graph.metrics["hp/steps"] == 40
+    assert graph.metrics["result/loss_total"] == pytest.approx(eager.metrics["result/loss_total"], rel=1e-3)
+    assert graph.metrics["result/steps"] == 40
 
 
 def test_bf16_channels_last_multiscale_run(tmp_path, photo, painting):
     plain = run(tmp_path, "fp32", photo, painting)
     fast = run(tmp_path, "bf16", photo, painting, "trainer.precision=bf16-mixed", "image.multiscale_sizes=[48]",
                "image.multiscale_steps=[20]")
-    assert fast.metrics["hp/eval_style"] < 1.5 * plain.metrics["hp/eval_style"]
+    assert fast.metrics["result/eval_style"] < 1.5 * plain.metrics["result/eval_style"]

@@ -139,3 +139,17 @@ def test_save_is_exact(tmp_path):
     back = pil_to_tensor(Image.open(path))
     assert torch.equal(back, torch.round(t * 255) / 255)
     assert tensor_to_pil(t).size == (7, 9)
+
+
+def test_animated_gif_says_in_one_line_that_its_first_frame_is_used(tmp_path, capsys):
+    path = tmp_path / "wave.gif"
+    frames = [Image.new("RGB", (40, 30), color) for color in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    img = open_image(path, "style")
+    assert img.getpixel((5, 5))[0] > 200 and img.getpixel((5, 5))[2] < 50  # the first (red) frame
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"note: the style image {path} has 3 frames; the first one is used "
+                   "(save the frame you want as a PNG to use another)"]
+    frames[0].save(tmp_path / "still.png")
+    open_image(tmp_path / "still.png", "content")
+    assert capsys.readouterr().err == ""  # a still image: nothing to say

@@ -39,7 +39,7 @@ def test_csv_beside_tensorboard_gets_the_same_hparams_steps_and_final_metrics(tm
     nst_exp.stylize(overrides=[*FAST, "logging.loggers=[tensorboard,csv]"], output_dir=run)
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows if r["loss/total"]] == list(range(STEPS))  # every step once
-    final = [r for r in rows if r["hp/loss_total"]]
+    final = [r for r in rows if r["result/loss_total"]]
     metrics = json.loads((run / "result.json").read_text())["metrics"]
     assert len(final) == 1 and int(final[0]["step"]) == STEPS
     assert {m: float(final[0][m]) for m in HPARAM_METRICS} == pytest.approx({m: metrics[m] for m in HPARAM_METRICS})
@@ -103,4 +103,4 @@ def test_mlflow_in_a_real_local_store_inside_the_run_folder(tmp_path, monkeypatc
                     output_dir=run)
     assert (run / "mlflow" / "run_id").read_text().strip() == run_id
     assert [m.step for m in client.get_metric_history(run_id, "loss/total")] == list(range(6))
-    assert client.get_run(run_id).data.metrics["hp/steps"] == 6
+    assert client.get_run(run_id).data.metrics["result/steps"] == 6

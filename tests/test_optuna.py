@@ -73,7 +73,7 @@ def test_the_search_space_is_hydras_sweep_syntax():
 
 
 @pytest.mark.parametrize("setting, says", [
-    ("hydra.sweeper.direction=maximize", "hp/objective is lower-is-better; fix: hydra.sweeper.direction=minimize"),
+    ("hydra.sweeper.direction=maximize", "result/objective is lower-is-better; fix: hydra.sweeper.direction=minimize"),
     ("hydra.sweeper.n_jobs=0", "hydra.sweeper.n_jobs=0 must be at least 1"),
     ("hydra.sweeper.pruner._target_=optuna.pruners.Nope", "cannot build optuna.pruners.Nope"),
     ("hydra.sweeper.storage='postgresql+psycopg2://nst:secret@127.0.0.1:1/none'", "cannot open the Optuna storage "
@@ -117,7 +117,7 @@ def test_the_study_lives_in_sqlite_in_the_sweep_folder_and_the_same_command_cont
     rows = summary_rows(sweep)
     (marked,) = [job for job, row in rows.items() if row["best"] == "best"]
     assert marked.startswith(f"{best.user_attrs['job_number']}_")
-    assert float(rows[marked]["hp/objective"]) == pytest.approx(best.value, rel=1e-3)  # the table shows 4 digits
+    assert float(rows[marked]["result/objective"]) == pytest.approx(best.value, rel=1e-3)  # the table shows 4 digits
     assert f"**Best:** `{marked}`" in (sweep / "summary.md").read_text()
     acc = EventAccumulator(str(sweep / "_summary"), size_guidance={"tensors": 0})
     acc.Reload()
@@ -138,7 +138,7 @@ def test_a_hopeless_trial_is_pruned_from_its_per_step_loss(tmp_path):
     assert hopeless.intermediate_values[1] > good.intermediate_values[1]
     (job,) = [j for j in collect_jobs([sweep]) if j.config["optuna"]["trial"] == hopeless.number]
     assert job.status == "pruned" and "pruned by the study's pruner at step 1" in job.error
-    assert job.metrics["hp/steps"] == 2 and job.image is not None and not (job.path / "last.ckpt").exists()
+    assert job.metrics["result/steps"] == 2 and job.image is not None and not (job.path / "last.ckpt").exists()
     rows = summary_rows(sweep)
     assert rows[job.path.name]["status"] == "pruned" and rows[job.path.name]["best"] == ""
 
@@ -243,4 +243,4 @@ def test_a_trial_a_killed_search_left_running_continues_in_its_own_folder(tmp_pa
     assert steps[-1] >= 50 and all(later - earlier == 3 for earlier, later in zip(steps, steps[1:]))
     assert [p.name for p in sweep.glob("[0-9]*")] == [job.name]
     (done,) = collect_jobs([sweep])
-    assert done.status == "completed" and done.metrics["hp/steps"] == 60 and not (job / "last.ckpt").exists()
+    assert done.status == "completed" and done.metrics["result/steps"] == 60 and not (job / "last.ckpt").exists()

@@ -81,8 +81,8 @@ def test_mask_keeps_unmasked_region_closer_to_content(tmp_path, content_small):
 def test_more_style_weight_lowers_style_distance(tmp_path):
     _, weak = stylize(tmp_path, "weak", "loss.style_weight=2")
     _, strong = stylize(tmp_path, "strong", "loss.style_weight=200")
-    assert strong.metrics["hp/eval_style"] < weak.metrics["hp/eval_style"]
-    assert strong.metrics["hp/eval_content"] > weak.metrics["hp/eval_content"]
+    assert strong.metrics["result/eval_style"] < weak.metrics["result/eval_style"]
+    assert strong.metrics["result/eval_content"] > weak.metrics["result/eval_content"]
 
 
 @pytest.mark.slow
@@ -93,13 +93,13 @@ def test_mean_cov_loss_runs_and_stylises(tmp_path):
     style = [e.value for e in acc.Scalars("loss/style")]
     assert style[-1] < 0.5 * style[0]
     _, gram = stylize(tmp_path, "gram", "loss.style_loss=gram")
-    assert res.metrics["hp/eval_style"] < 1.5 * gram.metrics["hp/eval_style"]  # a different loss, a comparable result
+    assert res.metrics["result/eval_style"] < 1.5 * gram.metrics["result/eval_style"]  # a different loss, a comparable result
 
 
 @pytest.mark.slow
 def test_multiscale_runs_every_stage_on_one_curve(tmp_path):
     img, res = stylize(tmp_path, "ms", "image.multiscale_sizes=[24,34]", "image.multiscale_steps=[5,4]", "trainer.max_steps=3")
-    assert img.size == (48, 32) and res.metrics["hp/steps"] == 12
+    assert img.size == (48, 32) and res.metrics["result/steps"] == 12
     acc = EventAccumulator(str(res.run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss/total")] == list(range(12))
@@ -111,12 +111,12 @@ def test_several_iterations_per_batch_keep_per_step_curves(tmp_path):
     # steps per Lightning batch, scalars staged asynchronously every 3 steps, snapshots every 4.
     _, res = stylize(tmp_path, "ips", "trainer.iters_per_step=4", "trainer.max_steps=10", "logging.flush_every=3",
                      "logging.image_every=4")
-    assert res.metrics["hp/steps"] == 10
+    assert res.metrics["result/steps"] == 10
     acc = EventAccumulator(str(res.run_dir), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss/total")] == list(range(10))
     assert acc.Scalars("perf/evaluations")[-1].value == 10  # compact L-BFGS: one evaluation per step
-    assert [e.step for e in acc.Images("image/generated")] == [4, 8, 10]  # every 4, and the last step
+    assert [e.step for e in acc.Images("output/generated")] == [4, 8, 10]  # every 4, and the last step
 
 
 @pytest.mark.slow
@@ -133,7 +133,7 @@ def test_style_scale_sets_the_style_image_size(tmp_path):
         _, res = stylize(tmp_path, f"scale{scale}", f"image.style_scale={scale}", "trainer.max_steps=2")
         acc = EventAccumulator(str(res.run_dir), size_guidance={"images": 0})
         acc.Reload()
-        style = acc.Images("input/style_0")[0]
+        style = acc.Images("source/style_0")[0]
         assert max(style.width, style.height) == expected
 
 

@@ -1,9 +1,10 @@
 """The slurm launcher on a real SLURM cluster: pre-emption, time limits and cancellation.
 
-Needs a running cluster with the partitions of ``shared/tools/local-slurm.sh`` (``debug``, and
-``urgent`` that pre-empts it). Start one on this machine (root, about a minute) and run:
+Needs a running cluster with the partitions of ``tools/test_cluster.sh`` (``debug``, and
+``urgent`` that pre-empts it; docs/clusters-testing.md). Start one on this machine (root) and run:
 
-    bash ../shared/tools/local-slurm.sh && python -m pytest -q tests/test_slurm.py
+    sudo bash tools/test_cluster.sh start && python -m pytest -q tests/test_slurm.py
+    sudo bash tools/test_cluster.sh stop
 
 Without a cluster these tests are skipped, saying why.
 """
@@ -41,7 +42,7 @@ def _cluster_problem() -> str | None:
 PROBLEM = _cluster_problem()
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.skipif(
     PROBLEM is not None,
-    reason=f"no SLURM cluster ({PROBLEM}): start one with `bash ../shared/tools/local-slurm.sh` (root, ~1 min)",
+    reason=f"no SLURM cluster ({PROBLEM}): start one with `sudo bash tools/test_cluster.sh start` (docs/clusters-testing.md)",
 )]
 
 SLURM = ["launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
@@ -134,7 +135,7 @@ def test_preempted_and_timed_out_jobs(tmp_path):
     assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]  # no extra folders from requeues
 
     done, timed_out = (json.loads((p / "result.json").read_text()) for p in jobs)
-    assert done["status"] == "completed" and done["metrics"]["hp/steps"] == JOB0_STEPS
+    assert done["status"] == "completed" and done["metrics"]["result/steps"] == JOB0_STEPS
     assert len(done["interruptions"]) >= 1  # the pre-emption (SIGUSR2 or SIGTERM)
     assert _steps(jobs[0]) == list(range(JOB0_STEPS))  # resumed where it stopped: no step twice, none missing
 
@@ -234,6 +235,6 @@ def test_killed_sweep_resumes_on_the_cluster(tmp_path):
     assert "sweep:       2 jobs, 2 completed" in resumed.stdout
     assert (first / "result.json").read_text() == kept  # kept, not run again
     for job, n in zip((first, second), steps):
-        assert json.loads((job / "result.json").read_text())["metrics"]["hp/steps"] == n
+        assert json.loads((job / "result.json").read_text())["metrics"]["result/steps"] == n
         assert raw_steps(job) == list(range(n))  # every step once, as stored
     assert len(list(second.glob("events.out.tfevents.*"))) == 2  # continued (from last.ckpt), not started over

@@ -124,9 +124,9 @@ def check_whole_sweep(sweep: Path, kept: dict[Path, str], resumed: Path, ckpt_st
     jobs = collect_jobs([sweep])
     assert [j.status for j in jobs] == ["completed"] * len(STEPS)
     for job, steps in zip(jobs, STEPS):
-        assert job.metrics["hp/steps"] == steps
+        assert job.metrics["result/steps"] == steps
         assert raw_steps(job.path) == list(range(steps)), job.path.name  # every step exactly once, as stored
-        assert raw_steps(job.path, "hp/loss_total") == [steps]  # one final metric (not one per attempt)
+        assert raw_steps(job.path, "result/loss_total") == [steps]  # one final metric (not one per attempt)
         snapshots = sorted(int(p.stem[5:]) for p in (job.path / "snapshots").glob("step_*.png"))
         assert snapshots == list(range(5, steps + 1, 5)), job.path.name
         assert not (job.path / "last.ckpt").exists()

@@ -35,13 +35,13 @@ def sweep_dirs(cwd: Path) -> list[Path]:
 
 def hparams_of(run_dir: Path) -> tuple[dict, set[str], dict[str, float]]:
     """A run's HPARAMS session (its hyperparameters), the tags of the experiment it is in, and every
-    ``hp/*`` scalar of the run (the table's metric values) as (step, value) lists."""
+    ``result/*`` scalar of the run (the table's metric values) as (step, value) lists."""
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     content = acc.PluginTagToContent("hparams")
     assert "_hparams_/experiment" not in content  # per-run experiments would hide what the sweep varied
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    metrics = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if tag.startswith("hp/")}
+    metrics = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if tag.startswith("result/")}
     return dict(start.hparams), set(content), metrics
 
 
@@ -62,6 +62,18 @@ def test_job_dirname_is_safe_and_short():
     assert len(name) <= MAX_LEN and "/" not in name
     assert job_dirname([f"loss.w{i}=1" for i in range(40)]) != job_dirname([f"loss.w{i}=2" for i in range(40)])
     assert job_dirname(["logging.image_every=5"]) == "default"
+
+
+def test_folder_names_keep_letters_of_any_script_and_drop_what_is_unsafe():
+    from nst_exp.labels import MAX_PART, run_label, safe_part
+
+    assert job_dirname(["content.path=/home/me/Été/plage à Nice.jpg"]) == "content=plage-à-Nice"
+    assert run_label("crème brûlée", "Mondrian", "café") == "café_crème-brûlée_Mondrian"
+    assert safe_part("cafe\u0301") == "café"  # decomposed é (macOS file names): one letter again
+    assert safe_part("a/b\\c\x00d\ne:f*g?\"h") == "a-b-c-d-e-f-g-h"  # separators, control characters, Windows' reserved
+    assert len(safe_part("é" * 100).encode()) <= MAX_PART  # a file name's limit is in bytes
+    long = job_dirname([f"loss.w{i}=é" for i in range(40)])
+    assert len(long.encode()) <= MAX_LEN and long.endswith(tuple("0123456789abcdef"))
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +113,7 @@ def test_hparams_complete_for_every_run(grid_sweep):
         assert set(metrics) == set(HPARAM_METRICS)
         for tag, points in metrics.items():
             assert len(points) == 1 and points[0][0] == 3 and math.isfinite(points[0][1]), tag
-        assert metrics["hp/steps"][0][1] == 3
+        assert metrics["result/steps"][0][1] == 3
     assert styles == {("starry_night", 5.0), ("starry_night", 50.0), ("hubble_deep_field", 5.0), ("hubble_deep_field", 50.0)}
 
 
@@ -110,10 +122,24 @@ def test_sweep_experiment_lists_swept_keys_first_and_final_metrics(grid_sweep):
     sweep, _ = grid_sweep
     experiment = sweep_experiment(sweep)
     names = [h.name for h in experiment.hparam_infos]
-    differing = [h.name for h in experiment.hparam_infos if h.differs]
-    assert set(differing) == {"style.path", "style.name", "loss.style_weight"}
-    assert names[: len(differing)] == sorted(differing)  # the swept ones lead the table
+    # only what the sweep varied: TensorBoard ticks the first five columns, so constant keys are left out
+    assert names == ["loss.style_weight", "style.name", "style.path"] and all(h.differs for h in experiment.hparam_infos)
     assert [m.name.tag for m in experiment.metric_infos] == list(HPARAM_METRICS)
+    assert list(HPARAM_METRICS)[:3] == ["result/objective", "result/eval_style", "result/eval_content"]
+
+
+def test_tensorboard_opens_on_the_loss_curves(grid_sweep):
+    """TensorBoard groups tags by the part before the first "/" and lists (and, in TIME SERIES, opens
+    the first two of) those groups in name order: a job's loss curves come first, then its images,
+    and its one-point final metrics (``result/*``) after the curves."""
+    sweep, _ = grid_sweep
+    acc = EventAccumulator(str(run_dirs(sweep)[0]), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    scalar_groups = sorted({tag.split("/", 1)[0] for tag in acc.Tags()["scalars"]})
+    image_groups = sorted({tag.split("/", 1)[0] for tag in acc.Tags()["images"]})
+    assert scalar_groups == ["loss", "perf", "result"]
+    assert sorted(scalar_groups + image_groups)[:2] == ["loss", "output"]
+    assert set(HPARAM_METRICS) <= set(acc.Tags()["scalars"])
 
 
 def _free_port() -> int:
@@ -130,8 +156,9 @@ def _post(url: str, body: dict) -> dict:
 
 @pytest.mark.slow
 def test_tensorboard_server_hparams_show_swept_first_and_every_job(grid_sweep):
-    """A real TensorBoard on loopback, through the HTTP API its HPARAMS tab uses: the swept parameters lead
-    the table (the tab ticks the first ones), the final metrics are its metric columns, one row per job."""
+    """A real TensorBoard on loopback, through the HTTP API its HPARAMS tab uses: the swept parameters are
+    the table's columns (the tab ticks the first five), the objective and the evaluator's distances its
+    first metric columns, one row per job."""
     sweep, _ = grid_sweep
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--host", "127.0.0.1",
@@ -146,7 +173,9 @@ def test_tensorboard_server_hparams_show_swept_first_and_every_job(grid_sweep):
                 time.sleep(0.5)
         assert experiment is not None, "TensorBoard did not answer"
         names = [h["name"] for h in experiment["hparamInfos"]]
-        assert names[:3] == ["loss.style_weight", "style.name", "style.path"]
+        assert names == ["loss.style_weight", "style.name", "style.path"]  # what the sweep varied, and nothing else
+        assert [m["name"]["tag"] for m in experiment["metricInfos"]][:3] == ["result/objective", "result/eval_style",
+                                                                              "result/eval_content"]
         assert [m["name"]["tag"] for m in experiment["metricInfos"]] == list(HPARAM_METRICS)
         groups = _post(f"{base}/session_groups", {"experimentName": "", "startIndex": 0, "sliceSize": 100,
                                                   "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
@@ -174,7 +203,7 @@ def test_contact_sheet_and_summary(grid_sweep):
     with (sweep / "summary.csv").open() as fh:
         rows_csv = list(csv.DictReader(fh))
     assert len(rows_csv) == 4 and {r["status"] for r in rows_csv} == {"completed"}
-    assert all(float(r["hp/eval_style"]) > 0 and (sweep / r["image"]).is_file() for r in rows_csv)
+    assert all(float(r["result/eval_style"]) > 0 and (sweep / r["image"]).is_file() for r in rows_csv)
     assert (sweep / "summary.md").read_text().count("| completed |") == 4
     acc = EventAccumulator(str(sweep / "_summary"))
     acc.Reload()
@@ -267,7 +296,7 @@ def test_resume_by_hand_continues_the_curve(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert run_dirs(tmp_path / "outputs") == [run]  # continued in its own folder
     assert _steps(run) == list(range(7))
-    assert json.loads((run / "result.json").read_text())["metrics"]["hp/steps"] == 7
+    assert json.loads((run / "result.json").read_text())["metrics"]["result/steps"] == 7
 
 
 @pytest.mark.slow
@@ -320,7 +349,7 @@ def test_killed_job_rerun_in_its_folder_resumes_from_checkpoint(tmp_path):
     proc = run_cli(args[:3] + ["trainer.max_steps=" + str(done + 4)] + args[4:], tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((run / "result.json").read_text())
-    assert result["status"] == "completed" and result["metrics"]["hp/steps"] == done + 4
+    assert result["status"] == "completed" and result["metrics"]["result/steps"] == done + 4
     steps = _steps(run)
     assert steps == list(range(done + 4))  # one continuous curve: the steps logged after the checkpoint were cut back
     assert not (run / "last.ckpt").exists()
@@ -330,8 +359,8 @@ def test_captions_name_files_by_stem_and_never_cut_mid_word(tmp_path):
     from nst_exp.sweep.summary import CAPTION_WIDTH, Job, _caption
 
     long_path = "/home/me/photos/holiday/an_extremely_long_photo_file_name_from_my_camera_2026_11_25.png"
-    job = Job(tmp_path, "completed", None, {"hp/eval_style": 0.2, "hp/eval_content": 0.9, "hp/loss_total": 3.0,
-                                            "hp/wall_time_s": 10.0},
+    job = Job(tmp_path, "completed", None, {"result/eval_style": 0.2, "result/eval_content": 0.9, "result/loss_total": 3.0,
+                                            "result/wall_time_s": 10.0},
               overrides=[f"content.path={long_path}", "loss.style_weight=20", "style=hubble"])
     lines = _caption(job, ["content.path", "loss.style_weight", "style"])
     assert all(len(line) <= CAPTION_WIDTH for line in lines)

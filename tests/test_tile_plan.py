@@ -168,4 +168,4 @@ def test_a_run_under_a_small_budget_tiles_itself_and_paints_the_same_image(tmp_p
     assert "of a 150 MiB budget" in small_plan["line"] and small_plan["line"] in capsys.readouterr().out
     a, b = (np.asarray(r.image, dtype=np.int16) for r in (whole, small))
     assert a.shape == b.shape and np.abs(a - b).max() <= 1
-    assert "hp/eval_style" in whole.metrics and "hp/eval_style" not in small.metrics  # the evaluator runs whole images
+    assert "result/eval_style" in whole.metrics and "result/eval_style" not in small.metrics  # the evaluator runs whole images

@@ -102,7 +102,7 @@ def test_a_tiled_run_paints_the_same_image(tmp_path):
     a = np.asarray(whole.image, dtype=np.int16)
     b = np.asarray(tiled.image, dtype=np.int16)
     assert a.shape == b.shape and np.abs(a - b).max() <= 1  # 8-bit rounding of float-order differences
-    assert tiled.metrics["hp/loss_total"] == pytest.approx(whole.metrics["hp/loss_total"], rel=1e-4)
+    assert tiled.metrics["result/loss_total"] == pytest.approx(whole.metrics["result/loss_total"], rel=1e-4)
 
 
 def test_tile_off_the_pooling_grid_is_one_line_with_the_fix():

@@ -21,7 +21,7 @@ class NstOptunaSweeperConf:
 
     _target_: str = "hydra_plugins.nst_exp_sweepers.NstOptunaSweeper"
     _recursive_: bool = False  # the sampler and pruner are built by the sweeper (and the pruner by each job)
-    direction: str = "minimize"  # hp/objective is lower-is-better; the only direction accepted
+    direction: str = "minimize"  # result/objective is lower-is-better; the only direction accepted
     study_name: str = "nst"
     storage: Optional[str] = None  # an SQLAlchemy URL; null = sqlite:///<sweep folder>/optuna.db
     n_trials: int = 20  # trials the study should hold, completed or pruned (a rerun tops it up)

@@ -97,6 +97,11 @@ def check_values(cfg: Any) -> None:
 
     check_available(cfg.logging.loggers)  # an optional logger that is not installed: before any job
     if cfg.resume:
+        from pathlib import Path
+
+        from nst_exp.run.folder import check_resume_target
+
+        check_resume_target(Path(cfg.resume))
         return  # the resumed run's own config (its images) is read by the job
     check_inputs(cfg)
 

@@ -14,6 +14,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, help="where to write (default: the sweep folder if one is given, else outputs/compare/<time>)")
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
+    from nst_exp.files import WriteFailed
     from nst_exp.run.folder import RESULT_FILE
     from nst_exp.sweep.summary import best_job, collect_jobs, differences_lines, summarize
 
@@ -27,13 +28,18 @@ def main(argv: list[str]) -> int:
         return 2
     single_sweep = len(args.dirs) == 1 and not (args.dirs[0] / RESULT_FILE).is_file()
     out = args.out or (args.dirs[0] if single_sweep else Path("outputs/compare") / time.strftime("%Y-%m-%d/%H-%M-%S"))
-    paths = summarize(jobs, out, title=args.title or f"{len(jobs)} runs")
+    try:
+        paths = summarize(jobs, out, title=args.title or f"{len(jobs)} runs")
+    except WriteFailed as exc:
+        exc.fix = f"{exc.room()}, then run this command again (or --out <another folder>)"
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"runs:          {len(jobs)} ({sum(j.status == 'failed' for j in jobs)} failed)")
     print(f"contact sheet: {paths['contact_sheet']}")
     print(f"summary:       {paths['csv']}  {paths['md']}")
     best = best_job(jobs)
     if best is not None:
-        print(f"best:          {best.path} (hp/objective {best.metrics['hp/objective']:.4g})")
+        print(f"best:          {best.path} (result/objective {best.metrics['result/objective']:.4g})")
     differs = differences_lines(jobs)
     if differs:
         print("differs:")

@@ -1,9 +1,19 @@
-"""The Hydra entry point for ``python -m nst_exp run``: compose, run, report."""
+"""The Hydra entry point for ``python -m nst_exp run``: compose, run, report.
+
+A single run's folder is decided here, before Hydra starts, and Hydra writes its ``.hydra/`` files
+into a staging folder instead: they join the run folder only once the run is accepted
+(``runner.run``'s ``on_accept``). A refused run (a wrong ``resume=``, a finished run's folder,
+nothing left to do) leaves every file as it was and creates nothing.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +25,7 @@ from omegaconf import DictConfig
 from nst_exp.compose import first_line, register_launchers
 from nst_exp.config import CONF_DIR, register_configs
 from nst_exp.errors import UserError
+from nst_exp.files import WriteFailed, is_write_error
 from nst_exp.run.folder import CHECKPOINT, FINAL_IMAGE, FINAL_RESULTS, mark_ended, read_result, record_failure
 from nst_exp.run.signals import JobInterrupted
 from nst_exp.sweep.naming import register_resolvers
@@ -23,12 +34,93 @@ if TYPE_CHECKING:
     from nst_exp.sweep.study import TrialReporter
 
 
+@dataclass
+class _Staged:
+    """A single run's real folder, and the staging folder Hydra writes into until the run is accepted."""
+
+    target: Path
+    staging: Path
+    given: list[str]  # the command's own hydra.run.dir override, if any (Hydra's record keeps it)
+    accepted: bool = False
+
+
+_STAGED: _Staged | None = None
+STAGING_PREFIX = "nst_exp-hydra-"
+
+
+def _stage(argv: list[str]) -> list[str]:
+    """For a single run: resolve its folder now (as Hydra would) and point Hydra at a staging folder."""
+    global _STAGED
+    if any(a.startswith("-") for a in argv):
+        return argv  # -m, --cfg, --help...: Hydra's own ways, as always
+    try:
+        from hydra.types import RunMode
+        from omegaconf import OmegaConf
+
+        from nst_exp.cli.compose import compose_config
+
+        cfg = compose_config(argv, with_hydra=True)
+        if cfg.hydra.mode == RunMode.MULTIRUN:
+            return argv
+        HydraConfig.instance().set_config(cfg)
+        target = Path(str(OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=True))).absolute()
+    except Exception:  # noqa: BLE001 - what cannot be resolved here is Hydra's to report, as always
+        return argv
+    finally:
+        HydraConfig.instance().cfg = None
+    remove_stale_staging()
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+    _STAGED = _Staged(target, staging, [a for a in argv if a.startswith("hydra.run.dir=")][-1:])
+    return [a for a in argv if not a.startswith("hydra.run.dir=")] + [f"hydra.run.dir={staging}"]
+
+
+def remove_stale_staging(root: Path | None = None) -> None:
+    """Staging folders of runs killed outright (SIGKILL: no ``finally``), named by a process that is gone."""
+    for path in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*"):
+        pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # alive, another user's
+
+
+def _accept(run_dir: Path) -> None:
+    """The run is accepted: Hydra's staged ``.hydra/`` files join its folder, naming the real folder. A
+    continued run keeps the ``.hydra/`` of the command that made it (a sweep's summary reads its overrides)."""
+    from omegaconf import OmegaConf
+
+    from nst_exp.files import write_text
+
+    if _STAGED is None:
+        return
+    _STAGED.accepted = True
+    hydra = HydraConfig.get()
+    if hydra.output_subdir is None:
+        return
+    staged, dest = _STAGED.staging / str(hydra.output_subdir), run_dir / str(hydra.output_subdir)
+    if dest.exists() or not staged.is_dir():
+        return
+    for path in sorted(staged.glob("*.yaml")):
+        text = path.read_text()
+        if path.name == "hydra.yaml":
+            saved = OmegaConf.load(path)
+            saved.hydra.run.dir = saved.hydra.runtime.output_dir = str(run_dir)
+            saved.hydra.overrides.hydra = [o for o in saved.hydra.overrides.hydra
+                                           if not o.startswith("hydra.run.dir=")] + _STAGED.given
+            text = OmegaConf.to_yaml(saved)
+        write_text(dest / path.name, text, "Hydra record")
+
+
 def _is_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def task(cfg: DictConfig) -> float:
-    """One job. Returns the sweep objective (``hp/objective``, lower is better; inf for a failed job)."""
+    """One job. Returns the sweep objective (``result/objective``, lower is better; inf for a failed job)."""
     from nst_exp.run.tile_group import job_tasks
 
     tasks = job_tasks()
@@ -59,32 +151,44 @@ def _trial(cfg: DictConfig) -> TrialReporter | None:
 def _run_job(cfg: DictConfig) -> float:
     from nst_exp.run import runner  # heavy imports (torch, lightning) only once a job runs
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    staged = _STAGED if _STAGED is not None and not _is_multirun() else None
+    run_dir = staged.target if staged else Path(HydraConfig.get().runtime.output_dir)
+    accepted = lambda: staged is None or staged.accepted # a sweep job's folder is its own from the start
     done = read_result(run_dir)
     if _is_multirun() and done and done.get("status") in FINAL_RESULTS and not (run_dir / CHECKPOINT).exists():
         # A job that finished before its sweep was run again (resume=<sweep folder>), or just before the
         # cluster pre-empted it and requeued it into its folder: its result stands.
         print(f"done already: {run_dir}")
-        return float((done.get("metrics") or {}).get("hp/objective", math.inf))
+        return float((done.get("metrics") or {}).get("result/objective", math.inf))
     try:
         cfg = _resumed(cfg)
         trial = _trial(cfg)
-        result = runner.run(cfg, run_dir, trial=trial)
+        result = runner.run(cfg, run_dir, trial=trial, on_accept=_accept)
     except JobInterrupted as exc:
         print(f"\ninterrupted: {exc}; the latest image is saved at {run_dir / FINAL_IMAGE}, "
               f"and last.ckpt continues the run", file=sys.stderr)
         return _hand_over(exc, run_dir)
     except UserError as exc:
-        record_failure(run_dir, str(exc), cfg)
+        if accepted() and not isinstance(exc, WriteFailed):  # a refused run writes nothing; a failed write recorded itself
+            _record_failure(run_dir, str(exc), cfg)
         print(f"error: {exc}", file=sys.stderr)
         if _is_multirun():
             return math.inf  # the sweep goes on; the summary marks this job failed
         sys.exit(2)
-    except Exception as exc:  # re-raised unless in a sweep, which must survive one job's crash (e.g. out of memory)
-        if not _is_multirun():
-            raise
+    except Exception as exc:  # a sweep must survive one job's crash (e.g. out of memory)
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        record_failure(run_dir, message, cfg)
+        if is_write_error(exc):  # a write no module turned into WriteFailed: still one line
+            failed = WriteFailed("file", exc.filename or run_dir, exc, fix="free space or make it writable, then "
+                                 f"resume={run_dir} if the folder holds last.ckpt or final.png, else run the command again")
+            print(f"error: {failed}", file=sys.stderr)
+            if not _is_multirun():
+                sys.exit(1)
+            message = str(failed)
+        elif not _is_multirun():
+            if accepted():
+                _record_failure(run_dir, message, cfg)
+            raise
+        _record_failure(run_dir, message, cfg)
         print(f"error: job failed: {message}", file=sys.stderr)
         return math.inf
     image = run_dir / FINAL_IMAGE
@@ -105,7 +209,14 @@ def _run_job(cfg: DictConfig) -> float:
         sys.exit(130)
     if result.status == "diverged" and not _is_multirun():
         sys.exit(3)
-    return result.metrics.get("hp/objective", math.inf)
+    return result.metrics.get("result/objective", math.inf)
+
+
+def _record_failure(run_dir: Path, message: str, cfg: DictConfig) -> None:
+    try:
+        record_failure(run_dir, message, cfg)
+    except WriteFailed:
+        pass  # the disk refuses even this: the error line says what happened
 
 
 def _job_task(cfg: DictConfig, rank: int, world: int, local_world: int) -> float:
@@ -169,7 +280,7 @@ def main(argv: list[str]) -> int:
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]  # a run folder (a sweep's: __main__)
     if resume and resume[-1] not in ("", "null") and not any(a.startswith("hydra.run.dir=") for a in argv):
         argv = [*argv, f"hydra.run.dir={resume[-1]}"]  # continue in the run's own folder: one curve, one place
-    sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *_stage(argv)]
     entry = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
     try:
         entry()  # a sweep with failed jobs exits 1 from its summary callback (sweep/hydra_callbacks.py)
@@ -177,4 +288,7 @@ def main(argv: list[str]) -> int:
         print("interrupted: the sweep stopped; finished jobs keep their folders "
               "(python -m nst_exp compare <sweep folder> summarises them)", file=sys.stderr)
         return 130
+    finally:
+        if _STAGED is not None:
+            shutil.rmtree(_STAGED.staging, ignore_errors=True)
     return 0

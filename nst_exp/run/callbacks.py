@@ -106,9 +106,9 @@ class ImageSnapshots(pl.Callback):
     def write_pending(self, trainer: pl.Trainer) -> None:
         for step, copy in self._pending:
             image = copy.get().float().clamp(0, 1)
-            trainer.logger.experiment.add_image("image/generated", image, step)
+            trainer.logger.experiment.add_image("output/generated", image, step)
             if self.snapshot_dir is not None:
-                save_png(image, self.snapshot_dir / f"step_{step:06d}.png")
+                save_png(image, self.snapshot_dir / f"step_{step:06d}.png", "snapshot")
         self._pending.clear()
 
 

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from nst_exp.run.callbacks import crossed
 from nst_exp.errors import UserError
+from nst_exp.files import atomic_write
 from nst_exp.images import open_image, pil_to_tensor
-from nst_exp.run.folder import CHECKPOINT, CONFIG_FILE, FINAL_IMAGE, read_result
+from nst_exp.run.folder import CHECKPOINT, CONFIG_FILE, FINAL_IMAGE, check_resume_target, read_result
 from nst_exp.run.module import StylizeModule
 from nst_exp.run.signals import STEP_BOUNDARY_STOPS
 
@@ -36,9 +37,7 @@ class ResumeState:
 
 
 def save_state(path: Path, state: ResumeState) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(asdict(state), tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(asdict(state), tmp), "checkpoint")
 
 
 def find_resume_state(run_dir: Path, resume: str | None, last_stage: int, coarse_steps: int = 0) -> ResumeState | None:
@@ -49,27 +48,52 @@ def find_resume_state(run_dir: Path, resume: str | None, last_stage: int, coarse
     """
     ckpt = run_dir / CHECKPOINT
     if ckpt.is_file():
-        try:
-            return ResumeState(**torch.load(ckpt, map_location="cpu", weights_only=True))
-        except Exception as exc:  # noqa: BLE001 - a torn or foreign file must not crash the run
-            raise UserError(f"cannot read checkpoint {ckpt}: {exc}; fix: delete it to start this run over") from None
+        return load_state(ckpt, resume)
     if not resume:
         return None
     src = Path(resume)
+    check_resume_target(src)
     final = src / FINAL_IMAGE
     if not final.is_file():
         raise UserError(f"resume={src} holds neither {CHECKPOINT} nor {FINAL_IMAGE}; fix: point resume at a run folder")
     result = read_result(src) or {}
     metrics = result.get("metrics") or {}
-    logged = int(metrics.get("hp/steps") or 0)
+    logged = int(metrics.get("result/steps") or 0)
     return ResumeState(
         stage=last_stage,
         stage_step=max(0, logged - coarse_steps),
         logged_step=logged,
-        wall_time_s=float(metrics.get("hp/wall_time_s") or 0.0),
+        wall_time_s=float(metrics.get("result/wall_time_s") or 0.0),
         image=pil_to_tensor(open_image(final, "resume")),
         optimizer=None,
     )
+
+
+def load_state(ckpt: Path, resume: str | None) -> ResumeState:
+    """``last.ckpt`` as a ResumeState; a torn, damaged or foreign file is one line that says what the
+    options really are, and nothing in the folder changes."""
+    problem = None
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a torn or foreign file must not crash the run
+        problem = f"it is damaged or not a checkpoint ({type(exc).__name__})"
+    else:
+        fields = set(ResumeState.__dataclass_fields__)
+        if not isinstance(state, dict) or set(state) != fields or not isinstance(state.get("image"), Tensor):
+            problem = "it is not a checkpoint of nst_exp (another program's file?)"
+    if problem is None:
+        return ResumeState(**state)
+    run_dir = ckpt.parent
+    final = run_dir / FINAL_IMAGE
+    if final.is_file():
+        steps = (read_result(run_dir) or {}).get("metrics", {}).get("result/steps")
+        at = f" (step {int(steps)})" if isinstance(steps, (int, float)) else ""
+        continue_from = (f"move it away (mv {ckpt} {ckpt}.bad) and resume={run_dir} continues from its saved "
+                         f"{FINAL_IMAGE}{at} with a fresh optimiser")
+    else:
+        continue_from = f"this run has no saved {FINAL_IMAGE} to continue from"
+    start_over = "start over in a new folder (the same command without resume= and hydra.run.dir=)"
+    raise UserError(f"cannot read the checkpoint {ckpt}: {problem}; fix: {continue_from}, or {start_over}")
 
 
 class Checkpointer(pl.Callback):
@@ -115,9 +139,8 @@ def resumed_config(cfg: Any, overrides: list[str]) -> Any:
     from nst_exp.config import Config
 
     src = Path(cfg.resume)
+    check_resume_target(src)
     saved = src / CONFIG_FILE
-    if not saved.is_file():
-        raise UserError(f"resume={src} has no config.yaml; fix: point resume at a run folder made by nst_exp")
     dotted = [o for o in overrides if "=" in o and "." in o.split("=", 1)[0] and not o.startswith(("hydra.", "resume="))]
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved), OmegaConf.from_dotlist(dotted))
     merged.resume = str(src)

@@ -12,12 +12,18 @@ A run (CLI job, sweep job, ``nst_exp.stylize``) writes only into its folder:
   ``record_failure``, ``mark_ended``),
   what sweep summaries and ``compare`` read (``read_result``);
 - ``snapshots/``: image snapshots as PNGs when ``logging.save_snapshots``;
-- TensorBoard's event file (``run.logger``) and Hydra's ``.hydra/`` (overrides).
+- TensorBoard's event file (``run.logger``) and Hydra's ``.hydra/`` (overrides; a single run's is
+  moved in from a staging folder once the run is accepted, ``cli/run.py``).
+
+Nothing is made before a run is accepted (``check_target`` reads only; ``create`` comes after every
+check), and every file is written atomically (``nst_exp.files``): a refused run or a full disk never
+leaves a torn or rewritten record.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,42 +36,76 @@ RESULT_FILE = "result.json"
 SNAPSHOT_DIR = "snapshots"
 
 
-def prepare(run_dir: Path, resume: str | None = None) -> Path:
-    """Create the run folder (one-line error if it cannot be written), and never reuse a finished run's
-    folder: one with a final image, no last.ckpt and a final result (``FINAL_RESULTS``, or none) is only
-    continued by ``resume=`` pointing at it. A failed, cancelled or timed-out run's folder runs again."""
+def check_target(run_dir: Path, resume: str | None = None) -> None:
+    """Refuse, writing nothing, a folder that cannot be made or written, and a finished run's folder: one
+    with a final image, no last.ckpt and a final result (``FINAL_RESULTS``, or none) is only continued by
+    ``resume=`` pointing at it. A failed, cancelled or timed-out run's folder runs again."""
     from nst_exp.errors import UserError
 
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write the run folder {run_dir}: {exc.strerror or exc}; fix: a writable place "
-                        "(hydra.run.dir=/path for a run, hydra.sweep.dir=/path for a sweep, output_dir= in Python)") from None
+    existing = run_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} cannot be written to"
+    if problem:
+        raise UserError(f"cannot write the run folder {run_dir}: {problem}; fix: a writable place "
+                        "(hydra.run.dir=/path for a run, hydra.sweep.dir=/path for a sweep, output_dir= in Python)")
     resuming_here = bool(resume) and Path(resume).resolve() == run_dir.resolve()
     result = read_result(run_dir)
     finished = result is None or result.get("status") in FINAL_RESULTS
     if (run_dir / FINAL_IMAGE).exists() and not (run_dir / CHECKPOINT).exists() and finished and not resuming_here:
         raise UserError(f"{run_dir} already holds a finished run; fix: another folder, or resume={run_dir} to continue it")
+
+
+def check_resume_target(src: Path) -> None:
+    """``resume=`` names a run folder made by nst_exp; else one line saying what it is, before anything is written."""
+    from nst_exp.errors import UserError
+
+    hint = "point resume at a run folder made by nst_exp (it holds config.yaml and final.png or last.ckpt)"
+    if not src.exists():
+        raise UserError(f"resume={src} does not exist; fix: {hint}")
+    if not src.is_dir():
+        raise UserError(f"resume={src} is not a folder; fix: {hint}")
+    if not (src / CONFIG_FILE).is_file():
+        jobs = sorted(p.parent.name for p in src.glob(f"*/{CONFIG_FILE}"))
+        if jobs or (src / "multirun.yaml").is_file():
+            example = f"resume={src / jobs[0]}" if jobs else f"resume={src}/<job folder>"
+            raise UserError(f"resume={src} is a sweep folder, not a run; fix: resume one of its jobs, e.g. {example}")
+        raise UserError(f"resume={src} is not a run folder made by nst_exp (no {CONFIG_FILE}); fix: {hint}")
+
+
+def create(run_dir: Path) -> Path:
+    """Make the run folder, once the run is accepted (``check_target`` and every other check passed)."""
+    from nst_exp.files import writing
+
+    with writing("run folder", run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def prepare(run_dir: Path, resume: str | None = None) -> Path:
+    """``check_target`` then ``create``: for callers with nothing to check in between."""
+    check_target(run_dir, resume)
+    return create(run_dir)
 
 
 def write_config(run_dir: Path, cfg: Any) -> Path:
     from omegaconf import OmegaConf
 
-    path = run_dir / CONFIG_FILE
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return path
+    from nst_exp.files import write_text
+
+    return write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True), "run's config")
 
 
 def write_provenance(run_dir: Path, record: dict[str, Any]) -> Path:
     import yaml
 
-    path = run_dir / PROVENANCE_FILE
-    path.write_text(yaml.safe_dump(record, sort_keys=False))
-    return path
+    from nst_exp.files import write_text
+
+    return write_text(run_dir / PROVENANCE_FILE, yaml.safe_dump(record, sort_keys=False), "run's provenance")
 
 
 def save_final(run_dir: Path, image: Any, tiff: bool = False) -> Path:
@@ -74,8 +114,8 @@ def save_final(run_dir: Path, image: Any, tiff: bool = False) -> Path:
 
     pil = image if not hasattr(image, "detach") else tensor_to_pil(image)
     if tiff:
-        save_png(pil, run_dir / FINAL_TIFF)
-    return save_png(pil, run_dir / FINAL_IMAGE)
+        save_png(pil, run_dir / FINAL_TIFF, "final image")
+    return save_png(pil, run_dir / FINAL_IMAGE, "final image")
 
 
 def final_image(run_dir: Path) -> Path | None:
@@ -127,7 +167,7 @@ def record_failure(run_dir: Path, message: str, cfg: Any = None) -> None:
     it holds (image, metrics), marked failed, and a completed run's record is never overwritten by a
     failed attempt to continue it."""
     existing = read_result(run_dir)
-    if existing is None:
+    if existing is None or not isinstance(existing, dict):
         write_result(run_dir, "failed", error=message, cfg=cfg)
     elif existing.get("status") != "completed":
         mark_ended(run_dir, "failed", message)
@@ -144,16 +184,20 @@ def mark_ended(run_dir: Path, status: str, error: str, overrides: list[str] | No
 
 
 def _write(run_dir: Path, payload: dict[str, Any]) -> None:
-    """Atomic: a job killed while writing never leaves a torn result.json."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(run_dir / RESULT_FILE)
+    """Atomic: a job killed while writing, or a full disk, never leaves a torn result.json."""
+    from nst_exp.files import write_text
+
+    write_text(run_dir / RESULT_FILE, json.dumps(payload, indent=2, default=str), "run record")
 
 
 def read_result(run_dir: Path) -> dict[str, Any] | None:
+    from nst_exp.run.metrics import current_names
+
     path = run_dir / RESULT_FILE
     try:
-        return json.loads(path.read_text())
+        payload = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if isinstance(payload, dict) and isinstance(payload.get("metrics"), dict):
+        payload["metrics"] = current_names(payload["metrics"])
+    return payload

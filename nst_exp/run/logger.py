@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,10 @@ from typing import Any
 from pytorch_lightning.loggers import Logger
 from torch import Tensor
 
+from nst_exp.files import WriteFailed
 from nst_exp.run.metrics import HPARAM_METRICS
+
+EVENT_FILE = "TensorBoard event file"
 
 
 def quiet_lightning() -> None:
@@ -88,7 +92,11 @@ class RunLogger(Logger):
         self.run_dir = run_dir
         self.tensorboard = tensorboard
         self.others = list(others or [])
-        self._fanout = Fanout(SummaryWriter(str(run_dir)) if tensorboard else None, self.others)
+        try:
+            writer = SummaryWriter(str(run_dir)) if tensorboard else None
+        except OSError as exc:  # a full disk fails here, as ``WriteFailed``
+            raise WriteFailed(EVENT_FILE, run_dir, exc) from None
+        self._fanout = Fanout(writer, self.others)
 
     @property
     def name(self) -> str:
@@ -134,8 +142,18 @@ class RunLogger(Logger):
         self._fanout.flush()
         log_artifacts(self.others, paths)
 
+    def open(self) -> Fanout:
+        """Guard the event file's writes (made by ``__init__``): a failed one is a ``WriteFailed``."""
+        if self.tensorboard:
+            guard_event_file(self._fanout)
+        return self._fanout
+
     def finalize(self, status: str) -> None:
-        self._fanout.flush()
+        try:
+            self._fanout.flush()
+        except WriteFailed:
+            if status == "success":
+                raise  # else the run is failing already: its first failure is the one reported
 
     def save(self) -> None:
         """Only flush: the run folder's config.yaml is the config (no Lightning hparams.yaml)."""
@@ -197,8 +215,49 @@ def _trim_event_file(path: Path, step: int) -> None:
         tmp.unlink()
 
 
+def guard_event_file(writer: Any) -> None:
+    """A failed write of ``writer``'s event file raises ``WriteFailed`` (naming the file) in the run's
+    thread, and TensorBoard's writer thread dies without a traceback: its error is kept and raised by
+    the next write or flush, here as that one line."""
+    from nst_exp.run.tb_hparams import _file_writer
+
+    _quiet_event_writer_threads()
+    events = _file_writer(writer).event_writer
+    if getattr(events, "_nst_guarded", False):
+        return
+    path = Path(getattr(events, "_file_name", None) or events.get_logdir())
+    for name in ("add_event", "flush", "close"):
+        setattr(events, name, _guarded(getattr(events, name), path))
+    events._nst_guarded = True
+
+
+def _guarded(method: Any, path: Path) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except OSError as exc:
+            raise WriteFailed(EVENT_FILE, path, exc) from None
+
+    return call
+
+
+def _quiet_event_writer_threads() -> None:
+    """TensorBoard's ``_AsyncWriterThread`` re-raises a failed write after keeping it: no traceback for that."""
+    previous = threading.excepthook
+    if getattr(previous, "_nst_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook._nst_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 def log_final_metrics(writer: Any, metrics: dict[str, float], step: int) -> None:
-    """The HPARAMS table's metric values: the last ``hp/*`` scalar of each run (none that is unknown)."""
+    """The HPARAMS table's metric values: the last ``result/*`` scalar of each run (none that is unknown)."""
     for name in HPARAM_METRICS:
         value = metrics.get(name)
         if value is not None and math.isfinite(value):

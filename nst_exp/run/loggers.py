@@ -2,7 +2,7 @@
 
 ``tensorboard`` (the default) is the run's own event file (``run/logger.py``); ``csv`` and ``mlflow`` are
 Lightning's ``CSVLogger`` and ``MLFlowLogger``. Each gets the same things: the hyperparameters (the
-HPARAMS keys: config, provenance, resolved autos), every step's losses, the final ``hp/*`` metrics and
+HPARAMS keys: config, provenance, resolved autos), every step's losses, the final ``result/*`` metrics and
 the images (csv: the PNGs in the run folder; mlflow: final.png and the snapshots as artifacts).
 
 - csv: ``<run>/csv/metrics.csv`` and ``hparams.yaml``.

@@ -5,33 +5,43 @@ from __future__ import annotations
 
 from typing import Any
 
-# Every run logs exactly these HPARAMS metrics, so TensorBoard's table is complete in any sweep.
+# Every run logs exactly these HPARAMS metrics, so TensorBoard's table is complete in any sweep. The
+# order is the sweep table's column order (TensorBoard shows its first five): what compares runs
+# first (the objective, the evaluator's distances), the loss values (not comparable across weights) last.
+# Their prefix sorts after "loss": TensorBoard opens its tag groups in name order, loss curves first.
+RESULT_PREFIX = "result/"
 HPARAM_METRICS = (
-    "hp/loss_total",
-    "hp/loss_content",
-    "hp/loss_style",
-    "hp/eval_content",
-    "hp/eval_style",
-    "hp/objective",
-    "hp/wall_time_s",
-    "hp/steps",
+    "result/objective",
+    "result/eval_style",
+    "result/eval_content",
+    "result/wall_time_s",
+    "result/steps",
+    "result/loss_total",
+    "result/loss_content",
+    "result/loss_style",
 )
+LEGACY_PREFIX = "hp/"  # the same metrics in result.json files written before the rename
+
+
+def current_names(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with names of older result.json files (``hp/steps``) as they are now (``result/steps``)."""
+    return {RESULT_PREFIX + k[len(LEGACY_PREFIX):] if k.startswith(LEGACY_PREFIX) else k: v for k, v in metrics.items()}
 
 
 def objective(cfg: Any, metrics: dict[str, float]) -> float:
     """Style distance, penalised for content distance above the budget (see conf/hparams_search)."""
-    over = max(0.0, metrics["hp/eval_content"] - cfg.objective.content_budget)
-    return metrics["hp/eval_style"] + cfg.objective.penalty * over
+    over = max(0.0, metrics["result/eval_content"] - cfg.objective.content_budget)
+    return metrics["result/eval_style"] + cfg.objective.penalty * over
 
 
 def final_metrics(latest: dict[str, float], wall: float, steps: int) -> dict[str, float]:
     nan = float("nan")
     return {
-        "hp/loss_total": latest.get("loss/total", nan),
-        "hp/loss_content": latest.get("loss/content", nan),
-        "hp/loss_style": latest.get("loss/style", nan),
-        "hp/wall_time_s": wall,
-        "hp/steps": float(steps),
+        "result/loss_total": latest.get("loss/total", nan),
+        "result/loss_content": latest.get("loss/content", nan),
+        "result/loss_style": latest.get("loss/style", nan),
+        "result/wall_time_s": wall,
+        "result/steps": float(steps),
     }
 
 

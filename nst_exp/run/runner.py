@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,6 +22,7 @@ from PIL import Image
 
 from nst_exp.config import ColorMode, flatten, to_container, validate
 from nst_exp.errors import UserError
+from nst_exp.files import WriteFailed
 from nst_exp.evaluate import Evaluator
 from nst_exp.images import fit_long_side, tensor_to_pil
 from nst_exp.labels import labels_of
@@ -72,6 +74,7 @@ def run(
     extra_callbacks: tuple[pl.Callback, ...] = (),
     experiment: str | None = None,
     trial: Reporter | None = None,
+    on_accept: Callable[[Path], None] | None = None,
 ) -> RunResult:
     """Run one style transfer into ``run_dir``. Raises UserError for bad input (before any work).
 
@@ -80,9 +83,15 @@ def run(
     Optuna trial's reporter) gets the loss at every flush and may stop the run, which ends "pruned".
     A SIGTERM (or submitit's SIGUSR2) stops the run at the next step boundary: the folder is
     saved (last.ckpt, final.png, result.json "interrupted") and ``JobInterrupted`` is raised.
+
+    A run refused (bad input, a finished run's folder, nothing left to do) writes nothing: every check
+    comes before the folder is made, then ``on_accept(run_dir)`` (the CLI moves Hydra's files in).
+    A write that fails (a full disk) saves what it can, records the run as failed and raises
+    ``WriteFailed``: one line naming the file, and how to continue once there is room.
     """
     validate(cfg)
-    run_dir = folder.prepare(Path(run_dir), cfg.resume)
+    run_dir = Path(run_dir)
+    folder.check_target(run_dir, cfg.resume)
     stages = stages_of(cfg)
     resume = find_resume_state(run_dir, cfg.resume, len(stages) - 1, sum(cfg.image.multiscale_steps))
     if resume and resume.stage == len(stages) - 1 and cfg.trainer.max_steps <= resume.stage_step:
@@ -90,7 +99,6 @@ def run(
                         f"{cfg.trainer.max_steps} is the total; fix: trainer.max_steps={resume.stage_step + 100} "
                         f"(or any number above {resume.stage_step})")
     check_available(cfg.logging.loggers)
-    trim_logs(run_dir, resume.logged_step if resume else 0)  # steps from there on are written (again) below
     quiet_lightning()
     inputs = Inputs(cfg, content, styles)
     labels = labels_of(cfg, experiment)
@@ -99,11 +107,24 @@ def run(
     check_history_fits(cfg, math.prod(fit_long_side(inputs.content.size, cfg.image.size)), device)
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
     encoder, step_encoder = build_network(cfg, device)
-    folder.write_config(run_dir, cfg)
-    record = provenance.collect(cfg, device)
-    folder.write_provenance(run_dir, record)
 
-    logger = RunLogger(run_dir, "tensorboard" in cfg.logging.loggers, make_loggers(cfg, run_dir, labels["experiment"]))
+    def open_records() -> RunLogger:
+        """The run is accepted (every check passed, the first stage's plan made): its folder and records begin."""
+        folder.create(run_dir)
+        if on_accept is not None:
+            on_accept(run_dir)
+        try:
+            trim_logs(run_dir, resume.logged_step if resume else 0)  # steps from there on are written (again) below
+            folder.write_config(run_dir, cfg)
+            folder.write_provenance(run_dir, record)
+            opened = RunLogger(run_dir, "tensorboard" in cfg.logging.loggers, make_loggers(cfg, run_dir, labels["experiment"]))
+            opened.open()
+        except WriteFailed as exc:
+            raise _continue_hint(exc, run_dir) from None
+        return opened
+
+    logger: RunLogger | None = None  # None until the run is accepted: a refused run writes nothing
+    record = provenance.collect(cfg, device)
     # The HPARAMS session is written once every auto is decided (the final stage's tile plan), or at the end.
     session = {**flatten(to_container(cfg)), "experiment": labels["experiment"] or "none"}
     session_written = False
@@ -119,6 +140,7 @@ def run(
     group = tile_group.start(cfg, device, content, styles)  # trainer.devices > 1: processes sharing the tiles
     bf16 = resolve_precision(cfg.trainer.precision, device).startswith("bf16")
     plans: list[tuple[int, TilePlan]] = []  # each stage's long side and plan, as run
+    failure: WriteFailed | None = None  # the first write that failed (a full disk): the run stops, saving what it can
     try:
         signals.install()
         for index, stage in enumerate(stages):
@@ -128,21 +150,25 @@ def run(
             loss, content_t = build_loss(cfg, encoder, inputs, stage, device)
             steps, optimizer_state, stage_done = stage.steps, None, 0
             if resume and index == resume.stage:
-                init = upscale(resume.image.to(device), content_t)
-                if cfg.image.color == ColorMode.luminance and resume.optimizer is None:
-                    init = color.luminance(init)  # a finished run's final.png carries the content's chroma
                 # trainer.max_steps (and each stage's steps) is a total: do what is left of it
                 optimizer_state, stage_done = resume.optimizer, resume.stage_step
                 steps = stage.steps - stage_done
+            # whole, or tiles that fit (a refusal when nothing fits: before the run is accepted)
+            plan = stage_plan(cfg, loss, content_t, bf16, group.world if group else 1) if steps > 0 else None
+            if resume and index == resume.stage:
+                init = upscale(resume.image.to(device), content_t)
+                if cfg.image.color == ColorMode.luminance and resume.optimizer is None:
+                    init = color.luminance(init)  # a finished run's final.png carries the content's chroma
             elif module is None:
-                log_input_images(logger.experiment, {"input/content": inputs.content_at(stage.size), **{
-                    f"input/style_{i}": inputs.style_at(i, style_size(cfg, stage)) for i in range(len(inputs.styles))}})
+                logger = logger or open_records()
+                log_input_images(logger.experiment, {"source/content": inputs.content_at(stage.size), **{
+                    f"source/style_{i}": inputs.style_at(i, style_size(cfg, stage)) for i in range(len(inputs.styles))}})
                 init = initial_image(cfg, inputs, content_t, device)
             else:
                 init = upscale(module.image.detach().to(device), content_t)
-            if steps <= 0:
+            if plan is None:  # no steps left in this stage
                 continue
-            plan = stage_plan(cfg, loss, content_t, bf16, group.world if group else 1)  # whole, or tiles that fit
+            logger = logger or open_records()
             loss.encoder = step_encoder  # after the plan: it measures the plain encoder
             plans.append((stage.size, plan))
             if index == len(stages) - 1:
@@ -184,6 +210,8 @@ def run(
                     stop = exc  # someone else's exit: not ours to swallow
             except KeyboardInterrupt:
                 status = "interrupted"
+            except WriteFailed as exc:
+                status, failure = "failed", exc
             step += module.global_step
             if trainer.interrupted and status == "completed":
                 status = "interrupted"
@@ -197,44 +225,90 @@ def run(
                 break
     except KeyboardInterrupt:
         status = "interrupted"
+    except WriteFailed as exc:
+        status, failure = "failed", exc
     finally:
         signals.restore()
         if module is not None:
             image = finish_image(cfg, module.image.detach(), inputs)
-            folder.save_final(run_dir, image, tiff=cfg.logging.save_tiff)
+            try:
+                folder.save_final(run_dir, image, tiff=cfg.logging.save_tiff)
+            except WriteFailed as exc:
+                status, failure = "failed", failure or exc
         if group is not None:
             group.close()
-    if status in folder.FINISHED:
-        (run_dir / folder.CHECKPOINT).unlink(missing_ok=True)
+    if logger is None:  # the records never began: a failed first write, or a stop (Ctrl-C, a signal) before acceptance
+        raise failure or stop or KeyboardInterrupt()
     metrics = final_metrics(module.latest_losses if module is not None else {}, wall_offset + clock(), step)
-    saved = FINAL_IMAGE if image is not None else None
+    saved = FINAL_IMAGE if image is not None and (run_dir / FINAL_IMAGE).is_file() else None
     tile_plans = [plan.record(size) for size, plan in plans]
-    if not session_written:  # stopped (or failed) before the final stage: the session says what was decided
-        logger.log_session_start({**session, **provenance.hparams(record)})
+    if not session_written and failure is None:  # stopped before the final stage: the session says what was decided
+        try:
+            logger.log_session_start({**session, **provenance.hparams(record)})
+        except WriteFailed as exc:
+            failure = exc
+    if failure is not None:
+        _record_write_failure(failure, run_dir, logger, saved, metrics, labels, interruptions, tile_plans)
     if stop is not None:
         # The job goes on elsewhere (requeued) or was cancelled: no final metrics, no evaluation (the
         # cluster's grace time is short); the folder says where it stopped, last.ckpt how to go on.
         interruptions.append({"signal": getattr(stop, "signal", type(stop).__name__), "step": step,
-                              "wall_time_s": round(metrics["hp/wall_time_s"], 1)})
-        logger.close(status)  # no artifacts: the cluster's grace time is short
-        write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
-                     tile_plans=tile_plans, provenance=record)
+                              "wall_time_s": round(metrics["result/wall_time_s"], 1)})
+        try:
+            logger.close(status)  # no artifacts: the cluster's grace time is short
+            write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
+                         tile_plans=tile_plans, provenance=record)
+        except WriteFailed as exc:
+            _record_write_failure(exc, run_dir, logger, saved, metrics, labels, interruptions, tile_plans)
         raise stop
     # The evaluator runs VGG19 on the whole image at once: not for an image that needed tiles (its
-    # hp/eval_* and objective stay unset; compare such runs by eye or at a smaller size).
+    # result/eval_* and objective stay unset; compare such runs by eye or at a smaller size).
     if image is not None and plans and plans[-1][1].tile is None:
         metrics.update(Evaluator(device, encoder if evaluator_compatible(cfg) else None).score(
             image, inputs.content_at(cfg.image.size), [inputs.style_at(i, cfg.image.size) for i in range(len(inputs.styles))],
             inputs.style_weights).as_metrics())
-        metrics["hp/objective"] = objective(cfg, metrics)
-        logger.experiment.add_image("image/final", image[0].cpu(), step)
-    log_final_metrics(logger.experiment, metrics, step)
-    logger.log_session_end(completed=status == "completed")
-    logger.log_artifacts([run_dir / FINAL_IMAGE, run_dir / folder.FINAL_TIFF, run_dir / folder.SNAPSHOT_DIR])
-    logger.close(status)
-    write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
-                 tile_plans=tile_plans, provenance=record)
+        metrics["result/objective"] = objective(cfg, metrics)
+    try:
+        if "result/objective" in metrics:
+            logger.experiment.add_image("output/final", image[0].cpu(), step)
+        log_final_metrics(logger.experiment, metrics, step)
+        logger.log_session_end(completed=status == "completed")
+        logger.log_artifacts([run_dir / FINAL_IMAGE, run_dir / folder.FINAL_TIFF, run_dir / folder.SNAPSHOT_DIR])
+        logger.close(status)
+        write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
+                     tile_plans=tile_plans, provenance=record)
+    except WriteFailed as exc:
+        _record_write_failure(exc, run_dir, logger, saved, metrics, labels, interruptions, tile_plans)
+    if status in folder.FINISHED:  # only once result.json says so: until then last.ckpt continues the run
+        (run_dir / folder.CHECKPOINT).unlink(missing_ok=True)
     return RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, error)
+
+
+def _continue_hint(failure: WriteFailed, run_dir: Path) -> WriteFailed:
+    """The fix of a failed write: room, then ``resume=`` where the folder can continue, else a new run."""
+    resumable = (run_dir / folder.CHECKPOINT).is_file() or (
+        (run_dir / FINAL_IMAGE).is_file() and (run_dir / folder.CONFIG_FILE).is_file())
+    then = f"resume={run_dir} continues the run" if resumable else "run the command again"
+    failure.fix = f"{failure.room()}, then {then}"
+    return failure
+
+
+def _record_write_failure(failure: WriteFailed, run_dir: Path, logger: RunLogger, saved: str | None,
+                          metrics: dict[str, float], labels: dict[str, Any], interruptions: list[dict[str, Any]],
+                          tile_plans: list[dict[str, Any]]) -> None:
+    """After a failed write: close the event file and record the run as failed where the disk still lets
+    us (each file is whole, old or new), then raise the failure as one line."""
+    _continue_hint(failure, run_dir)
+    try:
+        logger.close("failed")
+    except WriteFailed:
+        pass
+    try:
+        write_result(run_dir, "failed", str(failure), saved, metrics, interruptions=interruptions, labels=labels,
+                     tile_plans=tile_plans)
+    except WriteFailed:
+        pass
+    raise failure
 
 
 def _stage_name(index: int, stages: list[Any]) -> str:

@@ -2,10 +2,11 @@
 
 Each run writes its hyperparameters as a session (``session_start_info``, no metric values:
 placeholders would draw NaN points at step 0 in the SCALARS charts) and, when it completes, its
-final metrics as plain ``hp/*`` scalars and a ``session_end_info``. No run writes an experiment:
+final metrics as plain ``result/*`` scalars and a ``session_end_info``. No run writes an experiment:
 given none, TensorBoard builds one from every session under the logdir and lists the
 hyperparameters that differ between them first, which is what a sweep varied. When a sweep ends,
-its ``_summary`` run receives the sweep's experiment: every key, those that differ first, and the final metrics as the table's metric columns rather than every curve.
+its ``_summary`` run receives the sweep's experiment: the keys that differ, and the final metrics as
+the table's metric columns (the objective and the evaluator's distances first) rather than every curve.
 """
 
 from __future__ import annotations
@@ -59,10 +60,16 @@ def _hparam_info(name: str, values: Sequence[Any]) -> api_pb2.HParamInfo:
 
 
 def experiment(sessions: Sequence[Mapping[str, Any]]) -> api_pb2.Experiment:
-    """The experiment of a set of runs: the hyperparameters that differ between them first, then the rest."""
+    """The experiment of a set of runs: the hyperparameters that differ between them (all of them when
+    none does), and the final metrics in ``HPARAM_METRICS`` order (the objective first).
+
+    TensorBoard's HPARAMS tab ticks the first five hyperparameter columns and the first five metric
+    columns it is given, whatever they are: constant keys (``experiment``, ``image.color``...) are left
+    out so that only what the sweep varied is ticked; every run's config.yaml still holds them all.
+    """
     keys = list(dict.fromkeys(k for s in sessions for k in s))
     infos = [_hparam_info(k, [s[k] for s in sessions if k in s]) for k in keys]
-    infos.sort(key=lambda i: (not i.differs, i.name))
+    infos = sorted((i for i in infos if i.differs), key=lambda i: i.name) or sorted(infos, key=lambda i: i.name)
     metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in HPARAM_METRICS]
     return api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
 

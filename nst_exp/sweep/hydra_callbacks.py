@@ -16,6 +16,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from nst_exp.files import WriteFailed
 from nst_exp.run.folder import FINISHED, read_result, record_failure
 
 
@@ -44,6 +45,10 @@ class SweepSummary(Callback):
         summarized = True
         try:
             paths = summarize(jobs, sweep_dir, title=f"sweep {sweep_dir}")
+        except WriteFailed as exc:  # a full disk: the jobs' folders stand, the summary can be made again
+            summarized = False
+            exc.fix = f"{exc.room()}, then python -m nst_exp compare {sweep_dir} (or --out <another folder>)"
+            print(f"error: the sweep summary could not be written: {exc}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 - the jobs' own folders stand; say what is missing
             summarized = False
             print(f"error: the sweep summary could not be written: {type(exc).__name__}: {exc}; "

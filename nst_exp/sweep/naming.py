@@ -12,7 +12,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 
-from nst_exp.labels import image_label, path_stem, run_label, safe_part
+from nst_exp.labels import cut_bytes, image_label, path_stem, run_label, safe_part
 
 MAX_LEN = 96
 # Overrides that do not distinguish jobs' results (logging, hardware) are left out of names.
@@ -63,9 +63,9 @@ def override_label(override: str) -> str | None:
 def job_dirname(overrides: Iterable[str], max_len: int = MAX_LEN) -> str:
     labels = [label for o in overrides if (label := override_label(str(o)))]
     name = safe_part(",".join(labels), limit=None, keep="=,") or "default"
-    if len(name) > max_len:
+    if len(name.encode()) > max_len:  # bytes: a file name's limit, and letters such as é take two
         digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-        name = name[: max_len - 9].rstrip(",-.") + "_" + digest
+        name = cut_bytes(name, max_len - 9).rstrip(",-.") + "_" + digest
     return name
 
 

@@ -8,7 +8,7 @@
   again (same storage) continues the study and runs only what is missing. A trial left running by a
   driver that died is relaunched into its own job folder, where the job resumes from ``last.ckpt``.
 - Jobs report their progress and prune themselves (``sweep/study.TrialReporter``); the driver records
-  every other outcome: the returned ``hp/objective``, or a failed trial for a job that gave none.
+  every other outcome: the returned ``result/objective``, or a failed trial for a job that gave none.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def check_settings(settings: Mapping[str, Any]) -> None:
     """One-line errors for the sweeper's settings, before Hydra starts (``cli/checks.py``): direction,
     counts, the search space, the sampler and pruner, and a storage URL that is given (not the default)."""
     if settings.get("direction", "minimize") != "minimize":
-        raise UserError(f"hydra.sweeper.direction={settings['direction']}: the objective hp/objective is lower-is-better; "
+        raise UserError(f"hydra.sweeper.direction={settings['direction']}: the objective result/objective is lower-is-better; "
                         "fix: hydra.sweeper.direction=minimize")
     for key in ("n_trials", "n_jobs"):
         if not isinstance(settings.get(key, 1), int) or not settings.get(key, 1) >= 1:
@@ -216,7 +216,7 @@ class OptunaSearch:
         params = " ".join(_override(k, v) for k, v in best.params.items())
         where = best.user_attrs.get("sweep_dir")
         folder = f" (job {best.user_attrs.get('job_number')} in {where})" if where else ""
-        print(f"best trial:  #{best.number}, hp/objective {best.value:.4g}: {params}{folder}")
+        print(f"best trial:  #{best.number}, result/objective {best.value:.4g}: {params}{folder}")
 
 
 def _consecutive(jobs: list[tuple[int, list[str], int]]) -> list[list[tuple[int, list[str], int]]]:

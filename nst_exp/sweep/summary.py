@@ -8,6 +8,7 @@ callback at the end of a multirun and ``python -m nst_exp compare`` on any runs.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import textwrap
 from collections.abc import Iterable, Sequence
@@ -19,6 +20,8 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from nst_exp.config import flatten
+from nst_exp.files import write_text, writing
+from nst_exp.images import save_png
 from nst_exp.labels import image_label
 from nst_exp.run.folder import CONFIG_FILE, RESULT_FILE, final_image, read_result
 from nst_exp.run.metrics import HPARAM_METRICS
@@ -95,10 +98,10 @@ def _job_order(job: Job) -> tuple:
 
 
 def best_job(jobs: Sequence[Job]) -> Job | None:
-    """The completed job with the lowest ``hp/objective`` (the sweep objective, lower is better), if any;
+    """The completed job with the lowest ``result/objective`` (the sweep objective, lower is better), if any;
     in an Optuna search, the best trial of the study's jobs in these folders."""
-    scored = [j for j in jobs if j.status == "completed" and math.isfinite(j.metrics.get("hp/objective", math.nan))]
-    return min(scored, key=lambda j: j.metrics["hp/objective"], default=None)
+    scored = [j for j in jobs if j.status == "completed" and math.isfinite(j.metrics.get("result/objective", math.nan))]
+    return min(scored, key=lambda j: j.metrics["result/objective"], default=None)
 
 
 # Overrides that name a job's bookkeeping, not its settings (the Optuna trial number)
@@ -166,7 +169,7 @@ def _relative_to(path: Path, base: Path) -> str:
 
 
 def write_tables(jobs: Sequence[Job], out_dir: Path) -> tuple[Path, Path]:
-    """summary.csv and summary.md: one row per job; the best one (lowest hp/objective) says ``best``."""
+    """summary.csv and summary.md: one row per job; the best one (lowest result/objective) says ``best``."""
     header = ["job", "content", "style", "experiment", "overrides", "status", "best", "error", *METRIC_COLUMNS, "image"]
     best = best_job(jobs)
     rows = []
@@ -181,22 +184,22 @@ def write_tables(jobs: Sequence[Job], out_dir: Path) -> tuple[Path, Path]:
             *[_fmt(job.metrics.get(m)) for m in METRIC_COLUMNS],
             _relative_to(job.image, out_dir) if job.image else "",
         ])
-    csv_path = out_dir / "summary.csv"
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    table = csv.writer(text)
+    table.writerow(header)
+    table.writerows(rows)
+    csv_path = write_text(out_dir / "summary.csv", text.getvalue(), "summary table")
     md_path = out_dir / "summary.md"
     escape = lambda s: s.replace("|", "\\|")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
     if best is not None:
-        lines += ["", f"**Best:** `{best.path.name}`, hp/objective {_fmt(best.metrics['hp/objective'])}"
+        lines += ["", f"**Best:** `{best.path.name}`, result/objective {_fmt(best.metrics['result/objective'])}"
                       + (f": `{' '.join(best.overrides)}`" if best.overrides else "")]
     differs = differences_lines(jobs)
     if differs:
         lines += ["", "## differs", "", *differs]
-    md_path.write_text("\n".join(lines) + "\n")
+    write_text(md_path, "\n".join(lines) + "\n", "summary table")
     return csv_path, md_path
 
 
@@ -240,12 +243,12 @@ def _caption(job: Job, keys: Sequence[str], best: bool = False) -> list[str]:
     lines = _wrap(", ".join(labels) or job.path.name, 2)
     if job.status in ("completed", "pruned", "interrupted", "diverged"):
         m = job.metrics
-        lines.append(f"style {_fmt(m.get('hp/eval_style'))}  content {_fmt(m.get('hp/eval_content'))}")
-        lines.append(f"loss {_fmt(m.get('hp/loss_total'))}  {_fmt(m.get('hp/wall_time_s'))}s")
+        lines.append(f"style {_fmt(m.get('result/eval_style'))}  content {_fmt(m.get('result/eval_content'))}")
+        lines.append(f"loss {_fmt(m.get('result/loss_total'))}  {_fmt(m.get('result/wall_time_s'))}s")
         if job.status != "completed":
             lines.append(job.status.upper())
         elif best:
-            lines.append(f"BEST  objective {_fmt(m.get('hp/objective'))}")
+            lines.append(f"BEST  objective {_fmt(m.get('result/objective'))}")
     else:
         lines.append(job.status.upper())
         lines += _wrap(job.error or "", 3)
@@ -331,18 +334,22 @@ def contact_sheet(jobs: Sequence[Job], title: str = "") -> Image.Image:
 
 def summarize(jobs: Sequence[Job], out_dir: Path, title: str = "", log_to_tensorboard: bool = True) -> dict[str, Path]:
     """Write contact_sheet.png, summary.csv and summary.md for ``jobs`` (see ``collect_jobs``) into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing("summary folder", out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = write_tables(jobs, out_dir)
-    sheet_path = out_dir / "contact_sheet.png"
     sheet = contact_sheet(jobs, title)
-    sheet.save(sheet_path)
+    sheet_path = save_png(sheet, out_dir / "contact_sheet.png", "contact sheet")
     if log_to_tensorboard:
-        for stale in (out_dir / "_summary").glob("events.out.tfevents.*"):  # a resumed sweep, compare again: one sheet
-            stale.unlink()
-        _log_sheet(sheet, out_dir / "_summary")
-        sessions = [{**settings(job), "experiment": job.labels.get("experiment") or "none"} for job in jobs if job.config]
-        write_experiment(out_dir / "_summary", sessions)
-        _log_best(best_job(jobs), out_dir / "_summary", len(jobs))
+        from nst_exp.run.logger import EVENT_FILE, _quiet_event_writer_threads
+
+        _quiet_event_writer_threads()
+        with writing(EVENT_FILE, out_dir / "_summary"):
+            for stale in (out_dir / "_summary").glob("events.out.tfevents.*"):  # a resumed sweep, compare again: one sheet
+                stale.unlink()
+            _log_sheet(sheet, out_dir / "_summary")
+            sessions = [{**settings(job), "experiment": job.labels.get("experiment") or "none"} for job in jobs if job.config]
+            write_experiment(out_dir / "_summary", sessions)
+            _log_best(best_job(jobs), out_dir / "_summary", len(jobs))
     return {"contact_sheet": sheet_path, "csv": csv_path, "md": md_path}
 
 
@@ -354,8 +361,8 @@ def _log_best(best: Job | None, log_dir: Path, step: int) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     overrides = " ".join(f"`{o}`" for o in best.overrides) or "(none)"
-    text = (f"**{best.path.name}**: hp/objective {_fmt(best.metrics['hp/objective'])}, "
-            f"style {_fmt(best.metrics.get('hp/eval_style'))}, content {_fmt(best.metrics.get('hp/eval_content'))}  \n"
+    text = (f"**{best.path.name}**: result/objective {_fmt(best.metrics['result/objective'])}, "
+            f"style {_fmt(best.metrics.get('result/eval_style'))}, content {_fmt(best.metrics.get('result/eval_content'))}  \n"
             f"overrides: {overrides}")
     writer = SummaryWriter(str(log_dir))
     writer.add_text("sweep/best", text, step)
