@@ -153,7 +153,7 @@ def _run_job(cfg: DictConfig) -> float:
 
     staged = _STAGED if _STAGED is not None and not _is_multirun() else None
     run_dir = staged.target if staged else Path(HydraConfig.get().runtime.output_dir)
-    accepted = lambda: staged is None or staged.accepted # a sweep job's folder is its own from the start
+    accepted = lambda: staged is None or staged.accepted  # a sweep job's folder is its own from the start
     done = read_result(run_dir)
     if _is_multirun() and done and done.get("status") in FINAL_RESULTS and not (run_dir / CHECKPOINT).exists():
         # A job that finished before its sweep was run again (resume=<sweep folder>), or just before the
