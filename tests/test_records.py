@@ -123,12 +123,26 @@ def test_resume_at_a_missing_path_creates_nothing(tmp_path):
     assert not (tmp_path / "does").exists()
 
 
-def test_resume_at_a_sweep_folder_leaves_its_count_alone(tmp_path, sweep):
-    before = tree(sweep)
-    line = one_line_error(cli(["run", f"resume={sweep}"], tmp_path), "is a sweep folder", f"resume={sweep}/0_")
-    assert tree(sweep) == before, line
+def test_resume_at_a_finished_sweep_folder_keeps_every_job_as_it_was(tmp_path, sweep):
+    """``resume=<sweep folder>`` runs that sweep's own command again (docs/reproducibility.md): a sweep
+    whose jobs all completed keeps every job's files byte for byte, and compare still counts them all."""
+    jobs = sorted(p for p in sweep.iterdir() if (p / "result.json").is_file())
+    before = {job.name: tree(job) for job in jobs}
+    proc = cli(["run", f"resume={sweep}"], tmp_path)
+    assert proc.returncode == 0 and "2 jobs, 2 completed" in proc.stdout, proc.stdout + proc.stderr
+    assert {job.name: tree(job) for job in jobs} == before
     proc = run_cli(["compare", str(sweep), "--out", str(tmp_path / "cmp")], tmp_path)
     assert proc.returncode == 0 and "runs:          2 (0 failed)" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_resume_at_a_folder_of_job_folders_without_a_sweep_record_is_refused(tmp_path, sweep):
+    """A folder holding run folders but no multirun.yaml is no sweep to run again: one line, nothing written."""
+    loose = tmp_path / "loose"
+    shutil.copytree(sweep, loose)
+    (loose / "multirun.yaml").unlink()
+    before = tree(loose)
+    one_line_error(cli(["run", f"resume={loose}"], tmp_path), "fix: resume one of its jobs", f"resume={loose}/0_")
+    assert tree(loose) == before
 
 
 @pytest.mark.parametrize("how", ["hydra.run.dir", "resume, nothing left to do"])
