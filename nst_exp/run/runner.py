@@ -27,7 +27,7 @@ from nst_exp.labels import labels_of
 from nst_exp.model import color
 from nst_exp.run import folder, tile_group
 from nst_exp.run.callbacks import ImageSnapshots, ScalarFlusher
-from nst_exp.run.checkpoint import Checkpointer, find_resume_state
+from nst_exp.run.checkpoint import Checkpointer, check_stages, find_resume_state
 from nst_exp.model.tiled import evaluate_tiled
 from nst_exp.run.folder import FINAL_IMAGE, read_result, write_result
 from nst_exp.run.memory_fit import check_history_fits
@@ -81,7 +81,8 @@ def run(
     validate(cfg)
     run_dir = folder.prepare(Path(run_dir), cfg.resume)
     stages = stages_of(cfg)
-    resume = find_resume_state(run_dir, cfg.resume, len(stages) - 1, sum(cfg.image.multiscale_steps))
+    resume = find_resume_state(run_dir, cfg.resume, len(stages) - 1, sum(s.steps for s in stages[:-1]))
+    check_stages(resume, [s.size for s in stages])
     if resume and resume.stage == len(stages) - 1 and cfg.trainer.max_steps <= resume.stage_step:
         raise UserError(f"resume: the run has done {resume.stage_step} steps at its final size and trainer.max_steps="
                         f"{cfg.trainer.max_steps} is the total; fix: trainer.max_steps={resume.stage_step + 100} "
@@ -117,20 +118,21 @@ def run(
                 continue
             encoder.to(device)  # Lightning's teardown moved the previous stage's module (and encoder) to the CPU
             loss, content_t = build_loss(cfg, encoder, inputs, stage, device)
-            steps, optimizer_state, stage_done = stage.steps, None, 0
+            steps, optimizer_state, stage_done, ema_state = stage.steps, None, 0, None
             if resume and index == resume.stage:
                 init = upscale(resume.image.to(device), content_t)
                 if cfg.image.color == ColorMode.luminance and resume.optimizer is None:
                     init = color.luminance(init)  # a finished run's final.png carries the content's chroma
                 # trainer.max_steps (and each stage's steps) is a total: do what is left of it
                 optimizer_state, stage_done = resume.optimizer, resume.stage_step
+                ema_state = resume.ema if resume.optimizer is not None else None
                 steps = stage.steps - stage_done
             elif module is None:
                 log_input_images(logger.experiment, {"input/content": inputs.content_at(stage.size), **{
                     f"input/style_{i}": inputs.style_at(i, style_size(cfg, stage)) for i in range(len(inputs.styles))}})
                 init = initial_image(cfg, inputs, content_t, device)
             else:
-                init = upscale(module.image.detach().to(device), content_t)
+                init = upscale(module.output_image.to(device), content_t)  # the average goes on, if any
             if steps <= 0:
                 continue
             plan = stage_plan(cfg, loss, content_t, bf16, group.world if group else 1)  # whole, or tiles that fit
@@ -141,7 +143,8 @@ def run(
             callbacks = [
                 ScalarFlusher(cfg.logging.flush_every),
                 ImageSnapshots(cfg.logging.image_every, run_dir / folder.SNAPSHOT_DIR if cfg.logging.save_snapshots else None),
-                Checkpointer(run_dir / folder.CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, wall_offset, clock),
+                Checkpointer(run_dir / folder.CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, wall_offset, clock,
+                             [s.size for s in stages]),
                 *extra_callbacks,
                 StopOnSignal(signals),  # last: the others have seen the batch when it stops training
             ]
@@ -156,6 +159,8 @@ def run(
                 tile=plan.tile,
                 tile_keep=plan.keep,
                 evaluate_tiles=group.evaluator(index) if group else evaluate_tiled,
+                ema_decay=cfg.optimizer.ema_decay,
+                ema_state=ema_state,
             )
             trainer = make_trainer(cfg, run_dir, logger, steps, callbacks, device, description=_stage_name(index, stages))
             try:
@@ -175,6 +180,7 @@ def run(
             if module.diverged_at is not None:
                 status, error = "diverged", divergence_message(module.diverged_at)
                 module.image.data.copy_(module.last_good)
+                module.restart_average()
             if status != "completed":
                 break
     except KeyboardInterrupt:
@@ -182,7 +188,7 @@ def run(
     finally:
         signals.restore()
         if module is not None:
-            image = finish_image(cfg, module.image.detach(), inputs)
+            image = finish_image(cfg, module.output_image, inputs)
             folder.save_final(run_dir, image, tiff=cfg.logging.save_tiff)
         if group is not None:
             group.close()
