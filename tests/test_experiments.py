@@ -37,6 +37,8 @@ def test_the_two_kinds_are_both_there():
 def tiny_stages(cfg) -> list[str]:
     """A preset's coarse-to-fine stages shrunk below image.size=48, as many as it has (32 px at least:
     a smaller image has no pixel left for VGG19's deepest pooling)."""
+    if cfg.image.get("scale_from"):  # automatic scales: one coarse stage, 32 px
+        return ["image.scale_from=32", "image.scale_ratio=1.5", "image.scale_steps=1"]
     n = len(cfg.image.multiscale_sizes)
     if not n:
         return []

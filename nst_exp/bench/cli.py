@@ -76,6 +76,10 @@ def resolve_device(choice: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if "--quality" in argv:  # its own arguments: bench/quality.py
+        from nst_exp.bench.quality import main as quality_main
+
+        return quality_main(argv)
     args = parse_args(argv)
     device = resolve_device(args.device)
     sizes = args.sizes or DEFAULT_SIZES[device]
