@@ -11,6 +11,7 @@ from conftest import run_cli
 from nst_exp.api import compose_config
 from nst_exp.config import CONF_DIR, validate
 from nst_exp.run import runner
+from nst_exp.run.stages import stages_of
 from nst_exp.sweep.summary import collect_jobs
 
 TINY = ["image.size=32", "trainer.max_steps=2", "logging.progress_bar=false", "logging.image_every=0",
@@ -53,7 +54,7 @@ def test_fixed_experiment_runs(tmp_path, name):
     cfg = compose_config([f"experiment={name}", *TINY, "image.size=48", *tiny_stages(cfg)])
     result = runner.run(cfg, tmp_path / name)
     assert result.status == "completed", result.error
-    stages = len(cfg.image.multiscale_sizes)
+    stages = len(stages_of(cfg)) - 1
     assert result.metrics["hp/steps"] == 2 + stages  # every coarse stage ran its step, then the final stage
     assert max(result.image.size) == 48
 
