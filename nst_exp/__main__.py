@@ -11,6 +11,7 @@ commands:
   compare DIR [DIR ...]     contact sheet + summary.csv/md for finished runs or sweeps
   evaluate IMAGE --content C --style S [--style S2]   score any image with the fixed evaluator
   bench [--sizes 256 512] [--steps N] [--device cpu|cuda] [--precision 32|bf16]   speed vs a stock PyTorch loop, a bare loop and pastiche
+  bench --quality [--size 256] [--presets default quality]   image quality vs a stock Gatys loop and pastiche (docs/quality.md)
 
 examples:
   python -m nst_exp run style=starry_night

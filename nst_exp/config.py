@@ -50,6 +50,7 @@ class Weights(str, Enum):
 class StyleLossKind(str, Enum):
     gram = "gram"
     mean_cov = "mean_cov"
+    swd = "swd"  # sliced Wasserstein: whole feature distributions along fixed random directions
 
 
 class OptimizerName(str, Enum):
@@ -99,6 +100,10 @@ class ImageConfig:
     style_scale: float = 1.0  # style image size relative to the generated image
     multiscale_sizes: List[int] = field(default_factory=list)  # coarse stages before `size`, ascending
     multiscale_steps: List[int] = field(default_factory=list)  # steps of each coarse stage
+    # Automatic scales: coarse stages image.size / ratio^k down to this long side (e.g. 128); null = none.
+    scale_from: Optional[int] = None
+    scale_ratio: float = 1.414  # scale_from's ratio between consecutive stages (about sqrt 2)
+    scale_steps: int = 100  # scale_from's optimiser steps at each coarse stage
     color: ColorMode = ColorMode.none  # colour preservation
     init_path: Optional[str] = None  # the image for init=image
     max_input_pixels: Optional[int] = None  # largest input file accepted; null = Pillow's bomb guard (~179 Mpx), 0 = no limit
@@ -127,6 +132,7 @@ class LossConfig:
     style_weight: float = 20.0  # beta
     tv_weight: float = 0.0
     style_loss: StyleLossKind = StyleLossKind.gram
+    swd_projections: float = 1.0  # style_loss=swd: directions per channel of each layer, drawn from `seed`
     normalize: bool = True  # each layer term as a relative error (divided by its target's mean square)
 
 
@@ -138,6 +144,7 @@ class OptimizerConfig:
     line_search: Optional[str] = None  # L-BFGS: null or strong_wolfe (strong_wolfe needs impl=torch)
     impl: LBFGSImpl = LBFGSImpl.auto  # L-BFGS implementation: compact (sync-free), torch, or auto (compact on CUDA)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam
+    ema_decay: float = 0.0  # averaged iterates: the saved/logged image is their bias-corrected EMA (e.g. 0.99); 0 = off
 
 
 @dataclass
@@ -292,6 +299,16 @@ def validate(cfg: DictConfig | Config) -> None:
             )
     for i, s in enumerate(steps):
         _positive(s, f"image.multiscale_steps[{i}]")
+    if cfg.image.get("scale_from") is not None:
+        _positive(cfg.image.scale_from, "image.scale_from")
+        if sizes:
+            raise UserError(f"image.scale_from={cfg.image.scale_from} makes the coarse stages and image.multiscale_sizes="
+                            f"{sizes} lists them too; fix: image.multiscale_sizes=[] image.multiscale_steps=[] or image.scale_from=null")
+        if cfg.image.scale_from < 32:
+            raise UserError(f"image.scale_from={cfg.image.scale_from} is too small for VGG19's deeper layers; fix: image.scale_from=64 or more")
+        if not cfg.image.scale_ratio > 1 or not math.isfinite(cfg.image.scale_ratio):
+            raise UserError(f"image.scale_ratio must be > 1, got {cfg.image.scale_ratio!r}; fix: image.scale_ratio=1.414 (sqrt 2)")
+        _positive(cfg.image.scale_steps, "image.scale_steps")
     _positive(cfg.trainer.max_steps, "trainer.max_steps")
     _positive(cfg.trainer.devices, "trainer.devices")
     if cfg.trainer.devices > 1 and tile is None:
@@ -299,6 +316,8 @@ def validate(cfg: DictConfig | Config) -> None:
                         "is null; fix: image.tile=auto (or a tile in px, e.g. 1024), or trainer.devices=1")
     _positive(cfg.optimizer.lr, "optimizer.lr")
     _positive(cfg.optimizer.history_size, "optimizer.history_size")
+    if not 0 <= cfg.optimizer.ema_decay < 1:
+        raise UserError(f"optimizer.ema_decay must be in [0, 1), got {cfg.optimizer.ema_decay!r}; fix: optimizer.ema_decay=0.99 (or 0: off)")
     if cfg.optimizer.line_search not in (None, "strong_wolfe"):
         raise UserError(f"optimizer.line_search must be null or strong_wolfe, got {cfg.optimizer.line_search!r}")
     if cfg.optimizer.line_search and cfg.optimizer.impl == LBFGSImpl.compact:
@@ -306,6 +325,11 @@ def validate(cfg: DictConfig | Config) -> None:
     _non_negative(cfg.loss.content_weight, "loss.content_weight")
     _non_negative(cfg.loss.style_weight, "loss.style_weight")
     _non_negative(cfg.loss.tv_weight, "loss.tv_weight")
+    _positive(cfg.loss.swd_projections, "loss.swd_projections")
+    if cfg.loss.style_loss == StyleLossKind.swd and isinstance(tile, int) and tile < cfg.image.size:
+        from nst_exp.model.losses import not_tileable_error
+
+        raise UserError(not_tileable_error(f"image.tile={tile} asks for tiles"))
     if not cfg.loss.content_layers and not cfg.loss.style_layers:
         raise UserError("loss.content_layers and loss.style_layers are both empty; fix: name at least one VGG19 layer")
     check_layers(cfg.loss.content_layers, "content layer")

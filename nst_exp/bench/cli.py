@@ -94,6 +94,10 @@ def peak_info(peaks: dict[str, Peak]) -> dict[str, object]:
 
 
 def main(argv: list[str]) -> int:
+    if "--quality" in argv:  # its own arguments: bench/quality.py
+        from nst_exp.bench.quality import main as quality_main
+
+        return quality_main(argv)
     args = parse_args(argv)
     device = resolve_device(args.device)
     sizes = args.sizes or DEFAULT_SIZES[device]

@@ -82,7 +82,7 @@ class ImageRecorder(pl.Callback):
 
     def take(self, pl_module: pl.LightningModule) -> None:
         sync(pl_module.device)  # the time stamp must not run ahead of the GPU
-        self.images.append((pl_module.logged_step, time.perf_counter() - self.t0, pl_module.image.detach().clone()))
+        self.images.append((pl_module.logged_step, time.perf_counter() - self.t0, pl_module.output_image.clone()))
 
 
 def pastiche_rgb(image: Tensor) -> Tensor:

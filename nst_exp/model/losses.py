@@ -196,7 +196,88 @@ class MeanCovStyleLoss(nn.Module):
         return self.from_stats(self.stats(features), features.shape[-2] * features.shape[-1])
 
 
-STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss}
+class SlicedWassersteinStyleLoss(nn.Module):
+    """Match whole feature distributions along fixed random directions (Heitz et al. 2021, sliced Wasserstein).
+
+    The features (N positions of C channels) are projected on K unit directions, each projection is
+    sorted, and the sorted values are compared with the style's quantiles at the same levels: the
+    squared 1-D Wasserstein-2 distance per direction. The directions are fixed for a run (drawn from
+    ``seed``) so that L-BFGS sees one objective and runs repeat. Targets are quantile functions, so a
+    blend of several styles is their weighted average: the 1-D Wasserstein barycenter.
+
+    Sorting is not a sum over positions: this loss cannot be evaluated tile by tile (``tileable``).
+    """
+
+    tileable = False
+    selects_positions = True  # a mask picks the positions whose distribution is matched
+    QUANTILES = 1024  # levels a style's quantile function is kept at (and blended at)
+
+    def __init__(self, target_quantiles: Tensor, projections: Tensor, normalize: bool = True) -> None:
+        super().__init__()
+        self.register_buffer("target", target_quantiles.detach().float())  # (B, K, Q), ascending
+        self.register_buffer("projections", projections.detach().float())  # (C, K), unit columns
+        self.register_buffer("scale", relative_scale(target_quantiles, normalize))
+        self._resampled: dict[int, Tensor] = {}
+
+    @staticmethod
+    def directions(channels: int, count: int, seed: int) -> Tensor:
+        """``count`` unit directions in R^channels from ``seed``: blocks of random orthonormal bases (a
+        block of C directions covers every axis once; more blocks add oblique ones)."""
+        gen = torch.Generator().manual_seed(int(seed))
+        blocks = []
+        for _ in range(-(-count // channels)):
+            q, r = torch.linalg.qr(torch.randn(channels, channels, generator=gen, dtype=torch.float64))
+            blocks.append(q * torch.sign(torch.diagonal(r)))  # a uniformly random rotation
+        return torch.cat(blocks, dim=1)[:, :count].float()
+
+    @staticmethod
+    def project_sorted(features: Tensor, projections: Tensor, keep: Tensor | None = None) -> Tensor:
+        """(B, C, H, W) -> (B, K, N): each direction's projections of the (kept) positions, ascending."""
+        flat = positions_by_channels(features).float()  # (B, HW, C)
+        if keep is not None:
+            flat = flat.index_select(1, keep)
+        return torch.sort((flat @ projections).transpose(1, 2), dim=-1).values
+
+    @staticmethod
+    def quantiles(sorted_values: Tensor, count: int) -> Tensor:
+        """Sorted samples (B, K, N) -> the quantile function at ``count`` levels (i + 1/2) / count."""
+        if sorted_values.shape[-1] == count:
+            return sorted_values
+        return F.interpolate(sorted_values, size=count, mode="linear", align_corners=False)
+
+    @classmethod
+    def target_from_stats(cls, stats: tuple[Tensor, ...], positions: int) -> Tensor:
+        return cls.quantiles(stats[0], cls.QUANTILES)
+
+    def stats(self, features: Tensor, region: Region = _WHOLE, keep: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The sorted projections (B, K, N) of the features (not a sum: see ``tileable``)."""
+        return (self.project_sorted(features, self.projections, keep),)
+
+    def target_at(self, count: int) -> Tensor:
+        """The target quantiles at ``count`` levels (one interpolation per stage, then cached)."""
+        if count not in self._resampled:
+            self._resampled[count] = self.quantiles(self.target, count).detach()
+        return self._resampled[count]
+
+    def from_stats(self, stats: tuple[Tensor, ...], positions: int) -> Tensor:
+        values = stats[0]
+        return F.mse_loss(values, self.target_at(values.shape[-1]).expand_as(values)) * self.scale
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.from_stats(self.stats(features), features.shape[-2] * features.shape[-1])
+
+
+STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss, "swd": SlicedWassersteinStyleLoss}
+
+
+def is_tileable(loss: nn.Module) -> bool:
+    """Whether the loss's style terms are sums over positions (``model/tiled.py`` evaluates those exactly)."""
+    return all(getattr(term, "tileable", True) for term in getattr(loss, "style_losses", {}).values())
+
+
+def not_tileable_error(what: str) -> str:
+    return (f"loss.style_loss=swd sorts every position of a map at once, which tiles cannot do exactly, and {what}; "
+            "fix: a smaller image.size, a larger image.memory_mib, image.tile=null, or loss.style_loss=mean_cov")
 
 
 def blend(targets: Sequence[Any], weights: Sequence[float]) -> Any:
@@ -240,6 +321,10 @@ class StyleTransferLoss(nn.Module):
         self.masked_layers = tuple(style_masks or ())
         for name, mask in (style_masks or {}).items():
             self.register_buffer(f"mask_{name}", mask, persistent=False)
+            if getattr(style_losses[name], "selects_positions", False):
+                # A distribution is matched over the masked positions: those at least half as masked as the most.
+                keep = torch.nonzero(mask.flatten() >= 0.5 * mask.max()).flatten()
+                self.register_buffer(f"keep_{name}", keep, persistent=False)
         self.content_losses = nn.ModuleDict(content_losses)
         self.style_losses = nn.ModuleDict(style_losses)
         self.content_layer_weights = dict(zip(content_losses, content_layer_weights))
@@ -268,6 +353,9 @@ class StyleTransferLoss(nn.Module):
             out[f"content/{name}"] = loss.stats(features[name], regions[name] if regions else _WHOLE)
         for name, loss in self.style_losses.items():
             feats = features[name]
+            if name in self.masked_layers and getattr(loss, "selects_positions", False):
+                out[f"style/{name}"] = loss.stats(feats, keep=getattr(self, f"keep_{name}"))
+                continue
             if name in self.masked_layers:
                 # Gram over masked positions only (see masks_at: m / rms(m) turns the mean into a masked mean).
                 region = regions[name] if regions else _WHOLE
@@ -300,6 +388,10 @@ class StyleTransferLoss(nn.Module):
         return self.terms(self.stats(features), positions, image)
 
 
+def _as_tuple(value: Any) -> tuple[Tensor, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
 def masks_at(mask: Tensor, shapes: Mapping[str, tuple[int, int]]) -> dict[str, Tensor]:
     """The style mask (1, 1, H, W) at each layer's map size, divided by its root mean square: a Gram
     of features times it is then the mean over the masked positions."""
@@ -330,29 +422,48 @@ def build_style_transfer_loss(
     mask: Tensor | None = None,
     color_mode: str = "none",
     tile: int | None = None,
+    seed: int = 0,
 ) -> tuple[StyleTransferLoss, Tensor]:
     """The loss of ``loss_cfg`` (the config's ``loss`` node) with its targets, computed once (no grad):
     content activations, the weighted blend of the style images' statistics, the mask at each style
     layer. Returns the loss and the content image as the targets saw it (grey in luminance mode).
+    ``seed`` draws the sliced Wasserstein loss's directions (the same for every stage of a run).
     With ``tile`` the images run through the encoder tile by tile (``model/tiles.py``): only the
     content layers' maps are ever whole, the style statistics are summed over the tiles."""
     content, styles = color_targets(content, styles, color_mode)
     normalize = loss_cfg.normalize
     style_cls = STYLE_LOSSES[str(getattr(loss_cfg.style_loss, "value", loss_cfg.style_loss))]
     content_layers, style_layers = list(loss_cfg.content_layers), list(loss_cfg.style_layers)
+    extra: dict[str, tuple[Tensor, ...]] = {}  # per layer, the style loss's fixed arguments after its target
+    stats_of: dict[str, Any] = {layer: style_cls.stats for layer in style_layers}
+    if style_cls is SlicedWassersteinStyleLoss:
+        from nst_exp.model.layers import LAYER_INDEX, out_channels
+
+        if tile:
+            from nst_exp.errors import UserError
+
+            raise UserError(not_tileable_error(f"the style targets would be computed in tiles of {tile} px"))
+        for layer in style_layers:
+            channels = out_channels(layer)
+            count = max(1, round(float(loss_cfg.swd_projections) * channels))
+            # One stream per (seed, layer): the same directions in every stage and every repeat of the run.
+            directions = style_cls.directions(channels, count, seed * len(LAYER_INDEX) + LAYER_INDEX[layer])
+            extra[layer] = (directions.to(content.device),)
+            stats_of[layer] = lambda f, p=extra[layer][0]: style_cls.project_sorted(f, p)
     with torch.no_grad():
         if tile:
             content_feats = whole_maps(encoder, content, content_layers, tile) if content_layers else {}
             style_stats = [summed_stats(encoder, s, style_layers, style_cls.stats, tile) for s in styles]
         else:
             content_feats = encoder(content, content_layers) if content_layers else {}
-            style_stats = [{k: (style_cls.stats(f.float()), f.shape[-2] * f.shape[-1]) for k, f in encoder(s, style_layers).items()}
-                           for s in styles]
+            style_stats = [{k: (_as_tuple(stats_of[k](f.float())), f.shape[-2] * f.shape[-1])
+                            for k, f in encoder(s, style_layers).items()} for s in styles]
         content_losses = {k: ContentLoss(content_feats[k], normalize) for k in content_layers}
         style_losses = {}
         for layer in style_layers:
             target = blend([style_cls.target_from_stats(*stats[layer]) for stats in style_stats], style_weights)
-            style_losses[layer] = style_cls(*target, normalize) if isinstance(target, tuple) else style_cls(target, normalize)
+            args = (*_as_tuple(target), *extra.get(layer, ()))
+            style_losses[layer] = style_cls(*args, normalize)
         # The mask applies to the generated image's maps, which have the content image's size.
         masks = masks_at(mask, {k: (map_size(content.shape[-2], k), map_size(content.shape[-1], k)) for k in style_layers}) \
             if mask is not None else {}

@@ -95,7 +95,7 @@ class ImageSnapshots(pl.Callback):
         self.write_pending(trainer)
         if crossed(pl_module.logged_step, pl_module.iters_per_step, self.every):  # on the run's steps: a resumed run keeps the schedule
             # The one copy (the image moves on); clamping waits for the host side.
-            self._pending.append((pl_module.logged_step, HostCopy(pl_module.image.detach()[0])))
+            self._pending.append((pl_module.logged_step, HostCopy(pl_module.output_image[0])))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
         self.write_pending(trainer)

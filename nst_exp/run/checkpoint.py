@@ -34,10 +34,20 @@ class ResumeState:
     wall_time_s: float
     image: Tensor
     optimizer: dict[str, Any] | None  # None: a fresh optimiser (continuing a finished run)
+    ema: dict[str, Tensor] | None = None  # the averaged iterates (optimizer.ema_decay), None without
+    stage_sizes: list[int] | None = None  # every stage's long side, as the run planned them
 
 
 def save_state(path: Path, state: ResumeState) -> None:
     atomic_write(path, lambda tmp: torch.save(asdict(state), tmp), "checkpoint")
+
+
+def check_stages(state: ResumeState | None, sizes: list[int]) -> None:
+    """A checkpoint continues the stages it was cut in: the same long sides (a changed image.size or
+    schedule would upscale into other stages than the steps done were counted in)."""
+    if state is not None and state.optimizer is not None and state.stage_sizes is not None and list(state.stage_sizes) != sizes:
+        raise UserError(f"the checkpoint's stages are {list(state.stage_sizes)} px and this config makes {sizes} px; fix: "
+                        "resume with the run's own image.size, image.scale_from and image.multiscale_sizes, or start a new run")
 
 
 def find_resume_state(run_dir: Path, resume: str | None, last_stage: int, coarse_steps: int = 0) -> ResumeState | None:
@@ -103,8 +113,10 @@ class Checkpointer(pl.Callback):
     after the checkpoint and resumed from it has no hole in its curves.
     """
 
-    def __init__(self, path: Path, every: int, stage: int, stage_step_offset: int, wall_offset: float, clock: Any) -> None:
+    def __init__(self, path: Path, every: int, stage: int, stage_step_offset: int, wall_offset: float, clock: Any,
+                 stage_sizes: list[int] | None = None) -> None:
         self.path = path
+        self.stage_sizes = stage_sizes
         self.every = every
         self.stage = stage
         self.stage_step_offset = stage_step_offset
@@ -129,6 +141,8 @@ class Checkpointer(pl.Callback):
             wall_time_s=self.wall_offset + self.clock(),
             image=pl_module.image.detach().cpu(),
             optimizer=optimizer,
+            ema=pl_module.ema_state(),
+            stage_sizes=self.stage_sizes,
         ))
 
 

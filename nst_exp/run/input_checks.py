@@ -48,7 +48,7 @@ def check_image_sizes(cfg: Any, content_wh: tuple[int, int], styles_wh: Sequence
     layers = [*cfg.loss.content_layers, *cfg.loss.style_layers]
     need = min_input_side(layers)
     for size in (stage.size for stage in stages_of(cfg)):
-        where = "image.size" if size == cfg.image.size else "a stage of image.multiscale_sizes"
+        where = "image.size" if size == cfg.image.size else "a stage of image.multiscale_sizes" if cfg.image.multiscale_sizes else "a stage of image.scale_from"
         _check_side("content", content_wh, size, need, f"{where}={size}", deepest_layer(layers))
         for i, wh in enumerate(styles_wh):
             name = "style" if i == 0 else f"style.extra_paths[{i - 1}]"

@@ -67,6 +67,8 @@ class StylizeModule(pl.LightningModule):
         tile: int | None = None,
         tile_keep: int = 1,
         evaluate_tiles: Callable[[StyleTransferLoss, Tensor, int, int], dict[str, Tensor]] = evaluate_tiled,
+        ema_decay: float = 0.0,
+        ema_state: dict[str, Tensor] | None = None,
     ) -> None:
         super().__init__()
         # Tiles only where the image is larger than one: the exact tiled evaluation (model/tiled.py).
@@ -87,6 +89,14 @@ class StylizeModule(pl.LightningModule):
         # The row the next step writes, kept on the device so a replayed CUDA graph advances it too.
         self.register_buffer("history_row", torch.zeros(1, dtype=torch.long), persistent=False)
         self.register_buffer("last_good", init_image.detach().clone(), persistent=False)
+        # Averaged iterates (optimizer.ema_decay): a bias-corrected EMA, accumulated from zero as crowsonkb's,
+        # so the first image does not linger in it; decay_left = decay^steps.
+        self.ema_decay = float(ema_decay)
+        self.register_buffer("ema_sum", torch.zeros_like(self.image.detach()), persistent=False)
+        self.register_buffer("ema_decay_left", torch.ones((), dtype=torch.float32, device=init_image.device), persistent=False)
+        if ema_state is not None:
+            self.ema_sum.copy_(ema_state["sum"])
+            self.ema_decay_left.copy_(ema_state["decay_left"])
         self.history_start = 0  # global_step of history row 0
         self._closure_calls = 0
         self._optimizer: torch.optim.Optimizer | None = None  # made by configure_optimizers
@@ -165,6 +175,30 @@ class StylizeModule(pl.LightningModule):
             optimizer.step(closure=self._closure)  # global_step += 1
             with torch.no_grad():
                 self.image.clamp_(0.0, 1.0)  # keep pixels valid: projected optimisation
+                if self.ema_decay:
+                    self.ema_sum.mul_(self.ema_decay).add_(self.image, alpha=1.0 - self.ema_decay)
+                    self.ema_decay_left.mul_(self.ema_decay)
+
+    @property
+    def output_image(self) -> Tensor:
+        """The image a run saves, logs and carries to the next stage: the iterates' average with
+        ``ema_decay``, else the iterate itself (before the first step, the iterate either way). No host sync."""
+        image = self.image.detach()
+        if not self.ema_decay:
+            return image
+        done = 1.0 - self.ema_decay_left
+        return torch.where(done > 0, self.ema_sum / done.clamp_min(1e-12), image)
+
+    def ema_state(self) -> dict[str, Tensor] | None:
+        """What a checkpoint keeps of the average (None without ``ema_decay``)."""
+        if not self.ema_decay:
+            return None
+        return {"sum": self.ema_sum.detach().cpu().clone(), "decay_left": self.ema_decay_left.detach().cpu().clone()}
+
+    def restart_average(self) -> None:
+        """Forget the average (after a divergence the iterate went back to its last good value)."""
+        self.ema_sum.zero_()
+        self.ema_decay_left.fill_(1.0)
 
     def _closure(self) -> Tensor:
         self.image.grad = None

@@ -29,7 +29,7 @@ from nst_exp.labels import labels_of
 from nst_exp.model import color
 from nst_exp.run import folder, provenance, tile_group
 from nst_exp.run.callbacks import ImageSnapshots, ScalarFlusher
-from nst_exp.run.checkpoint import Checkpointer, find_resume_state
+from nst_exp.run.checkpoint import Checkpointer, check_stages, find_resume_state
 from nst_exp.model.tiled import evaluate_tiled
 from nst_exp.run.folder import FINAL_IMAGE, read_result, write_result
 from nst_exp.run.memory_fit import check_history_fits
@@ -93,7 +93,8 @@ def run(
     run_dir = Path(run_dir)
     folder.check_target(run_dir, cfg.resume)
     stages = stages_of(cfg)
-    resume = find_resume_state(run_dir, cfg.resume, len(stages) - 1, sum(cfg.image.multiscale_steps))
+    resume = find_resume_state(run_dir, cfg.resume, len(stages) - 1, sum(s.steps for s in stages[:-1]))
+    check_stages(resume, [s.size for s in stages])
     if resume and resume.stage == len(stages) - 1 and cfg.trainer.max_steps <= resume.stage_step:
         raise UserError(f"resume: the run has done {resume.stage_step} steps at its final size and trainer.max_steps="
                         f"{cfg.trainer.max_steps} is the total; fix: trainer.max_steps={resume.stage_step + 100} "
@@ -148,10 +149,11 @@ def run(
                 continue
             encoder.to(device)  # Lightning's teardown moved the previous stage's module (and encoder) to the CPU
             loss, content_t = build_loss(cfg, encoder, inputs, stage, device)
-            steps, optimizer_state, stage_done = stage.steps, None, 0
+            steps, optimizer_state, stage_done, ema_state = stage.steps, None, 0, None
             if resume and index == resume.stage:
                 # trainer.max_steps (and each stage's steps) is a total: do what is left of it
                 optimizer_state, stage_done = resume.optimizer, resume.stage_step
+                ema_state = resume.ema if resume.optimizer is not None else None
                 steps = stage.steps - stage_done
             # whole, or tiles that fit (a refusal when nothing fits: before the run is accepted)
             plan = stage_plan(cfg, loss, content_t, bf16, group.world if group else 1) if steps > 0 else None
@@ -165,7 +167,7 @@ def run(
                     f"source/style_{i}": inputs.style_at(i, style_size(cfg, stage)) for i in range(len(inputs.styles))}})
                 init = initial_image(cfg, inputs, content_t, device)
             else:
-                init = upscale(module.image.detach().to(device), content_t)
+                init = upscale(module.output_image.to(device), content_t)  # the average goes on, if any
             if plan is None:  # no steps left in this stage
                 continue
             logger = logger or open_records()
@@ -181,7 +183,8 @@ def run(
             callbacks = [
                 ScalarFlusher(cfg.logging.flush_every),
                 ImageSnapshots(cfg.logging.image_every, run_dir / folder.SNAPSHOT_DIR if cfg.logging.save_snapshots else None),
-                Checkpointer(run_dir / folder.CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, wall_offset, clock),
+                Checkpointer(run_dir / folder.CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, wall_offset, clock,
+                             [s.size for s in stages]),
                 *extra_callbacks,
                 *([PruneCheck(trial)] if trial is not None else []),  # after the flusher: it reports what was flushed
                 StopOnSignal(signals),  # last: the others have seen the batch when it stops training
@@ -197,6 +200,8 @@ def run(
                 tile=plan.tile,
                 tile_keep=plan.keep,
                 evaluate_tiles=group.evaluator(index) if group else evaluate_tiled,
+                ema_decay=cfg.optimizer.ema_decay,
+                ema_state=ema_state,
             )
             trainer = make_trainer(cfg, run_dir, logger, steps, callbacks, device, description=_stage_name(index, stages))
             try:
@@ -218,6 +223,7 @@ def run(
             if module.diverged_at is not None:
                 status, error = "diverged", divergence_message(module.diverged_at)
                 module.image.data.copy_(module.last_good)
+                module.restart_average()
             pruned_at = next((c.pruned_at for c in callbacks if isinstance(c, PruneCheck)), None)
             if status == "completed" and pruned_at is not None:
                 status, error = "pruned", f"pruned by the study's pruner at step {pruned_at}: its loss fell slower than the other trials'"
@@ -230,7 +236,7 @@ def run(
     finally:
         signals.restore()
         if module is not None:
-            image = finish_image(cfg, module.image.detach(), inputs)
+            image = finish_image(cfg, module.output_image, inputs)
             try:
                 folder.save_final(run_dir, image, tiff=cfg.logging.save_tiff)
             except WriteFailed as exc:

@@ -115,7 +115,15 @@ def build_loss(cfg: DictConfig, encoder: VGG19Encoder, inputs: Inputs, stage: St
     if inputs.mask is not None:
         mask = pil_to_tensor(inputs.mask.resize(content.shape[-1:-3:-1], Image.Resampling.BILINEAR))[:, :1].to(device)
     return build_style_transfer_loss(cfg.loss, encoder, content, styles, inputs.style_weights, mask, cfg.image.color.value,
-                                     target_tile(cfg, content, styles, device))
+                                     target_tile(cfg, content, styles, device),
+                                     seed=stage_seed(int(cfg.seed), stage.size))
+
+
+def stage_seed(seed: int, size: int) -> int:
+    """The seed of a stage's random loss parts (``loss.style_loss=swd``'s directions): fixed by the run's
+    seed, and another at each stage size, so a coarse-to-fine run matches its distributions along
+    new directions at every scale (L-BFGS still sees one fixed objective per stage)."""
+    return seed * 100_003 + size
 
 
 def target_tile(cfg: DictConfig, content: Tensor, styles: list[Tensor], device: torch.device) -> int | None:

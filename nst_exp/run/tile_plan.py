@@ -27,6 +27,7 @@ from torch import Tensor
 
 from nst_exp.config import OptimizerName, TILE_AUTO, tile_setting
 from nst_exp.errors import UserError
+from nst_exp.model.losses import is_tileable, not_tileable_error
 from nst_exp.model.layers import out_channels, reach
 from nst_exp.model.losses import StyleTransferLoss
 from nst_exp.model.tiled import tile_stats, tiles
@@ -311,4 +312,7 @@ def stage_plan(cfg: DictConfig, loss: StyleTransferLoss, image: Tensor, bf16: bo
     fp = measure(loss, image, bf16)
     room = budget(cfg, image.device, size[0] * size[1])
     keep = cfg.image.get("tile_keep")
-    return plan_step(setting, None if keep is None else int(keep), size, loss.layers(), fp, room, world)
+    plan = plan_step(setting, None if keep is None else int(keep), size, loss.layers(), fp, room, world)
+    if plan.tile is not None and not is_tileable(loss):
+        raise UserError(not_tileable_error(f"a {size[1]}x{size[0]} image does not fit the memory budget whole"))
+    return plan
