@@ -238,3 +238,35 @@ def test_killed_sweep_resumes_on_the_cluster(tmp_path):
         assert json.loads((job / "result.json").read_text())["metrics"]["result/steps"] == n
         assert raw_steps(job) == list(range(n))  # every step once, as stored
     assert len(list(second.glob("events.out.tfevents.*"))) == 2  # continued (from last.ckpt), not started over
+
+
+def test_optuna_trials_run_in_parallel_on_the_cluster(tmp_path):
+    """An Optuna search on the slurm launcher: two trials of one batch run as SLURM jobs at the same time,
+    both report their losses to the sweep folder's SQLite study, and the same command run again
+    continues the study without repeating a trial."""
+    optuna = pytest.importorskip("optuna")
+    from test_optuna import ran_at_once
+
+    sweep = tmp_path / "sweep"
+    args = [a for a in SLURM if not a.startswith("hydra.launcher.array_parallelism=")]
+    search = ["run", "hparams_search=adam_optuna", f"hydra.sweep.dir={sweep}", *args, "hydra.launcher.array_parallelism=2",
+              "trainer.max_steps=3", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    try:
+        first = subprocess.run([sys.executable, "-m", "nst_exp", *search], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=900)
+        assert first.returncode == 0, first.stderr[-3000:]
+        storage = f"sqlite:///{sweep / 'optuna.db'}"
+        done = optuna.load_study(study_name="nst_adam", storage=storage).get_trials()
+        assert [t.state.name for t in done] == ["COMPLETE", "COMPLETE"]
+        assert all(t.intermediate_values for t in done) and ran_at_once(sweep)
+        more = [a if a != "hydra.sweeper.n_trials=2" else "hydra.sweeper.n_trials=3" for a in search]
+        again = subprocess.run([sys.executable, "-m", "nst_exp", *more], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=900)
+        assert again.returncode == 0, again.stderr[-3000:]
+    finally:
+        subprocess.run(["scancel", "-u", "root"], capture_output=True)
+    after = optuna.load_study(study_name="nst_adam", storage=storage).get_trials()
+    assert [t.number for t in after] == [0, 1, 2] and all(t.state.name == "COMPLETE" for t in after)
+    assert [t.params for t in after[:2]] == [t.params for t in done]  # the first two stand, not run again
+    assert len([p for p in sweep.iterdir() if p.name[0].isdigit()]) == 3

@@ -24,7 +24,7 @@ from nst_exp.errors import UserError
 from nst_exp.sweep.resume import sweep_command
 from nst_exp.sweep.summary import collect_jobs
 
-STEPS = (6, 20, 20)  # the short first job finishes while the others still run
+STEPS = (6, 80, 80)  # the short first job finishes while the others still run (for a while: fp32 steps at 32 px are quick)
 SWEEP = ["image.size=32", f"trainer.max_steps={','.join(map(str, STEPS))}", "trainer.checkpoint_every=2",
          "logging.progress_bar=false", "logging.flush_every=1", "logging.image_every=5", "logging.save_snapshots=true"]
 

@@ -114,8 +114,9 @@ class Checkpointer(pl.Callback):
     """
 
     def __init__(self, path: Path, every: int, stage: int, stage_step_offset: int, wall_offset: float, clock: Any,
-                 stage_sizes: list[int] | None = None) -> None:
+                 stage_sizes: list[int] | None = None, final_stage: bool = False) -> None:
         self.path = path
+        self.final_stage = final_stage  # its last step is followed by the run's result, not by more steps
         self.stage_sizes = stage_sizes
         self.every = every
         self.stage = stage
@@ -124,6 +125,11 @@ class Checkpointer(pl.Callback):
         self.clock = clock  # () -> seconds since the run started
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: StylizeModule, *args: Any) -> None:
+        if self.final_stage and trainer.global_step >= trainer.max_steps:
+            # No periodic checkpoint at the run's very last step: a job killed while it evaluates and writes
+            # its result then continues from the checkpoint before and does those steps again, where a
+            # checkpoint with every step done would leave it nothing to run and no result.
+            return
         if crossed(trainer.global_step, pl_module.iters_per_step, self.every):
             self.save(trainer, pl_module)
 

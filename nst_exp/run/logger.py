@@ -16,7 +16,7 @@ from typing import Any
 from pytorch_lightning.loggers import Logger
 from torch import Tensor
 
-from nst_exp.files import WriteFailed
+from nst_exp.files import WriteFailed, atomic_write, writing
 from nst_exp.run.metrics import HPARAM_METRICS
 
 EVENT_FILE = "TensorBoard event file"
@@ -197,22 +197,27 @@ def _trim_event_file(path: Path, step: int) -> None:
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
 
-    tmp = path.with_name(path.name + ".tmp")
+    kept: list[bytes] = []
     dropped = 0
-    with tmp.open("wb") as fh:
-        writer = RecordWriter(fh)
+    with writing(EVENT_FILE, path):
         for record in RawEventFileLoader(str(path)).Load():
             event = Event.FromString(record)
             image = event.HasField("summary") and any(v.HasField("image") for v in event.summary.value)
             if (event.step > step if image else event.step >= step) and (event.HasField("summary") or event.HasField("session_log")):
                 dropped += 1
                 continue
-            writer.write(record)
-        writer.flush()
-    if dropped:
-        tmp.replace(path)
-    else:
-        tmp.unlink()
+            kept.append(record)
+    if not dropped:
+        return
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as fh:
+            writer = RecordWriter(fh)
+            for record in kept:
+                writer.write(record)
+            writer.flush()
+
+    atomic_write(path, write, EVENT_FILE)  # a full disk keeps the old event file whole
 
 
 def guard_event_file(writer: Any) -> None:

@@ -14,11 +14,13 @@ the images (csv: the PNGs in the run folder; mlflow: final.png and the snapshots
 from __future__ import annotations
 
 import csv
+import io
 import importlib.util
 from pathlib import Path
 from typing import Any
 
 from nst_exp.errors import UserError
+from nst_exp.files import write_text
 
 CSV_DIR = "csv"
 CSV_METRICS = "metrics.csv"
@@ -138,7 +140,8 @@ def trim_csv(run_dir: Path, step: int) -> None:
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         header, rows = reader.fieldnames or [], [r for r in reader if int(float(r["step"])) < step]
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue(), "CSV log")  # atomic: a full disk keeps the old file whole
