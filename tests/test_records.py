@@ -92,7 +92,7 @@ def interrupted(tmp_path_factory) -> Path:
                 raise KeyboardInterrupt
 
     run = tmp_path_factory.mktemp("interrupted") / "run"
-    cfg = compose_config([*FAST, "image.size=128", "trainer.max_steps=50", "trainer.accelerator=cpu"])  # the size test_refusal_found_while_planning_the_first_stage_writes_nothing resumes at
+    cfg = compose_config([*FAST, "image.size=128", "trainer.max_steps=50", "trainer.accelerator=cpu"])  # resumed at 128 px below
     result = runner.run(cfg, run, extra_callbacks=(CtrlC(),))
     assert result.status == "interrupted" and (run / "last.ckpt").is_file()
     return run
