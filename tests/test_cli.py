@@ -278,6 +278,32 @@ def test_interrupt_loses_no_snapshot(tmp_path):
     assert pngs == [e.step for e in acc.Images("output/generated")] == [1, 2, 3, 4, 5]
 
 
+def test_a_checkpoint_follows_the_records_due_at_its_step(tmp_path):
+    """A job SIGKILLed right after a periodic checkpoint continues from it and never writes that step's
+    snapshot again: the PNG and the TensorBoard image of the checkpoint's step are on disk before last.ckpt."""
+    import pytorch_lightning as pl
+
+    from nst_exp.api import compose_config
+    from nst_exp.run import runner
+
+    seen: dict[int, tuple[bool, list[int]]] = {}
+
+    class LookWhenCheckpointed(pl.Callback):  # joins after the checkpointer: last.ckpt of this step is written
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            if trainer.global_step in (4, 8):
+                run = tmp_path / "run"
+                acc = EventAccumulator(str(run), size_guidance={"images": 0})
+                acc.Reload()
+                png = (run / "snapshots" / f"step_{trainer.global_step:06d}.png").is_file()
+                seen[trainer.global_step] = (png, [e.step for e in acc.Images("output/generated")])
+
+    cfg = compose_config(["image.size=32", "trainer.max_steps=10", "logging.image_every=4", "trainer.checkpoint_every=4",
+                          "logging.save_snapshots=true", "logging.progress_bar=false", "trainer.accelerator=cpu"])
+    result = runner.run(cfg, tmp_path / "run", extra_callbacks=(LookWhenCheckpointed(),))
+    assert result.status == "completed"
+    assert seen == {4: (True, [4]), 8: (True, [4, 8])}
+
+
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_image(tmp_path):
     # Adam with an absurd learning rate on a huge style weight overflows to inf/NaN quickly.

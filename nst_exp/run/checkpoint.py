@@ -9,6 +9,7 @@ finished run (no checkpoint, a final.png) continues from its final image with a 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,10 @@ class Checkpointer(pl.Callback):
     """
 
     def __init__(self, path: Path, every: int, stage: int, stage_step_offset: int, wall_offset: float, clock: Any,
-                 stage_sizes: list[int] | None = None, final_stage: bool = False) -> None:
+                 stage_sizes: list[int] | None = None, final_stage: bool = False,
+                 before_save: Sequence[Callable[[pl.Trainer], None]] = ()) -> None:
         self.path = path
+        self.before_save = before_save  # records due at the checkpoint's step (snapshots): written before it
         self.final_stage = final_stage  # its last step is followed by the run's result, not by more steps
         self.stage_sizes = stage_sizes
         self.every = every
@@ -138,6 +141,8 @@ class Checkpointer(pl.Callback):
             self.save(trainer, pl_module)
 
     def save(self, trainer: pl.Trainer, pl_module: StylizeModule) -> None:
+        for write in self.before_save:  # a kill after the checkpoint must not lose what is due at its step
+            write(trainer)
         pl_module.drain_losses()
         optimizer = trainer.optimizers[0].state_dict() if trainer.optimizers else None
         save_state(self.path, ResumeState(

@@ -180,11 +180,12 @@ def run(
                 session_written = True
             if plan.tile is not None:
                 print(f"{_stage_name(index, stages)}: {plan.describe()}", flush=True)
+            snapshots = ImageSnapshots(cfg.logging.image_every, run_dir / folder.SNAPSHOT_DIR if cfg.logging.save_snapshots else None)
             callbacks = [
                 ScalarFlusher(cfg.logging.flush_every),
-                ImageSnapshots(cfg.logging.image_every, run_dir / folder.SNAPSHOT_DIR if cfg.logging.save_snapshots else None),
+                snapshots,
                 Checkpointer(run_dir / folder.CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, wall_offset, clock,
-                             [s.size for s in stages], final_stage=index == len(stages) - 1),
+                             [s.size for s in stages], final_stage=index == len(stages) - 1, before_save=[snapshots.write_pending]),
                 *extra_callbacks,
                 *([PruneCheck(trial)] if trial is not None else []),  # after the flusher: it reports what was flushed
                 StopOnSignal(signals),  # last: the others have seen the batch when it stops training
