@@ -107,11 +107,11 @@ class ImageConfig:
     color: ColorMode = ColorMode.none  # colour preservation
     init_path: Optional[str] = None  # the image for init=image
     max_input_pixels: Optional[int] = None  # largest input file accepted; null = Pillow's bomb guard (~179 Mpx), 0 = no limit
-    # The loss in tiles (exact; model/tiled.py): auto = only when the whole image would not fit the memory
-    # budget (run/tile_plan.py), <px> = tiles of that many px, null = always the whole image.
+    # The loss in tiles (exact; tiling/exact.py): auto = only when the whole image would not fit the memory
+    # budget (tiling/plan.py), <px> = tiles of that many px, null = always the whole image.
     tile: Optional[str] = "auto"
     tile_keep: Optional[int] = None  # tile graphs pass 1 keeps for pass 2 (fewer forwards, more memory); null = what fits
-    memory_mib: Optional[int] = None  # memory the loss evaluation may use, MiB; null = 80% of the device's free memory
+    memory_mib: Optional[int] = None  # memory one loss pass may use, MiB; null = 80% of the device's free memory
 
 
 @dataclass
@@ -151,7 +151,7 @@ class OptimizerConfig:
 class TrainerConfig:
     max_steps: int = 200  # optimiser steps at the final size
     accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps
-    devices: int = 1  # processes sharing each evaluation's tiles (needs image.tile): one per GPU, or CPU processes
+    devices: int = 1  # processes sharing each loss pass's tiles (needs image.tile): one per GPU, or CPU processes
     precision: str = "auto"  # auto (bf16-mixed on a CPU with native bf16, else 32-true) | 32-true | bf16-mixed
     deterministic: bool = False
     iters_per_step: int = 0  # optimiser iterations per Lightning batch (amortises Lightning's fixed cost per batch); 0 = auto

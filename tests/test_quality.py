@@ -115,7 +115,7 @@ def test_several_iterations_per_batch_keep_per_step_curves(tmp_path):
     acc = EventAccumulator(str(res.run_dir), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss/total")] == list(range(10))
-    assert acc.Scalars("perf/evaluations")[-1].value == 10  # compact L-BFGS: one evaluation per step
+    assert acc.Scalars("perf/loss_passes")[-1].value == 10  # compact L-BFGS: one loss pass per step
     assert [e.step for e in acc.Images("output/generated")] == [4, 8, 10]  # every 4, and the last step
 
 

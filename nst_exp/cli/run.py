@@ -121,7 +121,7 @@ def _is_multirun() -> bool:
 
 def task(cfg: DictConfig) -> float:
     """One job. Returns the sweep objective (``result/objective``, lower is better; inf for a failed job)."""
-    from nst_exp.run.tile_group import job_tasks
+    from nst_exp.tiling.group import job_tasks
 
     tasks = job_tasks()
     if tasks is not None:  # one of a submitit job's tasks: they share the run's tiles (trainer.devices)
@@ -221,19 +221,20 @@ def _record_failure(run_dir: Path, message: str, cfg: DictConfig) -> None:
 
 def _job_task(cfg: DictConfig, rank: int, world: int, local_world: int) -> float:
     """A task of a job with several: all join one process group; task 0 runs the job, the others
-    evaluate their share of its tiles (``run/tile_group.py``) and return nothing to the sweep."""
+    run their share of its loss passes' tiles (``tiling/group.py``) and return nothing to the sweep."""
     import torch
 
-    from nst_exp.run.tile_group import TileGroup, check_group_config, helper_device, join_job_tasks, serve, threads_per_process
+    from nst_exp.run.setup import TileHelperSetup, check_tile_group
+    from nst_exp.tiling.group import TileGroup, join_job_tasks, serve, threads_per_process
 
     try:
-        check_group_config(cfg, world)
+        check_tile_group(cfg, world)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if rank == 0:
             record_failure(Path(HydraConfig.get().runtime.output_dir), str(exc), cfg)
         return math.inf
-    device = helper_device(cfg, rank % local_world)
+    device = TileHelperSetup(cfg).device(rank % local_world)
     torch.set_num_threads(threads_per_process(local_world))
     join_job_tasks(device)
     if rank == 0:
@@ -243,7 +244,7 @@ def _job_task(cfg: DictConfig, rank: int, world: int, local_world: int) -> float
             if torch.distributed.is_initialized():  # the run ended before its group did (an error, done already)
                 TileGroup(device, world).close()
     try:
-        serve(_resumed(cfg), device)
+        serve(device, *TileHelperSetup(_resumed(cfg)).open(device))
     finally:
         torch.distributed.destroy_process_group()
     return math.inf

@@ -98,7 +98,7 @@ def reach(layers: Iterable[str]) -> tuple[int, int]:
     windows as the whole image. The halo is how far the inputs a feature depends on reach past the
     feature's own pixel block on either side (3x3 convolutions by one step of the layer's stride,
     poolings by one), rounded up to the grid: features of a crop are exact at least that far from
-    the crop's cut edges. ``tests/test_tiled.py`` pins the values for relu5_1.
+    the crop's cut edges. ``tests/test_tiling_exact.py`` pins the values for relu5_1.
     """
     stride, before, after = 1, 0, 0  # before/after: input pixels reached left/right of a feature's block
     for name in LAYER_NAMES[: LAYER_INDEX[deepest_layer(layers)] + 1]:

@@ -10,14 +10,14 @@ summaries and HPARAMS: ``loss/content/relu4_2``, ``loss/style/relu1_1``, ...
 
 Each term is written as a function of *sums over positions* (``stats``) and of how many
 positions were summed (``from_stats``): the Gram matrix, the mean and covariance and the content
-error are all such sums. So the loss of a large image can be evaluated tile by tile, exactly
-(``model/tiled.py``), with the same maths as the untiled ``forward``.
+error are all such sums. So the loss of a large image can be computed tile by tile, exactly
+(``tiling/exact.py``), with the same maths as the untiled ``forward``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from nst_exp.model import color
 from nst_exp.model.layers import map_size
 from nst_exp.model.layout import channels_fastest
-from nst_exp.model.tiles import Region, summed_stats, whole_maps
 
 _EPS = 1e-8
+Region = tuple[slice, slice]  # rows and columns of a layer's map (the positions a tile owns)
 
 
 def positions_by_channels(features: Tensor) -> Tensor:
@@ -271,7 +271,7 @@ STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss, "swd": Slic
 
 
 def is_tileable(loss: nn.Module) -> bool:
-    """Whether the loss's style terms are sums over positions (``model/tiled.py`` evaluates those exactly)."""
+    """Whether the loss's style terms are sums over positions (``tiling/exact.py`` computes those exactly in tiles)."""
     return all(getattr(term, "tileable", True) for term in getattr(loss, "style_losses", {}).values())
 
 
@@ -413,6 +413,17 @@ def color_targets(content: Tensor, styles: Sequence[Tensor], mode: str) -> tuple
     return content, list(styles)
 
 
+class TileFeatures(Protocol):
+    """Target features computed tile by tile (``tiling/targets.TargetTiles``), for inputs of any size."""
+
+    tile: int
+
+    def whole_maps(self, encoder: Any, image: Tensor, layers: Sequence[str]) -> dict[str, Tensor]: ...
+
+    def summed_stats(self, encoder: Any, image: Tensor, layers: Sequence[str],
+                     stats: Callable[[Tensor], tuple[Tensor, ...]]) -> dict[str, tuple[tuple[Tensor, ...], int]]: ...
+
+
 def build_style_transfer_loss(
     loss_cfg: Any,
     encoder: nn.Module,
@@ -421,14 +432,14 @@ def build_style_transfer_loss(
     style_weights: Sequence[float],
     mask: Tensor | None = None,
     color_mode: str = "none",
-    tile: int | None = None,
+    tiles: TileFeatures | None = None,
     seed: int = 0,
 ) -> tuple[StyleTransferLoss, Tensor]:
     """The loss of ``loss_cfg`` (the config's ``loss`` node) with its targets, computed once (no grad):
     content activations, the weighted blend of the style images' statistics, the mask at each style
     layer. Returns the loss and the content image as the targets saw it (grey in luminance mode).
     ``seed`` draws the sliced Wasserstein loss's directions (the same for every stage of a run).
-    With ``tile`` the images run through the encoder tile by tile (``model/tiles.py``): only the
+    With ``tiles`` the images run through the encoder tile by tile (``tiling/targets.py``): only the
     content layers' maps are ever whole, the style statistics are summed over the tiles."""
     content, styles = color_targets(content, styles, color_mode)
     normalize = loss_cfg.normalize
@@ -439,10 +450,10 @@ def build_style_transfer_loss(
     if style_cls is SlicedWassersteinStyleLoss:
         from nst_exp.model.layers import LAYER_INDEX, out_channels
 
-        if tile:
+        if tiles:
             from nst_exp.errors import UserError
 
-            raise UserError(not_tileable_error(f"the style targets would be computed in tiles of {tile} px"))
+            raise UserError(not_tileable_error(f"the style targets would be computed in tiles of {tiles.tile} px"))
         for layer in style_layers:
             channels = out_channels(layer)
             count = max(1, round(float(loss_cfg.swd_projections) * channels))
@@ -451,9 +462,9 @@ def build_style_transfer_loss(
             extra[layer] = (directions.to(content.device),)
             stats_of[layer] = lambda f, p=extra[layer][0]: style_cls.project_sorted(f, p)
     with torch.no_grad():
-        if tile:
-            content_feats = whole_maps(encoder, content, content_layers, tile) if content_layers else {}
-            style_stats = [summed_stats(encoder, s, style_layers, style_cls.stats, tile) for s in styles]
+        if tiles:
+            content_feats = tiles.whole_maps(encoder, content, content_layers) if content_layers else {}
+            style_stats = [tiles.summed_stats(encoder, s, style_layers, style_cls.stats) for s in styles]
         else:
             content_feats = encoder(content, content_layers) if content_layers else {}
             style_stats = [{k: (_as_tuple(stats_of[k](f.float())), f.shape[-2] * f.shape[-1])

@@ -12,7 +12,6 @@ keeps the last written terms (``latest_losses``) and stops training at a NaN/inf
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
@@ -20,9 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from nst_exp.config import OptimizerConfig
-from nst_exp.model.losses import StyleTransferLoss
-from nst_exp.model.tiled import evaluate_tiled, needs_tiles
 from nst_exp.optim.build import build_optimizer
+from nst_exp.tiling.exact import LossPass
 
 
 class HostCopy:
@@ -50,39 +48,34 @@ class _Staged:
 
     rows: HostCopy
     first_step: int
-    evaluations: int
+    loss_passes: int
 
 
 class StylizeModule(pl.LightningModule):
     def __init__(
         self,
         init_image: Tensor,
-        loss: StyleTransferLoss,
+        loss_pass: LossPass,
         optimizer: OptimizerConfig,
         history_rows: int,
         step_offset: int = 0,
         optimizer_state: dict | None = None,
         iters_per_step: int = 1,
         cuda_graph: bool = False,
-        tile: int | None = None,
-        tile_keep: int = 1,
-        evaluate_tiles: Callable[[StyleTransferLoss, Tensor, int, int], dict[str, Tensor]] = evaluate_tiled,
         ema_decay: float = 0.0,
         ema_state: dict[str, Tensor] | None = None,
     ) -> None:
         super().__init__()
-        # Tiles only where the image is larger than one: the exact tiled evaluation (model/tiled.py).
-        self.tile = tile if needs_tiles(tile, init_image.shape) else None
-        self.tile_keep = tile_keep  # crops whose pass-1 graph pass 2 reuses (run/tile_plan.py fits it to memory)
-        self.evaluate_tiles = evaluate_tiles  # several processes: run.tile_group's, which shares the tiles
-        self.cuda_graph = cuda_graph and not self.tile  # a tiled step is many passes, not one graph
+        # The loss and its image gradient: whole, tiled, or shared by several processes (tiling/exact.py, tiling/group.py).
+        self.loss_pass = loss_pass
+        self.cuda_graph = cuda_graph and loss_pass.replayable  # a tiled step is many passes, not one graph
         self.automatic_optimization = False
         self.iters_per_step = iters_per_step
         # The image stays NCHW-contiguous (L-BFGS flattens it with .view); the encoder goes NHWC inside.
         self.image = nn.Parameter(init_image.detach().clone().contiguous())
-        self.loss_fn = loss
+        self.loss_fn = loss_pass.loss  # a submodule: it moves with the module
         self.optimizer_cfg = optimizer
-        self.term_names = loss.term_names()
+        self.term_names = loss_pass.loss.term_names()
         # Logged step = step_offset + global_step, so multi-scale stages and resumed runs continue one curve.
         self.step_offset = step_offset
         self.register_buffer("history", torch.zeros(history_rows, len(self.term_names)), persistent=False)
@@ -108,8 +101,8 @@ class StylizeModule(pl.LightningModule):
         self._staged: _Staged | None = None  # history rows on their way to the host
 
     @property
-    def evaluations(self) -> int:
-        """Loss evaluations (L-BFGS with line search may evaluate more than once per step)."""
+    def loss_passes(self) -> int:
+        """Loss-and-gradient passes so far (L-BFGS with line search may run more than one per step)."""
         return self._closure_calls + getattr(self._optimizer, "replays", 0)
 
     def flush_losses(self, wait: bool = True) -> None:
@@ -136,7 +129,7 @@ class StylizeModule(pl.LightningModule):
         n = min(self.global_step - self.history_start, self.history.shape[0])
         if n <= 0:
             return None
-        staged = _Staged(HostCopy(self.history[:n]), self.step_offset + self.history_start, self.evaluations)
+        staged = _Staged(HostCopy(self.history[:n]), self.step_offset + self.history_start, self.loss_passes)
         # Later steps overwrite the buffer from row 0; the copy is ahead of them on the stream.
         self.history_start = self.global_step
         self.history_row.zero_()
@@ -158,7 +151,7 @@ class StylizeModule(pl.LightningModule):
                 writer.add_scalar(name, value, staged.first_step + i)
             self.latest_losses = dict(zip(self.term_names, row))
             self.latest_step = staged.first_step + i
-        writer.add_scalar("perf/evaluations", staged.evaluations, staged.first_step + len(rows) - 1)
+        writer.add_scalar("perf/loss_passes", staged.loss_passes, staged.first_step + len(rows) - 1)
 
     def on_train_start(self) -> None:
         if self._optimizer_state is not None:
@@ -202,10 +195,7 @@ class StylizeModule(pl.LightningModule):
 
     def _closure(self) -> Tensor:
         self.image.grad = None
-        if self.tile:  # the terms come detached, the gradient already in image.grad
-            terms = self.evaluate_tiles(self.loss_fn, self.image, self.tile, self.tile_keep)
-        else:
-            terms = self.loss_fn(self.image)
+        terms = self.loss_pass(self.image, self.manual_backward)  # the gradient in image.grad
         total = terms["loss/total"]
         self._closure_calls += 1
         if self._recorded_step != self.global_step:
@@ -217,8 +207,6 @@ class StylizeModule(pl.LightningModule):
                 self.history_row.add_(1)
                 good = torch.isfinite(total)
                 self.last_good.copy_(torch.where(good, self.image.detach(), self.last_good))
-        if not self.tile:
-            self.manual_backward(total)
         return total
 
     @property

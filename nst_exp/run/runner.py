@@ -27,34 +27,36 @@ from nst_exp.evaluate import Evaluator
 from nst_exp.images import fit_long_side, tensor_to_pil
 from nst_exp.labels import labels_of
 from nst_exp.model import color
-from nst_exp.run import folder, provenance, tile_group
+from nst_exp.run import folder, provenance
 from nst_exp.run.callbacks import ImageSnapshots, ScalarFlusher
 from nst_exp.run.checkpoint import Checkpointer, check_stages, find_resume_state
-from nst_exp.model.tiled import evaluate_tiled
 from nst_exp.run.folder import FINAL_IMAGE, read_result, write_result
-from nst_exp.run.memory_fit import check_history_fits
 from nst_exp.run.precision import resolve_precision
 from nst_exp.run.pruning import PruneCheck, Reporter
-from nst_exp.run.tile_plan import TilePlan, stage_plan
 from nst_exp.run.logger import RunLogger, log_final_metrics, log_input_images, quiet_lightning, trim_logs
 from nst_exp.run.loggers import check_available, make_loggers
 from nst_exp.run.metrics import divergence_message, final_metrics, objective
 from nst_exp.run.module import StylizeModule
 from nst_exp.run.setup import (
     Inputs,
-    build_loss,
-    build_network,
+    StageLosses,
     evaluator_compatible,
     finish_image,
+    history_pairs,
     initial_image,
     iters_per_step,
     pick_device,
+    stage_plan,
+    start_tile_group,
     style_size,
     upscale,
 )
 from nst_exp.run.stages import stages_of
 from nst_exp.run.signals import STEP_BOUNDARY_STOPS, JobSignals, StopOnSignal
 from nst_exp.run.trainer import Forever, make_trainer
+from nst_exp.tiling.exact import loss_pass
+from nst_exp.tiling.memory import check_history_fits
+from nst_exp.tiling.plan import TilePlan
 
 
 @dataclass
@@ -105,9 +107,9 @@ def run(
     labels = labels_of(cfg, experiment)
     cfg.content.name, cfg.style.name = labels["content"], labels["style"]  # config.yaml and HPARAMS name them too
     device = pick_device(cfg.trainer.accelerator, cfg.trainer.device_index)
-    check_history_fits(cfg, math.prod(fit_long_side(inputs.content.size, cfg.image.size)), device)
+    check_history_fits(history_pairs(cfg), math.prod(fit_long_side(inputs.content.size, cfg.image.size)), device)
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
-    encoder, step_encoder = build_network(cfg, device)
+    losses = StageLosses(cfg, inputs, device)
 
     def open_records() -> RunLogger:
         """The run is accepted (every check passed, the first stage's plan made): its folder and records begin."""
@@ -138,7 +140,7 @@ def run(
     stop: BaseException | None = None  # a signal's stop (or a foreign SystemExit): re-raised once the folder is saved
     module: StylizeModule | None = None
     signals = JobSignals()
-    group = tile_group.start(cfg, device, content, styles)  # trainer.devices > 1: processes sharing the tiles
+    group = start_tile_group(cfg, device, content, styles)  # trainer.devices > 1: processes sharing the tiles
     bf16 = resolve_precision(cfg.trainer.precision, device).startswith("bf16")
     plans: list[tuple[int, TilePlan]] = []  # each stage's long side and plan, as run
     failure: WriteFailed | None = None  # the first write that failed (a full disk): the run stops, saving what it can
@@ -147,8 +149,7 @@ def run(
         for index, stage in enumerate(stages):
             if resume and index < resume.stage:
                 continue
-            encoder.to(device)  # Lightning's teardown moved the previous stage's module (and encoder) to the CPU
-            loss, content_t = build_loss(cfg, encoder, inputs, stage, device)
+            loss, content_t = losses.build(stage)
             steps, optimizer_state, stage_done, ema_state = stage.steps, None, 0, None
             if resume and index == resume.stage:
                 # trainer.max_steps (and each stage's steps) is a total: do what is left of it
@@ -171,7 +172,7 @@ def run(
             if plan is None:  # no steps left in this stage
                 continue
             logger = logger or open_records()
-            loss.encoder = step_encoder  # after the plan: it measures the plain encoder
+            losses.for_steps(loss)  # after the plan: it measures the plain encoder
             plans.append((stage.size, plan))
             if index == len(stages) - 1:
                 record = provenance.with_tile(record, plan.tile)
@@ -192,15 +193,14 @@ def run(
             ]
             iters = iters_per_step(cfg, device)
             module = StylizeModule(
-                init, loss, cfg.optimizer,
+                init,
+                group.loss_pass(index, loss, plan.tile, plan.keep, init.shape) if group else loss_pass(loss, plan.tile, plan.keep, init.shape),
+                cfg.optimizer,
                 history_rows=cfg.logging.flush_every + iters,
                 step_offset=step,
                 optimizer_state=optimizer_state,
                 iters_per_step=iters,
                 cuda_graph=cfg.trainer.cuda_graph,
-                tile=plan.tile,
-                tile_keep=plan.keep,
-                evaluate_tiles=group.evaluator(index) if group else evaluate_tiled,
                 ema_decay=cfg.optimizer.ema_decay,
                 ema_state=ema_state,
             )
@@ -271,7 +271,7 @@ def run(
     # The evaluator runs VGG19 on the whole image at once: not for an image that needed tiles (its
     # result/eval_* and objective stay unset; compare such runs by eye or at a smaller size).
     if image is not None and plans and plans[-1][1].tile is None:
-        metrics.update(Evaluator(device, encoder if evaluator_compatible(cfg) else None).score(
+        metrics.update(Evaluator(device, losses.encoder if evaluator_compatible(cfg) else None).score(
             image, inputs.content_at(cfg.image.size), [inputs.style_at(i, cfg.image.size) for i in range(len(inputs.styles))],
             inputs.style_weights).as_metrics())
         metrics["result/objective"] = objective(cfg, metrics)

@@ -7,6 +7,8 @@ benchmark's bare loop calls them to build the very same network and loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,14 +17,17 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
-from nst_exp.config import ColorMode, Init, tile_setting
+from nst_exp.config import ColorMode, Init, OptimizerName, tile_setting
 from nst_exp.errors import UserError
 from nst_exp.images import open_image, pil_to_tensor, resize_long_side
 from nst_exp.model import color
 from nst_exp.model.losses import StyleTransferLoss, build_style_transfer_loss
 from nst_exp.model.vgg import VGG19Encoder, build_encoder, resolve_memory
 from nst_exp.run.input_checks import check_image_sizes
-from nst_exp.run.stages import Stage, style_long_side
+from nst_exp.run.precision import resolve_precision
+from nst_exp.run.stages import Stage, stages_of, style_long_side
+from nst_exp.tiling import group, plan
+from nst_exp.tiling.targets import TargetTiles
 
 AUTO_ITERS_PER_STEP_CUDA = 10
 
@@ -114,9 +119,9 @@ def build_loss(cfg: DictConfig, encoder: VGG19Encoder, inputs: Inputs, stage: St
     mask = None
     if inputs.mask is not None:
         mask = pil_to_tensor(inputs.mask.resize(content.shape[-1:-3:-1], Image.Resampling.BILINEAR))[:, :1].to(device)
+    tile = target_tile(cfg, content, styles, device)
     return build_style_transfer_loss(cfg.loss, encoder, content, styles, inputs.style_weights, mask, cfg.image.color.value,
-                                     target_tile(cfg, content, styles, device),
-                                     seed=stage_seed(int(cfg.seed), stage.size))
+                                     TargetTiles(tile) if tile else None, seed=stage_seed(int(cfg.seed), stage.size))
 
 
 def stage_seed(seed: int, size: int) -> int:
@@ -129,15 +134,75 @@ def stage_seed(seed: int, size: int) -> int:
 def target_tile(cfg: DictConfig, content: Tensor, styles: list[Tensor], device: torch.device) -> int | None:
     """The tile the targets are computed in (``image.tile``; with auto, tiles only if the largest
     input's forward would not fit the memory budget)."""
-    from nst_exp.run import tile_plan
-
-    setting = tile_setting(cfg)
-    if setting is None:
+    tile = tile_setting(cfg)
+    if tile is None:
         return None
     shapes = [(t.shape[-2], t.shape[-1]) for t in (content, *styles)]
     layers = [*cfg.loss.content_layers, *cfg.loss.style_layers]
-    room = tile_plan.budget(cfg, device, content.shape[-2] * content.shape[-1])
-    return tile_plan.plan_targets(setting, shapes, layers, tile_plan.no_grad_bytes_per_pixel(content), room)
+    budget = plan.budget(cfg.image.get("memory_mib"), history_pairs(cfg) or 0, device, content.shape[-2] * content.shape[-1])
+    return plan.plan_targets(tile, shapes, layers, plan.no_grad_bytes_per_pixel(content), budget)
+
+
+def history_pairs(cfg: DictConfig) -> int | None:
+    """The pairs L-BFGS stores (``optimizer.history_size``); None for an optimiser that stores none."""
+    return int(cfg.optimizer.history_size) if cfg.optimizer.name == OptimizerName.lbfgs else None
+
+
+def stage_plan(cfg: DictConfig, loss: StyleTransferLoss, image: Tensor, bf16: bool, world: int = 1) -> plan.TilePlan:
+    """The stage's tile plan (``tiling/plan.py``) from ``image.tile``, ``image.tile_keep`` and ``image.memory_mib``."""
+    keep = cfg.image.get("tile_keep")
+    return plan.stage_plan(tile_setting(cfg), None if keep is None else int(keep), cfg.image.get("memory_mib"),
+                           history_pairs(cfg) or 0, loss, image, bf16, world)
+
+
+class StageLosses:
+    """Each stage's loss, built one way for the run and for the processes sharing its tiles: the network
+    once, then per stage the inputs at its sizes, targets and the loss (``build_loss``)."""
+
+    def __init__(self, cfg: DictConfig, inputs: Inputs, device: torch.device) -> None:
+        self.cfg, self.inputs, self.device = cfg, inputs, device
+        self.encoder, self.step_encoder = build_network(cfg, device)
+
+    def build(self, stage: Stage) -> tuple[StyleTransferLoss, Tensor]:
+        """The stage's loss with the plain encoder (what the tile plan measures), and the content image."""
+        self.encoder.to(self.device)  # Lightning's teardown moved the previous stage's module (and encoder) to the CPU
+        return build_loss(self.cfg, self.encoder, self.inputs, stage, self.device)
+
+    def for_steps(self, loss: StyleTransferLoss) -> StyleTransferLoss:
+        """``loss`` running the module the steps run through (compiled with ``trainer.compile``)."""
+        loss.encoder = self.step_encoder
+        return loss
+
+
+@dataclass
+class TileHelperSetup:
+    """What a process sharing the run's tiles needs (``tiling.group.HelperSetup``; picklable: it is sent
+    to spawned helpers): its device, and each stage's loss built as the runner builds it."""
+
+    cfg: DictConfig
+    content: Any = None
+    styles: list[Any] | None = None
+
+    def device(self, local_rank: int) -> torch.device:
+        return pick_device(self.cfg.trainer.accelerator, (self.cfg.trainer.device_index or 0) + local_rank)
+
+    def open(self, device: torch.device) -> tuple[Callable[[int], StyleTransferLoss], bool]:
+        losses = StageLosses(self.cfg, Inputs(self.cfg, self.content, self.styles), device)
+        stages = stages_of(self.cfg)
+        bf16 = resolve_precision(self.cfg.trainer.precision, device) == "bf16-mixed"  # what Lightning's plugin does on process 0
+        return (lambda index: losses.for_steps(losses.build(stages[index])[0])), bf16
+
+
+def check_tile_group(cfg: DictConfig, world: int) -> None:
+    """``tiling.group.check_group`` with the config's ``image.tile`` and ``trainer.precision``."""
+    group.check_group(world, tile_setting(cfg) is not None, str(cfg.trainer.precision), int(cfg.trainer.devices))
+
+
+def start_tile_group(cfg: DictConfig, device: torch.device, content: Any = None, styles: list[Any] | None = None) -> group.TileGroup | None:
+    """``trainer.devices > 1`` (or a job's tasks): the processes sharing the run's tiles; None alone."""
+    world = group.joined_world() or int(cfg.trainer.devices)
+    check_tile_group(cfg, world)
+    return group.start(device, world, TileHelperSetup(cfg, content, styles))
 
 
 def initial_image(cfg: DictConfig, inputs: Inputs, content: Tensor, device: torch.device) -> Tensor:

@@ -39,7 +39,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, logger: RunLogger, steps: int, 
         max_steps=steps,
         max_epochs=-1,
         accelerator="gpu" if device.type == "cuda" else device.type,
-        # One device per process: trainer.devices > 1 means processes sharing tiles (run/tile_group.py), not Lightning's DDP.
+        # One device per process: trainer.devices > 1 means processes sharing tiles (tiling/group.py), not Lightning's DDP.
         devices=[device.index or 0] if device.type == "cuda" else 1,
         plugins=plugins,
         precision=resolve_precision(cfg.trainer.precision, device),

@@ -1,4 +1,4 @@
-"""Tiled evaluation (``image.tile``) is exact: the same loss terms and image gradient as the whole
+"""The tiled loss pass (``image.tile``) is exact: the same loss terms and image gradient as the whole
 image, up to float summation order, on the real VGG19, with several tiles including odd-sized
 border ones, for each style loss, padding, pooling, with a mask and with colour modes."""
 
@@ -13,9 +13,9 @@ from nst_exp import stylize
 from nst_exp.api import compose_config
 from nst_exp.errors import UserError
 from nst_exp.model.layers import reach
-from nst_exp.model.tiled import evaluate_tiled
-from nst_exp.model.tiles import spans
 from nst_exp.run import setup
+from nst_exp.tiling.exact import tiled_loss_and_grad
+from nst_exp.tiling.geometry import spans
 
 SHALLOW = ["loss.content_layers=[relu2_2]", "loss.style_layers=[relu1_1,relu2_1,relu3_1]"]  # halo 12 px: many real tiles
 
@@ -35,7 +35,7 @@ def _assert_tiled_equals_whole(overrides: list[str], size: int, tile: int) -> No
     whole = loss(image)
     whole["loss/total"].backward()
     expected_grad, image.grad = image.grad.clone(), None
-    tiled = evaluate_tiled(loss, image, tile)
+    tiled = tiled_loss_and_grad(loss, image, tile)
     assert set(tiled) == set(whole)
     for name, value in whole.items():
         torch.testing.assert_close(tiled[name], value.detach(), rtol=2e-5, atol=1e-7, msg=name)
@@ -148,12 +148,14 @@ def test_final_tiff_on_request(tmp_path):
     assert not (tmp_path / "run" / "final.tif.tmp").exists()
 
 
-def _evaluate_as_rank(rank: int, world: int, store: str, out: str) -> None:
+def _pass_as_rank(rank: int, world: int, store: str, out: str) -> None:
     """One of ``world`` processes sharing the tiles over gloo: saves its terms and gradient."""
+    from nst_exp.tiling.group import Collective
+
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         loss, image = _loss_and_image(SHALLOW, 150)
-        terms = evaluate_tiled(loss, image, 32)
+        terms = tiled_loss_and_grad(loss, image, 32, reduction=Collective())
         torch.save({"terms": terms, "grad": image.grad}, f"{out}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
@@ -165,8 +167,8 @@ def test_processes_sharing_tiles_over_gloo_match_one(tmp_path, world):
     """torch.distributed on the CPU (gloo): the tiles are shared out, pass 1's sums and pass 2's gradient
     all-reduced; every process ends with the one-process terms and gradient (3 processes: uneven shares)."""
     loss, image = _loss_and_image(SHALLOW, 150)
-    alone = evaluate_tiled(loss, image, 32)  # 20 tiles: 3 processes take 7, 7 and 6
-    torch.multiprocessing.spawn(_evaluate_as_rank, args=(world, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=world)
+    alone = tiled_loss_and_grad(loss, image, 32)  # 20 tiles: 3 processes take 7, 7 and 6
+    torch.multiprocessing.spawn(_pass_as_rank, args=(world, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=world)
     for rank in range(world):
         shared = torch.load(tmp_path / f"out.{rank}")
         for name, value in alone.items():
@@ -178,11 +180,11 @@ def test_processes_sharing_tiles_over_gloo_match_one(tmp_path, world):
 def test_window_gradient_is_slicings_in_the_features_layout(fmt):
     """A tile's owned window of an activation hands back slicing's gradient, laid out as the activation
     (slicing's own backward gives NCHW zeros, which slowed every NHWC op after it)."""
-    from nst_exp.model.tiles import _window
+    from nst_exp.tiling.geometry import window
 
     x = torch.randn(1, 4, 6, 5).contiguous(memory_format=fmt).requires_grad_(True)
     weight = torch.randn(1, 4, 3, 3)
-    (_window(x, slice(1, 4), slice(2, 5)) * weight).sum().backward()
+    (window(x, slice(1, 4), slice(2, 5)) * weight).sum().backward()
     expected = torch.zeros(1, 4, 6, 5)
     expected[..., 1:4, 2:5] = weight
     assert torch.equal(x.grad, expected) and x.grad.is_contiguous(memory_format=fmt)

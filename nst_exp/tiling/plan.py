@@ -1,19 +1,19 @@
-"""Whether, and how, a stage's loss is evaluated in tiles: ``image.tile``, ``image.tile_keep``, ``image.memory_mib``.
+"""Whether, and how, a stage's loss pass runs in tiles (``image.tile``, ``image.tile_keep``, ``image.memory_mib``).
 
-One evaluation's memory is the graph autograd keeps for the backward, plus the maps alive beside it.
+One pass's memory is the graph autograd keeps for the backward, plus the maps alive beside it.
 Both scale with the pixels of what runs through VGG19 at once (the whole image, or one tile's
 crop), so a *footprint* in bytes per pixel predicts them. It is measured, not assumed: one small
 crop of the real image runs through the real loss (this stage's layers, padding, pooling, memory
 mode, precision and layout) and every tensor autograd saves is counted once (``measure``).
 
 With ``image.tile=auto`` (the default) the plan is the cheapest way that fits the budget:
-- the whole image, if its evaluation fits (always the cheapest for one process);
+- the whole image, if its pass fits (always the cheapest for one process);
 - else tiles: for each candidate tile size the crops (tile + halo), and how many of their pass-1
   graphs fit beside each other (``tile_keep``: those crops skip pass 2's forward); the cost is the
   crop pixels run, a crop not kept running its forward once more (a third of forward + backward),
   plus a fixed cost per crop; with several processes, the busiest one's share.
 The budget is ``image.memory_mib``, else 80% of the device's free memory less the bytes the image,
-its gradient and the optimiser's state will take (``memory_fit``).
+its gradient and the optimiser's state will take (``memory.state_bytes``).
 """
 
 from __future__ import annotations
@@ -22,16 +22,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
-from nst_exp.config import OptimizerName, TILE_AUTO, tile_setting
+from nst_exp.config import TILE_AUTO
 from nst_exp.errors import UserError
-from nst_exp.model.losses import is_tileable, not_tileable_error
 from nst_exp.model.layers import out_channels, reach
-from nst_exp.model.losses import StyleTransferLoss
-from nst_exp.model.tiled import tile_stats, tiles
-from nst_exp.run.memory_fit import OTHER_BYTES_PER_PIXEL, PAIR_BYTES_PER_PIXEL, SHARE, available_bytes
+from nst_exp.model.losses import StyleTransferLoss, is_tileable, not_tileable_error
+from nst_exp.tiling.exact import tile_stats
+from nst_exp.tiling.geometry import tiles
+from nst_exp.tiling.memory import SHARE, available_bytes, state_bytes
 
 MIB = 2**20
 WIDEST_CHANNELS = 64  # conv1_x: the widest maps per input pixel (64 channels at full resolution)
@@ -55,7 +54,7 @@ class Footprint:
     fixed: float = 0.0  # bytes per graph that do not grow with the crop (Gram-sized products)
 
     @property
-    def evaluation(self) -> float:
+    def loss_pass(self) -> float:
         return self.graph + self.backward
 
     def kept(self, pixels: float) -> float:
@@ -64,22 +63,22 @@ class Footprint:
 
     def peak(self, pixels: float) -> float:
         """The peak of one crop evaluated alone (its graph and backward, or its forward without autograd)."""
-        return self.fixed + pixels * max(self.evaluation, self.no_grad)
+        return self.fixed + pixels * max(self.loss_pass, self.no_grad)
 
 
 @dataclass(frozen=True)
 class TilePlan:
-    """How one stage evaluates its loss."""
+    """How one stage runs its loss pass."""
 
     tile: int | None  # px; None: the whole image at once
     keep: int = 0  # crops per process whose pass-1 graph pass 2 reuses
     crops: int = 1  # crops in all
-    need_bytes: int = 0  # the estimated peak of one evaluation (per process)
+    need_bytes: int = 0  # the estimated peak of one loss pass (per process)
     budget_bytes: int | None = None  # what it had to fit (None: unknown, e.g. on MPS)
     auto: bool = False  # chosen by image.tile=auto
     world: int = 1  # processes sharing the crops
-    whole_bytes: int = 0  # what the whole image's evaluation would need
-    work: float = 1.0  # the busiest process's estimated time per evaluation, in whole-image evaluations
+    whole_bytes: int = 0  # what the whole image's pass would need
+    work: float = 1.0  # the busiest process's estimated time per loss pass, in whole-image passes
 
     def record(self, size: int) -> dict[str, object]:
         """The plan as result.json keeps it (``size``: the stage's long side)."""
@@ -102,7 +101,7 @@ class TilePlan:
             why = "image.tile=auto: the whole image would not fit"
         per = " per process" if self.world > 1 else ""
         return (f"tiles of {self.tile} px ({why}): {self.crops} crops, pass 2 reusing {self.keep}{per} of pass 1's "
-                f"graphs ({need}{per}{of}; ~{self.work:.2f}x the time of one whole evaluation)")
+                f"graphs ({need}{per}{of}; ~{self.work:.2f}x the time of one whole pass)")
 
 
 def element_bytes(image: Tensor, bf16: bool) -> int:
@@ -182,21 +181,16 @@ def no_grad_bytes_per_pixel(image: Tensor) -> float:
     return NO_GRAD_MAPS * WIDEST_CHANNELS * image.element_size()
 
 
-def state_bytes(cfg: DictConfig, pixels: int) -> int:
-    """What the image, its gradient and the optimiser's state take at full history (not activations)."""
-    pairs = int(cfg.optimizer.history_size) if cfg.optimizer.name == OptimizerName.lbfgs else 0
-    return pixels * (PAIR_BYTES_PER_PIXEL * pairs + OTHER_BYTES_PER_PIXEL)
-
-
-def budget(cfg: DictConfig, device: torch.device, pixels: int) -> int | None:
-    """Bytes one evaluation may use: ``image.memory_mib``, else 80% of what ``device`` has free now less
-    the state still to come for an image of ``pixels``; None where the free memory is unknown."""
-    if cfg.image.get("memory_mib") is not None:
-        return int(cfg.image.memory_mib) * MIB
+def budget(memory_mib: int | None, history_pairs: int, device: torch.device, pixels: int) -> int | None:
+    """Bytes one loss pass may use: ``memory_mib`` (``image.memory_mib``), else 80% of what ``device`` has
+    free now less the state still to come for an image of ``pixels`` with ``history_pairs`` L-BFGS pairs
+    (``memory.state_bytes``); None where the free memory is unknown."""
+    if memory_mib is not None:
+        return int(memory_mib) * MIB
     free = available_bytes(device)
     if free is None:
         return None
-    return max(0, int(SHARE * free) - state_bytes(cfg, pixels))
+    return max(0, int(SHARE * free) - state_bytes(history_pairs, pixels))
 
 
 def candidate_tiles(long_side: int, grid: int, halo: int) -> list[int]:
@@ -219,100 +213,102 @@ class _Option:
     need: float
 
 
-def _option(areas: list[int], world: int, fp: Footprint, room: float | None, keep: int | None) -> _Option | None:
+def _option(areas: list[int], world: int, fp: Footprint, budget_bytes: float | None, keep: int | None) -> _Option | None:
     """The busiest process's cost and peak for these crops (tile i on process i mod world), keeping the
-    last ``keep`` crops' graphs (None: as many as fit in ``room``; with no room known, all).
+    last ``keep`` crops' graphs (None: as many as fit in ``budget_bytes``; with no budget known, all).
 
     Peaks: a crop of pass 1 not kept runs alone (its forward's live maps); the kept ones hold their
     graphs together, plus the live maps of one backward; a crop run again in pass 2 holds its graph
     and those maps."""
     shares = [areas[rank::world] for rank in range(world)]
     largest = max(areas)
-    working = largest * max(fp.evaluation, fp.no_grad)
-    if room is not None and working > room:
+    working = largest * max(fp.loss_pass, fp.no_grad)
+    if budget_bytes is not None and working > budget_bytes:
         return None
-    fits = min(len(s) for s in shares if s) if keep is None else keep
-    if keep is None and room is not None:
+    kept_count = min(len(s) for s in shares if s) if keep is None else keep
+    if keep is None and budget_bytes is not None:
         for share in shares:
             held, k = 0.0, 0
             for area in reversed(share):  # the last crops of pass 1 are kept
-                if held + fp.kept(area) + largest * fp.backward > room:
+                if held + fp.kept(area) + largest * fp.backward > budget_bytes:
                     break
                 held, k = held + fp.kept(area), k + 1
-            fits = min(fits, max(1, k))  # one kept costs no more than one run again
+            kept_count = min(kept_count, max(1, k))  # one kept costs no more than one run again
     cost, need = 0.0, working
     for share in shares:
-        kept, rest = share[max(0, len(share) - fits):], share[:max(0, len(share) - fits)]
+        kept, rest = share[max(0, len(share) - kept_count):], share[:max(0, len(share) - kept_count)]
         cost = max(cost, sum(kept) + (1 + FORWARD_SHARE) * sum(rest) + CROP_COST_PX * len(share))
         need = max(need, sum(fp.kept(a) for a in kept) + largest * fp.backward)
-    return _Option(cost, min(fits, max(len(s) for s in shares)), need)
+    return _Option(cost, min(kept_count, max(len(s) for s in shares)), need)
 
 
-def plan_step(setting: int | str | None, keep: int | None, size: tuple[int, int], layers: Sequence[str],
-              fp: Footprint, room: int | None, world: int = 1) -> TilePlan:
-    """The stage's plan: ``setting`` is ``image.tile`` as ``config.tile_setting`` reads it, ``keep``
-    ``image.tile_keep``, ``room`` the budget in bytes (None: unknown), ``world`` the processes sharing tiles."""
+def plan_step(tile: int | str | None, keep: int | None, size: tuple[int, int], layers: Sequence[str],
+              fp: Footprint, budget_bytes: int | None, world: int = 1) -> TilePlan:
+    """The stage's plan: ``tile`` is ``image.tile`` (px, ``"auto"`` or None: as ``config.tile_setting``
+    reads it), ``keep`` ``image.tile_keep``, ``budget_bytes`` the budget (None: unknown), ``world`` the
+    processes sharing tiles."""
     grid, halo = reach(layers)
     pixels = size[0] * size[1]
-    whole_need = int(fp.fixed + pixels * fp.evaluation)
-    whole = TilePlan(None, 0, 1, whole_need, room, whole_bytes=whole_need)
-    if setting is None or (isinstance(setting, int) and setting >= max(size)):
+    whole_need = int(fp.fixed + pixels * fp.loss_pass)
+    whole = TilePlan(None, 0, 1, whole_need, budget_bytes, whole_bytes=whole_need)
+    if tile is None or (isinstance(tile, int) and tile >= max(size)):
         return whole
-    if isinstance(setting, int):
-        areas = _crop_areas(size, setting, grid, halo)
-        if room is None and keep is None:
+    if isinstance(tile, int):
+        areas = _crop_areas(size, tile, grid, halo)
+        if budget_bytes is None and keep is None:
             keep = 1  # an explicit tile with no known budget: one graph at a time
-        option = _option(areas, world, fp, room, keep) or _option(areas, world, fp, None, keep or 1)
+        option = _option(areas, world, fp, budget_bytes, keep) or _option(areas, world, fp, None, keep or 1)
         assert option is not None
-        return TilePlan(setting, option.keep, len(areas), int(option.need), room, False, world, whole.need_bytes,
+        return TilePlan(tile, option.keep, len(areas), int(option.need), budget_bytes, False, world, whole.need_bytes,
                         option.cost / (pixels + CROP_COST_PX))
-    assert setting == TILE_AUTO
-    if room is None or (world == 1 and whole.need_bytes <= room):
+    assert tile == TILE_AUTO
+    if budget_bytes is None or (world == 1 and whole.need_bytes <= budget_bytes):
         return whole
     best: tuple[float, TilePlan] | None = None
-    if whole.need_bytes <= room:  # several processes: one whole evaluation may still beat sharing tiles
+    if whole.need_bytes <= budget_bytes:  # several processes: one whole pass may still beat sharing tiles
         best = (pixels + CROP_COST_PX, whole)
-    for tile in candidate_tiles(max(size), grid, halo):
-        areas = _crop_areas(size, tile, grid, halo)
-        option = _option(areas, world, fp, room, keep)
+    for candidate in candidate_tiles(max(size), grid, halo):
+        areas = _crop_areas(size, candidate, grid, halo)
+        option = _option(areas, world, fp, budget_bytes, keep)
         if option is not None and (best is None or option.cost < best[0]):
-            best = (option.cost, TilePlan(tile, option.keep, len(areas), int(option.need), room, True, world, whole.need_bytes,
+            best = (option.cost, TilePlan(candidate, option.keep, len(areas), int(option.need), budget_bytes, True, world, whole.need_bytes,
                                           option.cost / (pixels + CROP_COST_PX)))
     if best is None:
         smallest = candidate_tiles(max(size), grid, halo)[:1] or [grid]
         need = fp.peak(max(_crop_areas(size, smallest[0], grid, halo)))
-        raise UserError(f"even tiles of {smallest[0]} px need ~{need / MIB:,.0f} MiB per evaluation and the budget is "
-                        f"{room / MIB:,.0f} MiB; fix: free memory, raise image.memory_mib, trainer.precision=bf16-mixed, "
+        raise UserError(f"even tiles of {smallest[0]} px need ~{need / MIB:,.0f} MiB per loss pass and the budget is "
+                        f"{budget_bytes / MIB:,.0f} MiB; fix: free memory, raise image.memory_mib, trainer.precision=bf16-mixed, "
                         "optimizer=adam (less state) or a smaller image.size")
     return best[1]
 
 
-def plan_targets(setting: int | str | None, shapes: Sequence[tuple[int, int]], layers: Sequence[str],
-                 bytes_per_pixel: float, room: int | None) -> int | None:
+def plan_targets(tile: int | str | None, shapes: Sequence[tuple[int, int]], layers: Sequence[str],
+                 bytes_per_pixel: float, budget_bytes: int | None) -> int | None:
     """The tile the targets are computed in (no autograd, so no graph to keep): ``image.tile`` when it
     is a size; with auto the whole images if the largest fits, else the largest tile whose crops fit."""
-    if setting is None or isinstance(setting, int):
-        return setting
+    if tile is None or isinstance(tile, int):
+        return tile
     largest = max(shapes, key=lambda s: s[0] * s[1])
-    if room is None or largest[0] * largest[1] * bytes_per_pixel <= room:
+    if budget_bytes is None or largest[0] * largest[1] * bytes_per_pixel <= budget_bytes:
         return None
     grid, halo = reach(layers)
     fitting = [t for t in candidate_tiles(max(largest), grid, halo)
-               if max(_crop_areas(largest, t, grid, halo)) * bytes_per_pixel <= room]
+               if max(_crop_areas(largest, t, grid, halo)) * bytes_per_pixel <= budget_bytes]
     return fitting[-1] if fitting else (candidate_tiles(max(largest), grid, halo)[:1] or [grid])[0]
 
 
-def stage_plan(cfg: DictConfig, loss: StyleTransferLoss, image: Tensor, bf16: bool, world: int = 1) -> TilePlan:
+def stage_plan(tile: int | str | None, keep: int | None, memory_mib: int | None, history_pairs: int,
+               loss: StyleTransferLoss, image: Tensor, bf16: bool, world: int = 1) -> TilePlan:
     """The plan for a stage whose generated image is like ``image``: measured footprint, budget, plan.
+    ``tile``, ``keep``, ``memory_mib``: ``image.tile`` (px, ``"auto"`` or None), ``image.tile_keep``,
+    ``image.memory_mib``; ``history_pairs``: the L-BFGS pairs the budget leaves budget_bytes for (0 for Adam).
     Call it with the plain encoder in ``loss`` (a compiled one would not show what it saves)."""
-    setting = tile_setting(cfg)
     size = (image.shape[-2], image.shape[-1])
-    if setting is None:
+    if tile is None:
         return TilePlan(None)
     fp = measure(loss, image, bf16)
-    room = budget(cfg, image.device, size[0] * size[1])
-    keep = cfg.image.get("tile_keep")
-    plan = plan_step(setting, None if keep is None else int(keep), size, loss.layers(), fp, room, world)
+    budget_bytes = budget(memory_mib, history_pairs, image.device, size[0] * size[1])
+    plan = plan_step(tile, keep, size, loss.layers(), fp, budget_bytes, world)
     if plan.tile is not None and not is_tileable(loss):
         raise UserError(not_tileable_error(f"a {size[1]}x{size[0]} image does not fit the memory budget whole"))
     return plan

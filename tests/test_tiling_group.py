@@ -1,4 +1,4 @@
-"""``trainer.devices=N`` with ``image.tile``: N processes share every evaluation's tiles over
+"""``trainer.devices=N`` with ``image.tile``: N processes share every loss pass's tiles over
 torch.distributed (gloo on the CPU), from the CLI (process 0 spawns the others) and as the tasks of
 a submitit job; the run paints the image one process paints. The SLURM case is in test_slurm.py."""
 
@@ -38,7 +38,7 @@ def _same_image(path: Path, reference: np.ndarray) -> None:
 
 
 def _helper_lines(text: str) -> list[tuple[int, int, int]]:
-    return [tuple(map(int, m)) for m in re.findall(r"tile helper (\d+)/(\d+): (\d+) evaluations shared", text)]
+    return [tuple(map(int, m)) for m in re.findall(r"tile helper (\d+)/(\d+): (\d+) loss passes shared", text)]
 
 
 @pytest.mark.slow
@@ -46,8 +46,8 @@ def test_two_processes_from_the_cli_paint_the_one_process_image(tmp_path, one_pr
     out = tmp_path / "run"
     proc = run_cli(["run", *SHARED, "trainer.devices=2", f"hydra.run.dir={out}"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    (rank, world, evaluations), = _helper_lines(proc.stdout)
-    assert (rank, world) == (1, 2) and evaluations >= 5  # both stages' steps went through the helper
+    (rank, world, passes), = _helper_lines(proc.stdout)
+    assert (rank, world) == (1, 2) and passes >= 5  # both stages' steps went through the helper
     _same_image(out / "final.png", one_process)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written beside the run folder
 
@@ -55,7 +55,7 @@ def test_two_processes_from_the_cli_paint_the_one_process_image(tmp_path, one_pr
 @pytest.mark.slow
 def test_two_processes_with_auto_tiles_share_what_the_budget_forces(tmp_path):
     """image.tile=auto with a budget the whole image does not fit: both processes plan the same tiles
-    (process 0's plan is sent with every evaluation) and the image is the one process's."""
+    (process 0's plan is sent with every loss pass) and the image is the one process's."""
     common = ["image.size=384", "image.tile=auto", "image.memory_mib=150", "trainer.max_steps=2", "trainer.accelerator=cpu",
               "trainer.precision=32-true", "logging.progress_bar=false"]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -65,8 +65,8 @@ def test_two_processes_with_auto_tiles_share_what_the_budget_forces(tmp_path):
     assert plans[-1]["tile"] is not None and plans[-1]["auto"], plans  # the budget forced tiles
     proc = run_cli(["run", *common, "trainer.devices=2", f"hydra.run.dir={two}"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    (rank, world, evaluations), = _helper_lines(proc.stdout)
-    assert (rank, world) == (1, 2) and evaluations >= 2
+    (rank, world, passes), = _helper_lines(proc.stdout)
+    assert (rank, world) == (1, 2) and passes >= 2
     shared = json.loads((two / "result.json").read_text())["tile_plans"]
     assert shared[-1]["tile"] is not None and shared[-1]["world"] == 2, shared
     assert "shared by" in proc.stdout or "would not fit" in proc.stdout  # the plan line names why it tiles
@@ -116,7 +116,7 @@ def test_a_helper_that_cannot_start_is_an_error_not_a_hang(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_saves_the_image_and_ends_the_helpers(tmp_path):
     """Ctrl-C during a two-process run: process 0 saves final.png and last.ckpt and exits 130; its helper
-    ends with it (stopped between evaluations, or ended if the signal cut one short), nothing hangs."""
+    ends with it (stopped between loss passes, or ended if the signal cut one short), nothing hangs."""
     import os
     import signal
     import subprocess

@@ -1,11 +1,13 @@
-"""Several processes for one run: ``trainer.devices=N`` with ``image.tile`` shares every evaluation's
+"""Several processes for one run: ``trainer.devices=N`` with ``image.tile`` shares every loss pass's
 tiles over N processes (one per GPU, or N CPU processes) through ``torch.distributed``.
 
-Process 0 is the run: Lightning, the optimiser, logging and the run folder. The others only
-evaluate. For each evaluation process 0 broadcasts a header (stage, image size) and the image; then
-every process runs ``tiled.evaluate_tiled`` on its share of the tiles, whose all-reduces give each
-of them the whole loss and gradient. The helpers build the stage's loss from the same config and
-images and write nothing. Process 0 tells them to stop when its stages are over (or it fails).
+Process 0 is the run: Lightning, the optimiser, logging and the run folder. The others, the
+helpers, only run loss passes. For each pass process 0 broadcasts a header (stage, image size, tile,
+kept graphs) and the image; then every process runs ``exact.tiled_loss_and_grad`` on its share of
+the tiles with ``Collective`` as its reduction, whose all-reduces give each of them the whole loss and
+gradient. A helper's losses come from a ``HelperSetup`` the caller hands over (built the runner's
+way, from the same config and images); helpers write nothing. Process 0 tells them to stop when its
+stages are over (or it fails).
 
 Who starts them: alone (``python -m nst_exp run``, ``nst_exp.stylize``), process 0 spawns the
 others with ``torch.multiprocessing`` and a TCP rendezvous on 127.0.0.1; in a submitit job with
@@ -20,24 +22,22 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from omegaconf import DictConfig
 from torch import Tensor
 
-from nst_exp.config import tile_setting
 from nst_exp.errors import UserError
 from nst_exp.model.losses import StyleTransferLoss
-from nst_exp.model.tiled import evaluate_tiled
+from nst_exp.tiling.exact import Backward, TiledPass, WholePass, loss_pass, tiled_loss_and_grad
 
-EVALUATE, STOP = 1, 0
-# A helper waits for process 0 between evaluations, through target computation at a new stage (minutes
+LOSS_PASS, STOP = 1, 0
+# A helper waits for process 0 between loss passes, through target computation at a new stage (minutes
 # for a print-size image on a CPU) and logging: the rendezvous and every collective may wait this long.
 WAIT = timedelta(hours=2)
 
@@ -82,51 +82,66 @@ def join_job_tasks(device: torch.device) -> None:
     dist.init_process_group(backend(device), timeout=WAIT)
 
 
+class Collective:
+    """The reduction over the initialised ``torch.distributed`` group (``exact.Reduction``)."""
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size()
+
+    def all_reduce(self, tensors: Sequence[Tensor]) -> None:
+        if self.world > 1:
+            for t in tensors:
+                dist.all_reduce(t)
+
+    def broadcast(self, tensors: Sequence[Tensor]) -> None:
+        if self.world > 1:
+            for t in tensors:
+                dist.broadcast(t, 0)
+
+
 @dataclass
 class TileGroup:
-    """Process 0's side of the group: it starts each evaluation and ends the group."""
+    """Process 0's side of the group: it starts each loss pass and ends the group."""
 
     device: torch.device
     world: int
     children: list[Any] = field(default_factory=list)  # the helpers this process spawned (none for job tasks)
     threads_before: int = 0
     closed: bool = False
-    in_evaluation: bool = False  # True from an evaluation's header to its end: the helpers are inside it
+    in_pass: bool = False  # True from a loss pass's header to its end: the helpers are inside it
 
-    def evaluator(self, stage: int) -> Callable[[StyleTransferLoss, Tensor, int, int], dict[str, Tensor]]:
-        """``evaluate_tiled`` for stage ``stage``, shared with the helpers (process 0's tile and keep for all)."""
-
-        def evaluate(loss: StyleTransferLoss, image: Tensor, tile: int, keep: int) -> dict[str, Tensor]:
-            self.in_evaluation = True
-            _send_header(EVALUATE, stage, image.shape[-2], image.shape[-1], self.device, tile, keep)
-            dist.broadcast(image.detach().float().contiguous(), 0)
-            terms = evaluate_tiled(loss, image, tile, keep)
-            self.in_evaluation = False
-            return terms
-
-        return evaluate
+    def loss_pass(self, stage: int, loss: StyleTransferLoss, tile: int | None, keep: int, shape: Sequence[int]) -> WholePass | TiledPass:
+        """Stage ``stage``'s pass with the stage's plan: tiles shared with the helpers (process 0's tile
+        and keep for all), or the whole image here alone where it is not larger than one tile."""
+        alone = loss_pass(loss, tile, keep, shape)
+        return SharedPass(loss, alone.tile, alone.keep, Collective(), self, stage) if isinstance(alone, TiledPass) else alone
 
     def close(self) -> None:
         """Tell the helpers to stop, wait for those spawned here, leave the group.
 
-        An evaluation cut short (Ctrl-C, an error) leaves the helpers inside one of its collectives, where
+        A pass cut short (Ctrl-C, an error) leaves the helpers inside one of its collectives, where
         a stop message would never be matched: then the spawned helpers are ended instead, and job tasks
         end when this process does (their collectives fail once its connections close)."""
         if self.closed:
             return
         self.closed = True
-        if not self.in_evaluation:
+        if not self.in_pass:
             try:
                 _send_header(STOP, 0, 0, 0, self.device)
             except Exception:  # noqa: BLE001 - a helper died (its error is what the run reports): just leave
                 pass
         for child in self.children:
-            child.join(timeout=0 if self.in_evaluation else 30)
+            child.join(timeout=0 if self.in_pass else 30)
             if child.is_alive():
                 child.terminate()
                 child.join()
         try:
-            dist.destroy_process_group()  # also after a cut-short evaluation: nothing may send on this group again
+            dist.destroy_process_group()  # also after a cut-short pass: nothing may send on this group again
         except Exception:  # noqa: BLE001 - leaving is all that is left to do
             pass
         if self.threads_before:
@@ -136,6 +151,23 @@ class TileGroup:
             print(f"error: a tile helper process exited with status {failed[0]} (its error is printed above)", file=sys.stderr)
 
 
+@dataclass
+class SharedPass(TiledPass):
+    """Process 0's tiled pass: the header and the image to the helpers, then its own share of the tiles."""
+
+    group: TileGroup | None = None
+    stage: int = 0
+
+    def __call__(self, image: Tensor, backward: Backward) -> dict[str, Tensor]:
+        assert self.group is not None
+        self.group.in_pass = True
+        _send_header(LOSS_PASS, self.stage, image.shape[-2], image.shape[-1], self.group.device, self.tile, self.keep)
+        dist.broadcast(image.detach().float().contiguous(), 0)
+        terms = tiled_loss_and_grad(self.loss, image, self.tile, self.keep, self.reduction)
+        self.group.in_pass = False
+        return terms
+
+
 HEADER = 6  # command, stage, height, width, tile, keep
 
 
@@ -143,25 +175,40 @@ def _send_header(command: int, stage: int, height: int, width: int, device: torc
     dist.broadcast(torch.tensor([command, stage, height, width, tile, keep], dtype=torch.int64, device=device), 0)
 
 
-def check_group_config(cfg: DictConfig, world: int) -> None:
-    """Several processes share tiles: without a tile there is nothing to share."""
-    if world > 1 and tile_setting(cfg) is None:
-        raise UserError(f"{world} processes (trainer.devices={cfg.trainer.devices} or the job's tasks) share the tiles of "
+def check_group(world: int, tiled: bool, precision: str, devices: int) -> None:
+    """Several processes share tiles: without a tile (``tiled``: ``image.tile`` is not null) there is
+    nothing to share. ``devices``: ``trainer.devices``, for the message."""
+    if world > 1 and not tiled:
+        raise UserError(f"{world} processes (trainer.devices={devices} or the job's tasks) share the tiles of "
                         "image.tile, which is null; fix: image.tile=auto (or a tile in px, e.g. 1024), or trainer.devices=1")
-    if world > 1 and cfg.trainer.precision == "bf16-true":
+    if world > 1 and precision == "bf16-true":
         raise UserError("trainer.precision=bf16-true is not supported with several processes; fix: trainer.precision=bf16-mixed")
 
 
-def start(cfg: DictConfig, device: torch.device, content: Any = None, styles: list[Any] | None = None) -> TileGroup | None:
-    """Process 0's group: the job's tasks when they are several (already joined by ``cli.run``), else
-    ``trainer.devices - 1`` spawned helpers; None when the run is one process."""
-    if dist.is_available() and dist.is_initialized():
-        check_group_config(cfg, dist.get_world_size())
-        return TileGroup(device, dist.get_world_size()) if dist.get_world_size() > 1 else None
-    world = int(cfg.trainer.devices)
+class HelperSetup(Protocol):
+    """What a helper needs, made by the caller (the run's layer) and sent to spawned helpers (picklable)."""
+
+    def device(self, local_rank: int) -> torch.device:
+        """The helper's device: the GPU ``local_rank`` places after the run's (one GPU per process), or the CPU."""
+
+    def open(self, device: torch.device) -> tuple[Callable[[int], StyleTransferLoss], bool]:
+        """Each stage's loss on ``device`` (by stage index, built the runner's way), and whether passes run
+        under bf16 autocast (what Lightning's precision plugin does on process 0)."""
+
+
+def joined_world() -> int | None:
+    """The size of the ``torch.distributed`` group this process has joined already (a job's tasks), else None."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
+
+
+def start(device: torch.device, world: int, helper: HelperSetup) -> TileGroup | None:
+    """Process 0's group of ``world`` processes (check them first with ``check_group``): the job's
+    tasks when this process has joined them already (``cli.run``), else ``world - 1`` spawned helpers;
+    None when the run is one process."""
+    if joined_world() is not None:
+        return TileGroup(device, world) if world > 1 else None
     if world <= 1:
         return None
-    check_group_config(cfg, world)
     if device.type == "cuda" and world > torch.cuda.device_count():  # NCCL takes one GPU per process
         raise UserError(f"trainer.devices={world} runs one process per GPU and {torch.cuda.device_count()} GPU(s) are "
                         f"visible; fix: trainer.devices={torch.cuda.device_count()}")
@@ -172,7 +219,7 @@ def start(cfg: DictConfig, device: torch.device, content: Any = None, styles: li
     ready = context.SimpleQueue()
     children = []
     for rank in range(1, world):
-        child = context.Process(target=_helper_main, args=(cfg, rank, world, address, content, styles, ready), daemon=True,
+        child = context.Process(target=_helper_main, args=(helper, rank, world, address, ready), daemon=True,
                                 name=f"nst_exp tile helper {rank}")
         child.start()
         children.append(child)
@@ -200,54 +247,38 @@ def _wait_ready(children: list[Any], ready: Any) -> None:
         time.sleep(0.05)
 
 
-def _helper_main(cfg: DictConfig, rank: int, world: int, address: str, content: Any, styles: list[Any] | None,
-                 ready: Any) -> None:
+def _helper_main(helper: HelperSetup, rank: int, world: int, address: str, ready: Any) -> None:
     """A spawned helper: join the group, serve until process 0 says stop. Ctrl-C reaches the whole
     terminal's process group: only process 0 acts on it (it saves the run, then stops the helpers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    device = helper_device(cfg, rank)
+    device = helper.device(rank)
     torch.set_num_threads(threads_per_process(world))
     ready.put(rank)
     dist.init_process_group(backend(device), init_method=address, rank=rank, world_size=world, timeout=WAIT)
     try:
-        serve(cfg, device, content, styles)
+        serve(device, *helper.open(device))
     finally:
         dist.destroy_process_group()
 
 
-def helper_device(cfg: DictConfig, local_rank: int) -> torch.device:
-    """A helper's device: the GPU ``local_rank`` places after the run's (one GPU per process), or the CPU."""
-    from nst_exp.run.setup import pick_device
-
-    return pick_device(cfg.trainer.accelerator, (cfg.trainer.device_index or 0) + local_rank)
-
-
-def serve(cfg: DictConfig, device: torch.device, content: Any = None, styles: list[Any] | None = None) -> None:
-    """A helper's loop: for each header, the stage's loss (built once per stage) on process 0's image,
-    this process's tiles; until STOP."""
-    from nst_exp.run.precision import resolve_precision
-    from nst_exp.run.setup import Inputs, build_loss, build_network
-    from nst_exp.run.stages import stages_of
-
-    inputs = Inputs(cfg, content, styles)
-    encoder, step_encoder = build_network(cfg, device)
-    stages = stages_of(cfg)
-    bf16 = resolve_precision(cfg.trainer.precision, device) == "bf16-mixed"  # what Lightning's plugin does on process 0
-    loss, built_for, evaluations = None, -1, 0
+def serve(device: torch.device, loss_at: Callable[[int], StyleTransferLoss], bf16: bool) -> None:
+    """A helper's loop: for each header, the stage's loss (``loss_at(stage)``, once per stage) on
+    process 0's image, this process's tiles; until STOP."""
+    reduction = Collective()
+    loss, built_for, passes = None, -1, 0
     header = torch.zeros(HEADER, dtype=torch.int64, device=device)
     while True:
         dist.broadcast(header, 0)
         command, stage, height, width, tile, keep = header.tolist()
         if command == STOP:
-            print(f"tile helper {dist.get_rank()}/{dist.get_world_size()}: {evaluations} evaluations shared", flush=True)
+            print(f"tile helper {dist.get_rank()}/{dist.get_world_size()}: {passes} loss passes shared", flush=True)
             return
         if stage != built_for:
-            loss, _ = build_loss(cfg, encoder, inputs, stages[stage], device)
-            loss.encoder = step_encoder
+            loss = loss_at(stage)
             built_for = stage
         image = torch.empty((1, 3, height, width), device=device)
         dist.broadcast(image, 0)
         image.requires_grad_(True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            evaluate_tiled(loss, image, tile, keep)
-        evaluations += 1
+            tiled_loss_and_grad(loss, image, tile, keep, reduction)
+        passes += 1

@@ -1,24 +1,22 @@
-"""Tiles of an image for the encoder: geometry and the features of the positions each tile owns.
+"""Tile geometry: the pixels each tile owns, its crop, and the owned windows of its feature maps.
 
 A tile owns a block of pixels; its crop adds a halo as wide as the deepest layer's reach
 (``layers.reach``) and starts on the pooling grid, so the features at the owned positions are the
-whole image's. This module knows nothing of losses: ``model/losses.py`` builds targets tile by tile
-with ``whole_maps`` and ``summed_stats``, and ``model/tiled.py`` evaluates a loss tile by tile.
+whole image's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from nst_exp.model.layers import downsampling, map_size, reach
 from nst_exp.model.layout import channels_fastest
-
-Region = tuple[slice, slice]  # rows and columns of a layer's map (the positions a tile owns)
+from nst_exp.model.losses import Region
 
 
 @dataclass(frozen=True)
@@ -60,8 +58,29 @@ def tiles(height: int, width: int, tile: int, grid: int, halo: int) -> Iterator[
             yield rows, cols
 
 
+class Crop(NamedTuple):
+    """A tile (its rows and columns) and the image's rows and columns its crop takes."""
+
+    rows: Span
+    cols: Span
+    row_slice: slice
+    col_slice: slice
+
+
+def crops(size: tuple[int, int], tile: int, layers: Sequence[str]) -> list[Crop]:
+    """Every tile of an image of ``size`` (H, W) for a loss reading ``layers``, with its crop."""
+    grid, halo = reach(layers)
+    return [Crop(rows, cols, slice(rows.crop_start, rows.crop_end), slice(cols.crop_start, cols.crop_end))
+            for rows, cols in tiles(*size, tile, grid, halo)]
+
+
+def needs_tiles(tile: int | None, shape: Sequence[int]) -> bool:
+    """Is an image of ``shape`` (..., H, W) evaluated in tiles of ``tile`` px? Only if larger than one."""
+    return bool(tile) and max(shape[-2:]) > tile
+
+
 @dataclass
-class Owned:
+class OwnedFeatures:
     """A tile's features at the positions it owns, where those lie in each layer's whole map, and how many."""
 
     features: dict[str, Tensor]
@@ -87,55 +106,17 @@ class _Window(torch.autograd.Function):
         return out, None, None
 
 
-def _window(x: Tensor, rows: slice, cols: slice) -> Tensor:
+def window(x: Tensor, rows: slice, cols: slice) -> Tensor:
+    """``x[..., rows, cols]``, with a gradient in ``x``'s layout."""
     return _Window.apply(x, rows, cols) if x.requires_grad else x[..., rows, cols]
 
 
-def owned(features: Mapping[str, Tensor], rows: Span, cols: Span, size: tuple[int, int]) -> Owned:
-    out = Owned({}, {}, {})
+def owned(features: Mapping[str, Tensor], rows: Span, cols: Span, size: tuple[int, int]) -> OwnedFeatures:
+    """The windows of a crop's ``features`` at the positions its tile owns (``size``: the whole image's)."""
+    out = OwnedFeatures({}, {}, {})
     for layer, feats in features.items():
         (local_r, whole_r), (local_c, whole_c) = rows.owned(layer, size[0]), cols.owned(layer, size[1])
-        out.features[layer] = _window(feats, local_r, local_c)
+        out.features[layer] = window(feats, local_r, local_c)
         out.regions[layer] = (whole_r, whole_c)
         out.positions[layer] = (whole_r.stop - whole_r.start) * (whole_c.stop - whole_c.start)
-    return out
-
-
-def owned_tiles(encoder: Any, image: Tensor, layers: Sequence[str], tile: int) -> Iterator[Owned]:
-    """Each tile's owned features of ``image`` (no autograd): what targets are made of, tile by tile."""
-    size = (image.shape[-2], image.shape[-1])
-    grid, halo = reach(layers)
-    with torch.no_grad():
-        for rows, cols in tiles(*size, tile, grid, halo):
-            crop = image[..., rows.crop_start:rows.crop_end, cols.crop_start:cols.crop_end]
-            yield owned(encoder(crop, layers), rows, cols, size)
-
-
-def whole_maps(encoder: Any, image: Tensor, layers: Sequence[str], tile: int) -> dict[str, Tensor]:
-    """The features of ``image`` at ``layers``, assembled from tiles (only these maps are ever whole)."""
-    maps: dict[str, Tensor] = {}
-    for part in owned_tiles(encoder, image, layers, tile):
-        for layer, feats in part.features.items():
-            if layer not in maps:
-                b, c = feats.shape[:2]
-                shape = (b, c, map_size(image.shape[-2], layer), map_size(image.shape[-1], layer))
-                maps[layer] = feats.new_empty(shape)
-            r, c_ = part.regions[layer]
-            maps[layer][..., r, c_] = feats
-    return maps
-
-
-def summed_stats(encoder: Any, image: Tensor, layers: Sequence[str], stats: Callable[[Tensor], tuple[Tensor, ...]],
-                 tile: int) -> dict[str, tuple[tuple[Tensor, ...], int]]:
-    """Per layer, ``stats`` (sums over positions) of ``image``'s features, added up over the tiles, and
-    the number of positions: a style target of any size with the memory of one tile."""
-    out: dict[str, tuple[tuple[Tensor, ...], int]] = {}
-    for part in owned_tiles(encoder, image, layers, tile):
-        for layer, feats in part.features.items():
-            sums = stats(feats)
-            if layer in out:
-                total, n = out[layer]
-                out[layer] = (tuple(a + s for a, s in zip(total, sums)), n + part.positions[layer])
-            else:
-                out[layer] = (sums, part.positions[layer])
     return out

@@ -1,6 +1,6 @@
 """``image.tile=auto``: the measured footprint predicts what autograd keeps, and the plan is the whole
 image when it fits the budget, else the cheapest tiles (and kept graphs) that fit; a run under a
-small ``image.memory_mib`` tiles by itself and paints the image of the whole evaluation."""
+small ``image.memory_mib`` tiles by itself and paints the image of the whole pass."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from nst_exp.api import compose_config
 from nst_exp.config import validate
 from nst_exp.errors import UserError
 from nst_exp.model.layers import GATYS_CONTENT_LAYERS, GATYS_STYLE_LAYERS
-from nst_exp.model.tiled import evaluate_tiled
-from nst_exp.run import setup, tile_plan
-from nst_exp.run.tile_plan import Footprint, plan_step, plan_targets
+from nst_exp.run import setup
+from nst_exp.tiling import plan as tile_plan
+from nst_exp.tiling.exact import tiled_loss_and_grad
+from nst_exp.tiling.plan import Footprint, plan_step, plan_targets
 
 LAYERS = [*GATYS_CONTENT_LAYERS, *GATYS_STYLE_LAYERS]
 MIB = 2**20
@@ -80,7 +81,7 @@ def test_measuring_leaves_no_graph_behind():
 
 def test_the_whole_image_when_it_fits():
     plan = plan_step("auto", None, (1000, 1500), LAYERS, FP, 10_000 * MIB)
-    assert plan.tile is None and plan.need_bytes == int(1000 * 1500 * FP.evaluation)
+    assert plan.tile is None and plan.need_bytes == int(1000 * 1500 * FP.loss_pass)
     assert plan_step(None, None, (4000, 6000), LAYERS, FP, 10 * MIB).tile is None  # null: always whole
 
 
@@ -136,7 +137,7 @@ def test_keeping_every_graph_is_still_exact():
     whole["loss/total"].backward()
     expected, image.grad = image.grad.clone(), None
     for keep in (1, 3, 100):
-        terms = evaluate_tiled(loss, image, 32, keep)
+        terms = tiled_loss_and_grad(loss, image, 32, keep)
         torch.testing.assert_close(terms["loss/total"], whole["loss/total"].detach(), rtol=2e-5, atol=1e-7)
         assert ((image.grad - expected).norm() / expected.norm()) < 1e-4
         image.grad = None
