@@ -187,7 +187,7 @@ def legend(rows: Sequence[dict[str, Any]], device: str, peaks: dict[str, Peak] |
         "stock modules and torch.optim.LBFGS (the floor); bare: the tool's network and losses without Lightning.",
         *(["tiled: the tool with image.tile at --tile (default half the long side: about four tiles, each with its halo), "
            "pass 2 reusing as many of pass 1's graphs as fit (--tile-keep, --tile-memory): tiled s/step / tool s/step is "
-           "what the exact tiled evaluation costs."] if any(r["variant"] == "tiled" for r in rows) else []),
+           "what the exact tiled loss pass costs."] if any(r["variant"] == "tiled" for r in rows) else []),
         *tiled_ratios(rows),
         "MiB/Mpx: the memory rise per megapixel of the image (fixed costs such as weights and style targets "
         "included, so it falls with size). MiB/+Mpx: the rise's growth per megapixel from the same variant's next "

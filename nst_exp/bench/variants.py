@@ -5,7 +5,7 @@ the deepest loss layer) and one L-BFGS iteration per step:
 
 - ``tool``: the real thing, ``runner.run`` on the composed config (Lightning, logging on);
 - ``tiled``: the tool with ``image.tile`` at half the long side (about four tiles), or ``--tile``,
-  ``--tile-keep``, ``--tile-memory``: the cost of the exact tiled evaluation at a size that fits untiled;
+  ``--tile-keep``, ``--tile-memory``: the cost of the exact tiled loss pass at a size that fits untiled;
 - ``bare``: the tool's own network and loss modules in a plain loop: the framework's overhead;
 - ``stock``: a plain PyTorch loop with stock modules (``stock.py``): the floor every ratio is taken against;
 - ``pastiche``: ``pastiche.PasticheArtist.draw()`` (pastiche 1.6.0, fp32 only).
@@ -143,7 +143,7 @@ def tiled_overrides(spec: Spec) -> tuple[str, ...]:
 
 
 def run_tiled(spec: Spec, clock: StepClock, result: Measurement) -> None:
-    """The tool in tiles: what the exact tiled evaluation costs at a size that fits."""
+    """The tool in tiles: what the exact tiled loss pass costs at a size that fits."""
     run_tool(replace(spec, overrides=(*spec.overrides, *tiled_overrides(spec))), clock, result)
 
 

@@ -199,7 +199,7 @@ class StylizeModule(pl.LightningModule):
         total = terms["loss/total"]
         self._closure_calls += 1
         if self._recorded_step != self.global_step:
-            # First evaluation of this step = the loss at the image before the update.
+            # First loss pass of this step = the loss at the image before the update.
             self._recorded_step = self.global_step
             with torch.no_grad():
                 row = torch.stack([terms[name].detach().float() for name in self.term_names])

@@ -75,7 +75,7 @@ def crops(size: tuple[int, int], tile: int, layers: Sequence[str]) -> list[Crop]
 
 
 def needs_tiles(tile: int | None, shape: Sequence[int]) -> bool:
-    """Is an image of ``shape`` (..., H, W) evaluated in tiles of ``tile`` px? Only if larger than one."""
+    """Is an image of ``shape`` (..., H, W) run in tiles of ``tile`` px? Only if larger than one."""
     return bool(tile) and max(shape[-2:]) > tile
 
 

@@ -62,7 +62,7 @@ class Footprint:
         return self.fixed + pixels * self.graph
 
     def peak(self, pixels: float) -> float:
-        """The peak of one crop evaluated alone (its graph and backward, or its forward without autograd)."""
+        """The peak of one crop run alone (its graph and backward, or its forward without autograd)."""
         return self.fixed + pixels * max(self.loss_pass, self.no_grad)
 
 
@@ -138,7 +138,7 @@ def saved_storage_bytes(run: Callable[[], object], exclude: Iterable[Tensor]) ->
 
 def _saved_bytes(loss: StyleTransferLoss, image: Tensor, tile: int, bf16: bool) -> tuple[int, int, int, int]:
     """(crop pixels, owned pixels, bytes of activation-shaped storages, of the others) that autograd
-    saves evaluating the first (corner) tile of ``tile`` px; each storage counted once, the loss's own
+    saves running the first (corner) tile of ``tile`` px; each storage counted once, the loss's own
     buffers (targets, masks, weights) not at all."""
     size = (image.shape[-2], image.shape[-1])
     grid, halo = reach(loss.layers())
