@@ -1,8 +1,10 @@
 """Everything a run needs before its first step: inputs, stages, device, network, loss, first image.
 
 All of it is computed from the config and the user's images; nothing here writes to the run
-folder or knows about Lightning. ``run.runner`` calls these once per run (or per stage), and the
-benchmark's bare loop calls them to build the very same network and loss.
+folder or knows about Lightning. ``run.runner`` calls these once per run (or per stage), the
+processes sharing a run's tiles build their losses through the same ``StageLosses``, and the
+benchmark's bare loop calls them to build the very same network and loss. The config's tile
+settings are read here and handed to ``tiling/`` as plain values.
 """
 
 from __future__ import annotations

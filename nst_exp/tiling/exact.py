@@ -88,7 +88,7 @@ class KeptGraph:
     part: Stats
 
 
-def summed_stats(loss: StyleTransferLoss, image: Tensor, tile: int, keep: int = 1,
+def first_pass(loss: StyleTransferLoss, image: Tensor, tile: int, keep: int = 1,
                  reduction: Reduction = ALONE) -> tuple[Stats, dict[str, int], list[KeptGraph]]:
     """Pass 1: the terms' sums over the whole ``image``, tile by tile, and the number of positions
     they cover per layer; summed over the processes of ``reduction``. This process's last ``keep``
@@ -128,7 +128,7 @@ def tiled_loss_and_grad(loss: StyleTransferLoss, image: Tensor, tile: int, keep:
     The processes of ``reduction`` all get the same terms and gradient: pass 1's sums and pass 2's
     gradient are summed over them."""
     size = (image.shape[-2], image.shape[-1])
-    sums, positions, kept = summed_stats(loss, image.detach(), tile, keep, reduction)
+    sums, positions, kept = first_pass(loss, image.detach(), tile, keep, reduction)
     leaves = {k: tuple(s.detach().requires_grad_(True) for s in v) for k, v in sums.items()}
     with torch.enable_grad():
         terms = loss.terms(leaves, positions, image)
