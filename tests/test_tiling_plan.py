@@ -136,10 +136,11 @@ def test_keeping_every_graph_is_still_exact():
     whole = loss(image)
     whole["loss/total"].backward()
     expected, image.grad = image.grad.clone(), None
+    scale = expected.abs().max()
     for keep in (1, 3, 100):
         terms = tiled_loss_and_grad(loss, image, 32, keep)
         torch.testing.assert_close(terms["loss/total"], whole["loss/total"].detach(), rtol=2e-5, atol=1e-7)
-        assert ((image.grad - expected).norm() / expected.norm()) < 1e-4
+        torch.testing.assert_close(image.grad / scale, expected / scale, rtol=0, atol=1e-5)  # elementwise, as in test_tiling_exact
         image.grad = None
 
 
