@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import open_dict
 
 from nst_exp.compose import compose_config
-from nst_exp.errors import UserError
+from nst_exp.errors import UserError, one_line_errors
 from nst_exp.labels import labels_of, run_label
 
 if TYPE_CHECKING:
@@ -62,8 +62,9 @@ def stylize(
             cfg[key].name = f"{key}_image"
     labels = labels_of(cfg, experiment)
     run_dir = Path(output_dir) if output_dir else new_run_dir(Path("outputs/api"), run_label(labels["content"], labels["style"], experiment))
-    result = runner.run(cfg, run_dir, images.get("content"), [images["style"]] if "style" in images else None,
-                        experiment=experiment)
+    with one_line_errors():  # the model's and optimiser's own errors, as one line
+        result = runner.run(cfg, run_dir, images.get("content"), [images["style"]] if "style" in images else None,
+                            experiment=experiment)
     if result.image is None:
         raise UserError(f"the run produced no image ({result.status}): {result.error}")
     return result if return_result else result.image

