@@ -137,3 +137,34 @@ def test_missing_torchvision_weights_are_one_line_at_the_entry_point(tmp_path, m
         nst_exp.stylize(overrides=[*FAST, "model.weights=torchvision"], output_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before acceptance: nothing written
 
+
+def test_one_function_names_every_run_folder(monkeypatch):
+    """The CLI's hydra.run.dir and hydra.sweep.dir and nst_exp.stylize's folders all come from labels.py."""
+    import re
+    from datetime import datetime
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from nst_exp import api
+    from nst_exp.labels import dated_name, run_folder
+    from nst_exp.sweep.naming import register_resolvers
+
+    now = datetime(2026, 12, 4, 9, 8, 7, 654321)
+    assert run_folder("outputs/runs", "coffee", "starry_night", "fast", now) == Path(
+        "outputs/runs/2026-12-04/09-08-07-654321_fast_coffee_starry_night")
+    assert dated_name(now=now) == "2026-12-04/09-08-07-654321"
+    register_resolvers()
+    cfg = compose_config(["content.path=/photos/coffee.png", "experiment=fast"], with_hydra=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        run_dir = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=True)
+        assert OmegaConf.select(cfg, "hydra.run.dir") == run_dir  # read twice, one folder (cached as ${now:})
+        sweep_dir = OmegaConf.select(cfg, "hydra.sweep.dir", throw_on_resolution_failure=True)
+    finally:
+        HydraConfig.instance().cfg = None
+    stamp = r"\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}"
+    assert re.fullmatch(rf"outputs/runs/{stamp}_fast_coffee_starry_night", run_dir), run_dir
+    assert re.fullmatch(rf"outputs/multirun/{stamp}", sweep_dir), sweep_dir
+    made = api.new_run_dir({"content": "coffee", "style": "starry_night", "experiment": "fast"})
+    assert re.fullmatch(rf"outputs/api/{stamp}_fast_coffee_starry_night", made.as_posix()), made
