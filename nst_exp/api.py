@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import open_dict
 
 from nst_exp.compose import compose_config
-from nst_exp.errors import UserError
-from nst_exp.labels import labels_of, run_label
+from nst_exp.errors import UserError, one_line_errors
+from nst_exp.labels import labels_of, run_folder
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -18,12 +17,14 @@ if TYPE_CHECKING:
     from nst_exp.run.runner import RunResult
 
 
-def new_run_dir(root: Path, label: str) -> Path:
-    """A folder no other run has: ``root/<date>/<time with microseconds>_<label>``; the run makes it once
+API_ROOT = Path("outputs/api")
+
+
+def new_run_dir(labels: dict[str, str | None]) -> Path:
+    """A folder no other run has (``labels.run_folder`` under ``outputs/api``); the run makes it once
     accepted (a refused call leaves nothing behind)."""
     while True:
-        now = datetime.now()
-        path = root / now.strftime("%Y-%m-%d") / f"{now.strftime('%H-%M-%S-%f')}_{label}"
+        path = run_folder(API_ROOT, labels["content"], labels["style"], labels["experiment"])
         if not path.exists():
             return path
 
@@ -61,9 +62,10 @@ def stylize(
             images[key] = value
             cfg[key].name = f"{key}_image"
     labels = labels_of(cfg, experiment)
-    run_dir = Path(output_dir) if output_dir else new_run_dir(Path("outputs/api"), run_label(labels["content"], labels["style"], experiment))
-    result = runner.run(cfg, run_dir, images.get("content"), [images["style"]] if "style" in images else None,
-                        experiment=experiment)
+    run_dir = Path(output_dir) if output_dir else new_run_dir(labels)
+    with one_line_errors():  # the model's and optimiser's own errors, as one line
+        result = runner.run(cfg, run_dir, images.get("content"), [images["style"]] if "style" in images else None,
+                            experiment=experiment)
     if result.image is None:
         raise UserError(f"the run produced no image ({result.status}): {result.error}")
     return result if return_result else result.image

@@ -256,11 +256,22 @@ def tile_setting(cfg: DictConfig | Config) -> int | str | None:
                         "or image.tile=null") from None
 
 
+def style_long_side(cfg: Any, size: int) -> int:
+    """Long side of the style image(s) when the generated image's long side is ``size``:
+    image.style_size (scaled with the stage) or style_scale * size."""
+    if cfg.image.style_size:
+        return max(16, round(cfg.image.style_size * size / cfg.image.size))
+    return max(16, round(cfg.image.style_scale * size))
+
+
 def _check_tile(tile: int, layers: list[str]) -> None:
     """A tile is a whole number of pooling cells of the deepest loss layer (so tiles pool as the image does)."""
     from nst_exp.model.layers import reach
 
-    grid, _ = reach(layers) if layers else (1, 0)
+    try:
+        grid, _ = reach(layers) if layers else (1, 0)
+    except ValueError as exc:  # an unknown layer
+        raise UserError(str(exc)) from None
     if tile < grid or tile % grid:
         fix = max(grid, tile // grid * grid)
         raise UserError(f"image.tile={tile} must be a positive multiple of {grid} px (the pooling grid up to the deepest "
@@ -332,8 +343,11 @@ def validate(cfg: DictConfig | Config) -> None:
         raise UserError(not_tileable_error(f"image.tile={tile} asks for tiles"))
     if not cfg.loss.content_layers and not cfg.loss.style_layers:
         raise UserError("loss.content_layers and loss.style_layers are both empty; fix: name at least one VGG19 layer")
-    check_layers(cfg.loss.content_layers, "content layer")
-    check_layers(cfg.loss.style_layers, "style layer")
+    try:
+        check_layers(cfg.loss.content_layers, "content layer")
+        check_layers(cfg.loss.style_layers, "style layer")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     for key in ("content_layer_weights", "style_layer_weights"):
         for w in cfg.loss[key]:
             _non_negative(w, f"loss.{key}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from pathlib import PurePath
+from datetime import datetime
+from pathlib import Path, PurePath
 from typing import Any
 
 _SAFE = r"\w.+"  # what a folder name keeps anywhere, and "-": letters and digits of any script (é, ß, 猫), "_", ".", "+"
@@ -59,6 +60,21 @@ def run_label(content: str | None, style: str | None, experiment: str | None = N
     """``[experiment_]content_style``, e.g. ``fast_coffee_starry_night``: a run folder's suffix."""
     parts = [p for p in (experiment, content, style) if p]
     return "_".join(safe_part(p) for p in parts) or "run"
+
+
+def dated_name(label: str | None = None, now: datetime | None = None) -> str:
+    """``<date>/<time with microseconds>[_label]``: how every run and sweep folder is named under its root
+    (the CLI's ``hydra.run.dir`` and ``hydra.sweep.dir`` through ``sweep/naming.py``'s resolvers, and
+    ``nst_exp.stylize``'s folders)."""
+    now = now or datetime.now()
+    stamp = now.strftime("%H-%M-%S-%f")
+    return f"{now.strftime('%Y-%m-%d')}/{stamp}_{label}" if label else f"{now.strftime('%Y-%m-%d')}/{stamp}"
+
+
+def run_folder(root: str | Path, content: str | None, style: str | None, experiment: str | None = None,
+               now: datetime | None = None) -> Path:
+    """A single run's folder: ``root/<date>/<time>_[experiment_]content_style``."""
+    return Path(root) / dated_name(run_label(content, style, experiment), now)
 
 
 def hydra_experiment() -> str | None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -103,8 +104,8 @@ def test_console_is_clean(default_run):
 
 @pytest.mark.slow
 def test_labels_name_the_images_really_used(tmp_path, photo):
-    """content.path=/x/photo.png is labelled 'photo' (not the preset's cat) in the folder, result.json,
-    config.yaml and HPARAMS, and experiment=fast is named too."""
+    """content.path=/x/photo.png is labelled 'photo' (not the preset's cat) in the folder, result.json and
+    HPARAMS, and experiment=fast is named too; config.yaml keeps what was asked (no label written back)."""
     proc = run_cli(["run", f"content.path={photo}", "experiment=fast", "image.multiscale_sizes=[32,40]",
                     "image.multiscale_steps=[1,1]", *TINY, "trainer.max_steps=1"], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -112,7 +113,13 @@ def test_labels_name_the_images_really_used(tmp_path, photo):
     assert run_dir.name.endswith("_fast_photo_starry_night")
     result = json.loads((run_dir / "result.json").read_text())
     assert (result["content"], result["style"], result["experiment"]) == ("photo", "starry_night", "fast")
-    assert "name: photo" in (run_dir / "config.yaml").read_text()
+    assert "content:\n  path: " in (run_dir / "config.yaml").read_text()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["content"]["name"] is None
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = load_events(run_dir).PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["content.name"].string_value == "photo" and hparams["experiment"].string_value == "fast"
 
 
 @pytest.mark.slow

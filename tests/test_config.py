@@ -106,7 +106,7 @@ def test_bad_overrides_fail_in_one_line(argv, message):
 def test_auto_precision_is_bf16_only_on_a_cpu_whose_bf16_is_fast(tmp_path):
     import torch
 
-    from nst_exp.run import precision
+    from nst_exp import settings as precision
 
     cpus = {
         "amx": ("GenuineIntel", "fpu sse avx512f avx512_bf16 amx_tile amx_bf16", True),
@@ -130,7 +130,7 @@ def test_auto_lbfgs_impl_is_compact_only_on_cuda_without_line_search():
     import torch
 
     from nst_exp.config import LBFGSImpl, OptimizerConfig
-    from nst_exp.optim.build import resolve_impl
+    from nst_exp.settings import resolve_impl
 
     assert resolve_impl(OptimizerConfig(), torch.device("cuda")) == LBFGSImpl.compact
     assert resolve_impl(OptimizerConfig(), torch.device("cpu")) == LBFGSImpl.torch

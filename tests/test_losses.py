@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nst_exp.errors import UserError
 from nst_exp.model.losses import (
     ContentLoss,
     GramStyleLoss,
@@ -99,7 +98,7 @@ def test_total_variation_by_hand():
 def test_layer_weights_default_equal_and_length_checked():
     assert layer_weights(["a", "b"], [], "style") == [0.5, 0.5]
     assert layer_weights(["a"], [2.0], "style") == [2.0]
-    with pytest.raises(UserError, match="style_layer_weights has 1 values for 2"):
+    with pytest.raises(ValueError, match="style_layer_weights has 1 values for 2"):
         layer_weights(["a", "b"], [1.0], "style")
 
 

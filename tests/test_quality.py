@@ -178,13 +178,14 @@ def test_normalised_terms_balance_layers_and_sizes():
     from nst_exp.api import compose_config
     from nst_exp.model.vgg import build_encoder
     from nst_exp.run.setup import Inputs, Stage, build_loss
+    from nst_exp.settings import resolve
 
     cfg = compose_config()
     inputs = Inputs(cfg)
     enc = build_encoder([*cfg.loss.content_layers, *cfg.loss.style_layers])
     per_size = []
     for size in (128, 256):
-        loss, content = build_loss(cfg, enc, inputs, Stage(size, 1), torch.device("cpu"))
+        loss, content = build_loss(resolve(cfg, torch.device("cpu")), enc, inputs, Stage(size, 1))
         with torch.no_grad():
             terms = loss(content)
         layer_terms = [terms[f"loss/style/{k}"].item() for k in cfg.loss.style_layers]

@@ -16,6 +16,7 @@ from nst_exp.model.layers import reach
 from nst_exp.run import setup
 from nst_exp.tiling.exact import tiled_loss_and_grad
 from nst_exp.tiling.geometry import spans
+from nst_exp.settings import resolve
 
 SHALLOW = ["loss.content_layers=[relu2_2]", "loss.style_layers=[relu1_1,relu2_1,relu3_1]"]  # halo 12 px: many real tiles
 
@@ -24,8 +25,9 @@ def _loss_and_image(overrides: list[str], size: int):
     cfg = compose_config([f"image.size={size}", "trainer.accelerator=cpu", "trainer.precision=32-true", *overrides])
     device = torch.device("cpu")
     inputs = setup.Inputs(cfg)
-    encoder, _ = setup.build_network(cfg, device)
-    loss, content = setup.build_loss(cfg, encoder, inputs, setup.Stage(size, 1), device)
+    settings = resolve(cfg, device)
+    encoder, _ = setup.build_network(settings)
+    loss, content = setup.build_loss(settings, encoder, inputs, setup.Stage(size, 1))
     noise = torch.rand(content.shape, generator=torch.Generator().manual_seed(0))
     return loss, (0.8 * content + 0.2 * noise).requires_grad_(True)
 
@@ -124,10 +126,10 @@ def test_targets_made_tile_by_tile_equal_whole(overrides, tmp_path):
     cfg = compose_config(["image.size=240", "trainer.accelerator=cpu", f"style.mask_path={tmp_path / 'mask.png'}", *overrides])
     device = torch.device("cpu")
     inputs = setup.Inputs(cfg)
-    encoder, _ = setup.build_network(cfg, device)
-    whole, _ = setup.build_loss(cfg, encoder, inputs, setup.Stage(240, 1), device)
+    encoder, _ = setup.build_network(resolve(cfg, device))
+    whole, _ = setup.build_loss(resolve(cfg, device), encoder, inputs, setup.Stage(240, 1))
     cfg.image.tile = 64
-    tiled, _ = setup.build_loss(cfg, encoder, inputs, setup.Stage(240, 1), device)
+    tiled, _ = setup.build_loss(resolve(cfg, device), encoder, inputs, setup.Stage(240, 1))
     whole_state, tiled_state = whole.state_dict(keep_vars=True), tiled.state_dict(keep_vars=True)
     targets = [k for k in whole_state if "target" in k or k.startswith("mask_")]
     assert any("content_losses" in k for k in targets) and any("style_losses" in k for k in targets)

@@ -16,6 +16,7 @@ from nst_exp.config import validate
 from nst_exp.errors import UserError
 from nst_exp.model.layers import GATYS_CONTENT_LAYERS, GATYS_STYLE_LAYERS
 from nst_exp.run import setup
+from nst_exp.settings import resolve
 from nst_exp.tiling import plan as tile_plan
 from nst_exp.tiling.exact import tiled_loss_and_grad
 from nst_exp.tiling.plan import Footprint, plan_step, plan_targets
@@ -28,8 +29,9 @@ FP = Footprint(graph=1400.0, backward=512.0, no_grad=1024.0)  # about fp32's, by
 def _loss(size: int, overrides: list[str] = ()):
     cfg = compose_config([f"image.size={size}", "trainer.accelerator=cpu", "trainer.precision=32-true", *overrides])
     device = torch.device("cpu")
-    encoder, _ = setup.build_network(cfg, device)
-    loss, content = setup.build_loss(cfg, encoder, setup.Inputs(cfg), setup.Stage(size, 1), device)
+    settings = resolve(cfg, device)
+    encoder, _ = setup.build_network(settings)
+    loss, content = setup.build_loss(settings, encoder, setup.Inputs(cfg), setup.Stage(size, 1))
     return cfg, loss, content
 
 

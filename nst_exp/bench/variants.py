@@ -100,7 +100,7 @@ def tool_config(spec: Spec) -> Any:
     ``trainer.max_steps`` is set so a batch starts right at the window's end (one extra step),
     whatever ``trainer.iters_per_step`` is.
     """
-    from nst_exp.run.setup import iters_per_step
+    from nst_exp.settings import iters_per_step
 
     cfg = compose_tool_config(spec.size, spec.device, spec.precision, spec.overrides)
     stride = iters_per_step(cfg, torch.device(spec.device))
@@ -149,20 +149,22 @@ def run_tiled(spec: Spec, clock: StepClock, result: Measurement) -> None:
 
 def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
     """The tool's network and loss modules in a plain L-BFGS loop: the floor any wrapper is measured against."""
-    from nst_exp.run import setup
     from nst_exp.optim.build import build_optimizer
+    from nst_exp.run import setup
+    from nst_exp.settings import resolve
 
     cfg = tool_config(spec)
     device = torch.device(spec.device)
+    settings = resolve(cfg, device)
     inputs = setup.Inputs(cfg)
-    encoder, step_encoder = setup.build_network(cfg, device)
-    loss, content = setup.build_loss(cfg, encoder, inputs, setup.Stage(spec.size, spec.steps), device)
+    encoder, step_encoder = setup.build_network(settings)
+    loss, content = setup.build_loss(settings, encoder, inputs, setup.Stage(spec.size, spec.steps))
     loss.encoder = step_encoder
     # The image stays NCHW-contiguous: L-BFGS flattens its gradient with view(-1). NHWC weights
     # (trainer.channels_last on CUDA) still make cuDNN run the convolutions channels-last.
     img = setup.initial_image(cfg, inputs, content, device).detach().clone().contiguous().requires_grad_(True)
     # The tool's optimiser (optimizer.impl=torch: torch.optim.LBFGS), CUDA graphs included.
-    opt = build_optimizer(img, cfg.optimizer, cuda_graph=cfg.trainer.cuda_graph)
+    opt = build_optimizer(img, settings.resolved.optimizer, cuda_graph=cfg.trainer.cuda_graph)
     use_bf16 = spec.precision == "bf16"
 
     def closure() -> Tensor:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from nst_exp.compose import first_line, register_launchers
 from nst_exp.config import CONF_DIR, register_configs
-from nst_exp.errors import UserError
+from nst_exp.errors import UserError, one_line_errors
 from nst_exp.files import WriteFailed, is_write_error
 from nst_exp.run.folder import CHECKPOINT, FINAL_IMAGE, FINAL_RESULTS, mark_ended, read_result, record_failure
 from nst_exp.run.signals import JobInterrupted
@@ -163,7 +163,8 @@ def _run_job(cfg: DictConfig) -> float:
     try:
         cfg = _resumed(cfg)
         trial = _trial(cfg)
-        result = runner.run(cfg, run_dir, trial=trial, on_accept=_accept)
+        with one_line_errors():  # the model's and optimiser's own errors, as one line
+            result = runner.run(cfg, run_dir, trial=trial, on_accept=_accept)
     except JobInterrupted as exc:
         print(f"\ninterrupted: {exc}; the latest image is saved at {run_dir / FINAL_IMAGE}, "
               f"and last.ckpt continues the run", file=sys.stderr)

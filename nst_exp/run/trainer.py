@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from nst_exp.run.callbacks import LossProgressBar
 from nst_exp.run.logger import RunLogger
-from nst_exp.run.precision import resolve_precision
+from nst_exp.settings import Precision
 
 
 class Forever:
@@ -24,8 +24,8 @@ class Forever:
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, logger: RunLogger, steps: int, callbacks: list[pl.Callback], device: torch.device,
-                 description: str = "steps") -> pl.Trainer:
-    """``description`` names the stage on the progress bar (e.g. ``stage 1/2, 128 px``)."""
+                 precision: Precision, description: str = "steps") -> pl.Trainer:
+    """``precision``: the resolved one (``nst_exp.settings``); ``description`` names the stage on the progress bar (e.g. ``stage 1/2, 128 px``)."""
     plugins = []
     if "SLURM_JOB_ID" in os.environ:
         # submitit owns requeueing (USR2 + max_num_timeout); Lightning must not requeue too.
@@ -42,7 +42,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, logger: RunLogger, steps: int, 
         # One device per process: trainer.devices > 1 means processes sharing tiles (tiling/group.py), not Lightning's DDP.
         devices=[device.index or 0] if device.type == "cuda" else 1,
         plugins=plugins,
-        precision=resolve_precision(cfg.trainer.precision, device),
+        precision=precision.value,
         logger=logger,
         callbacks=callbacks,
         enable_checkpointing=False,

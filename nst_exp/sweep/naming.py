@@ -12,7 +12,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 
-from nst_exp.labels import cut_bytes, image_label, path_stem, run_label, safe_part
+from nst_exp.labels import cut_bytes, dated_name, image_label, path_stem, run_label, safe_part
 
 MAX_LEN = 96
 # Overrides that do not distinguish jobs' results (logging, hardware) are left out of names.
@@ -71,15 +71,18 @@ def job_dirname(overrides: Iterable[str], max_len: int = MAX_LEN) -> str:
 
 def run_name(content_path: str, content_name: str | None, style_path: str, style_name: str | None,
              experiment: str | None) -> str:
-    """A single run's folder suffix: ``[experiment_]content_style`` from the images really used."""
+    """A single run's folder under its root (``labels.dated_name``), labelled by the images really used."""
     content = image_label({"path": content_path, "name": content_name})
     style = image_label({"path": style_path, "name": style_name})
-    return run_label(content, style, experiment)
+    return dated_name(run_label(content, style, experiment))
 
 
 def register_resolvers() -> None:
-    """``${nst_dirname:...}`` (sweep job folders) and ``${nst_run_name:...}`` (single runs) in conf/config.yaml."""
+    """``${nst_dirname:...}`` (sweep job folders), ``${nst_run_name:...}`` (single runs) and ``${nst_dated:}``
+    (sweeps) in conf/config.yaml. The dated ones are cached, as Hydra's ``${now:...}``: every read of one
+    config (and of its sweep's job configs, which copy the cache) gives the same folder."""
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("nst_dirname", lambda overrides: job_dirname(overrides), replace=True)
-    OmegaConf.register_new_resolver("nst_run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("nst_run_name", run_name, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("nst_dated", lambda: dated_name(), replace=True, use_cache=True)

@@ -127,7 +127,9 @@ def settings(job: Job) -> dict[str, Any]:
 
     record = job.provenance
     flat_provenance = hparams(record) if "resolved" in record else flatten(record, "provenance.")
-    return {**flatten(job.config), **flat_provenance}
+    # config.yaml keeps the names as asked (null: the file stem); the runs' sessions name the images used
+    labels = {f"{key}.name": job.labels[key] for key in ("content", "style") if job.labels.get(key)}
+    return {**flatten(job.config), **labels, **flat_provenance}
 
 
 def differences(jobs: Sequence[Job]) -> dict[str, list[Any]]:
