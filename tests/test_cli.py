@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -102,24 +104,31 @@ def test_console_is_clean(default_run):
 
 
 @pytest.mark.slow
-def test_labels_name_the_images_really_used(tmp_path, photo):
-    """content.path=/x/photo.png is labelled 'photo' (not the preset's cat) in the folder, result.json,
-    config.yaml and HPARAMS, and experiment=fast is named too."""
-    proc = run_cli(["run", f"content.path={photo}", "experiment=fast", "image.multiscale_sizes=[32,40]",
+def test_user_images_are_used_and_labelled_by_their_file_names(tmp_path, photo, noise_image):
+    """content.path=/x/photo.png, style.path=/x/noise.png: the run reads those files (TensorBoard's source
+    images are them, at the first stage's size) and is labelled 'photo' and 'noise' (not the presets' cat and
+    Van Gogh) in the folder, result.json, config.yaml and HPARAMS; experiment=fast is named too."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from nst_exp.images import load_tensor, tensor_to_pil
+
+    proc = run_cli(["run", f"content.path={photo}", f"style.path={noise_image}", "experiment=fast", "image.multiscale_sizes=[32,40]",
                     "image.multiscale_steps=[1,1]", *TINY, "trainer.max_steps=1"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(tmp_path / "outputs")
-    assert run_dir.name.endswith("_fast_photo_starry_night")
+    assert run_dir.name.endswith("_fast_photo_noise")
     result = json.loads((run_dir / "result.json").read_text())
-    assert (result["content"], result["style"], result["experiment"]) == ("photo", "starry_night", "fast")
-    assert "name: photo" in (run_dir / "config.yaml").read_text()
-
-
-@pytest.mark.slow
-def test_user_images(tmp_path, photo, painting):
-    proc = run_cli(["run", f"content.path={photo}", f"style.path={painting}", *TINY, "trainer.max_steps=2"], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    (run_dir,) = run_dirs(tmp_path / "outputs")
+    assert (result["content"], result["style"], result["experiment"]) == ("photo", "noise", "fast")
+    config = (run_dir / "config.yaml").read_text()
+    assert "name: photo" in config and "name: noise" in config
+    acc = load_events(run_dir)
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info.hparams
+    assert (hparams["content.name"].string_value, hparams["style.name"].string_value) == ("photo", "noise")
+    for tag, path in (("source/content", photo), ("source/style_0", noise_image)):
+        logged = np.asarray(Image.open(io.BytesIO(acc.Images(tag)[-1].encoded_image_string)).convert("RGB"), dtype=int)
+        expected = np.asarray(tensor_to_pil(load_tensor(path, 32)), dtype=int)  # logged at the first stage's size
+        assert logged.shape == expected.shape and np.abs(logged - expected).max() <= 1, tag
     assert Image.open(run_dir / "final.png").size == (48, 32)
 
 
@@ -268,8 +277,13 @@ def test_nan_loss_stops_and_keeps_last_good_image(tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert "NaN/inf" in proc.stderr and "Traceback" not in proc.stderr
     (run_dir,) = run_dirs(tmp_path / "outputs")
-    assert json.loads((run_dir / "result.json").read_text())["status"] == "diverged"
-    assert Image.open(run_dir / "final.png").size == (48, 32)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "diverged" and "at step 1;" in result["error"]
+    # The first step's update already overflows: the last good image is the start, the content image itself.
+    from nst_exp.images import load_tensor, tensor_to_pil
+
+    final = np.asarray(Image.open(run_dir / "final.png"), dtype=int)
+    assert np.abs(final - np.asarray(tensor_to_pil(load_tensor("builtin:chelsea.png", 48)), dtype=int)).max() <= 1
 
 
 @pytest.mark.slow
