@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
@@ -242,26 +243,32 @@ def test_compare_any_runs(tmp_path, grid_sweep):
 
 
 @pytest.mark.slow
-def test_two_sweeps_in_the_same_second_do_not_share_a_folder(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "nst_exp", "run", "-m", "trainer.max_steps=1", *FAST[:1], "logging.progress_bar=false"]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
-    for p in procs:
-        assert p.wait(timeout=300) == 0
-    assert len(sweep_dirs(tmp_path)) == 2
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["parallel", "submitit_local"])
-def test_local_launchers(tmp_path, launcher):
-    pytest.importorskip({"parallel": "hydra_plugins.hydra_joblib_launcher", "submitit_local": "hydra_plugins.hydra_submitit_launcher"}[launcher])
-    proc = run_cli(["run", "-m", f"launcher={launcher}", "loss.style_weight=5,50", *FAST], tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    (sweep,) = sweep_dirs(tmp_path)
-    jobs = collect_jobs([sweep])
-    assert [j.status for j in jobs] == ["completed", "completed"]
-    assert [j.path.name for j in jobs] == ["0_style_weight=5,size=32,max_steps=3", "1_style_weight=50,size=32,max_steps=3"]
-    assert (sweep / "contact_sheet.png").is_file()
+def test_local_launchers_run_side_by_side_and_two_sweeps_in_the_same_second_do_not_share_a_folder(tmp_path):
+    """joblib's and submitit's local launchers each run their jobs to the end; started at the same moment
+    from the same folder, the two sweeps get a folder each."""
+    for plugin in ("hydra_plugins.hydra_joblib_launcher", "hydra_plugins.hydra_submitit_launcher"):
+        pytest.importorskip(plugin)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "nst_exp", "run", "-m", "loss.style_weight=5,50", *FAST]
+    procs = {launcher: subprocess.Popen([*cmd, f"launcher={launcher}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True) for launcher in ("parallel", "submitit_local")}
+    for proc in procs.values():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    sweeps = sweep_dirs(tmp_path)
+    assert len(sweeps) == 2
+    launchers = set()
+    for sweep in sweeps:
+        launchers.add(next(o for o in yaml.safe_load((sweep / "multirun.yaml").read_text())["hydra"]["overrides"]["task"]
+                           if o.startswith("launcher=")))
+        jobs = collect_jobs([sweep])
+        assert [j.status for j in jobs] == ["completed", "completed"]
+        assert [j.path.name for j in jobs] == ["0_style_weight=5,size=32,max_steps=3", "1_style_weight=50,size=32,max_steps=3"]
+        assert [j.metrics["result/steps"] for j in jobs] == [3, 3]
+        with (sweep / "summary.csv").open() as fh:
+            assert [r["status"] for r in csv.DictReader(fh)] == ["completed", "completed"]
+        assert Image.open(sweep / "contact_sheet.png").width >= 2 * TILE  # both jobs' tiles
+    assert launchers == {"launcher=parallel", "launcher=submitit_local"}
 
 
 def _steps(run_dir: Path) -> list[int]:
