@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import nst_exp
 from nst_exp.api import compose_config
@@ -43,8 +45,12 @@ def test_stylize_with_pil_images(tmp_path, photo, painting):
         image={"size": 40}, trainer={"max_steps": 3}, logging={"progress_bar": False},
     )
     assert isinstance(result, Image.Image) and result.size == (40, 27)
-    assert (tmp_path / "run" / "final.png").is_file()
-    assert list((tmp_path / "run").glob("events.out.tfevents*"))
+    assert np.array_equal(np.asarray(result), np.asarray(Image.open(tmp_path / "run" / "final.png").convert("RGB")))
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss/total")] == [0, 1, 2]  # every step logged
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert (record["content"], record["style"]) == ("content_image", "style_image")  # labelled as in-memory images
 
 
 @pytest.mark.slow
