@@ -91,6 +91,7 @@ def test_the_study_lives_in_sqlite_in_the_sweep_folder_and_the_same_command_cont
     assert "Launching 1 jobs" in again.stdout + again.stderr
     jobs = collect_jobs([sweep])
     assert len(jobs) == 3 and sorted(j.config["optuna"]["trial"] for j in jobs) == [0, 1, 2]
+    assert all(j.config["optimizer"]["name"] == "adam" and j.metrics["result/objective"] >= 0 for j in jobs)  # the preset's own
 
     # the same command once more: the study has its trials, nothing runs
     idle = search(tmp_path, sweep, "hydra.sweeper.n_trials=3")
