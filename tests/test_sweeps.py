@@ -231,12 +231,14 @@ def test_failed_job_does_not_stop_sweep(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_any_runs(tmp_path, grid_sweep):
+def test_compare_any_runs(tmp_path, grid_sweep, capsys):
+    from nst_exp.__main__ import main
+
     sweep, _ = grid_sweep
     runs = run_dirs(sweep)[:3]
     out = tmp_path / "cmp"
-    proc = run_cli(["compare", *map(str, runs), "--out", str(out)], tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert main(["compare", *map(str, runs), "--out", str(out)]) == 0  # in-process, as the command runs it
+    assert "runs:          3 (0 failed)" in capsys.readouterr().out
     with (out / "summary.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 3
     assert Image.open(out / "contact_sheet.png").width >= 2 * TILE
