@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import nst_exp
 from nst_exp.api import compose_config
@@ -18,17 +20,6 @@ def test_compose_matches_cli_defaults():
     cfg = compose_config()
     assert (image_label(cfg.content), image_label(cfg.style)) == ("chelsea", "starry_night")
     assert cfg.loss.content_layers == ["relu4_2"] and cfg.optimizer.name.value == "lbfgs"
-
-
-def test_settings_are_type_checked_with_the_cli_s_one_line_errors():
-    with pytest.raises(UserError, match="bad value for 'image.size'"):
-        compose_config(image={"size": "big"})
-    with pytest.raises(UserError, match=r"unknown config key 'loss.styl_weight'; fix: did you mean loss.style_weight\?"):
-        compose_config(loss={"styl_weight": 1})
-    with pytest.raises(UserError, match=r"unknown config key 'trainer.max_step'; fix: did you mean trainer.max_steps\?"):
-        nst_exp.stylize(overrides=["trainer.max_step=3"])
-    with pytest.raises(UserError, match="unknown config key 'image.sise'; fix: did you mean image.size"):
-        nst_exp.stylize(image={"sise": 3})
 
 
 @pytest.mark.slow
@@ -54,8 +45,12 @@ def test_stylize_with_pil_images(tmp_path, photo, painting):
         image={"size": 40}, trainer={"max_steps": 3}, logging={"progress_bar": False},
     )
     assert isinstance(result, Image.Image) and result.size == (40, 27)
-    assert (tmp_path / "run" / "final.png").is_file()
-    assert list((tmp_path / "run").glob("events.out.tfevents*"))
+    assert np.array_equal(np.asarray(result), np.asarray(Image.open(tmp_path / "run" / "final.png").convert("RGB")))
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss/total")] == [0, 1, 2]  # every step logged
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert (record["content"], record["style"]) == ("content_image", "style_image")  # labelled as in-memory images
 
 
 @pytest.mark.slow
@@ -69,6 +64,3 @@ def test_stylize_with_paths_and_overrides(tmp_path, photo, painting):
     assert (tmp_path / "run" / "config.yaml").read_text().count("adam") == 1
 
 
-def test_stylize_bad_input(tmp_path):
-    with pytest.raises(UserError, match="content image not found"):
-        nst_exp.stylize(tmp_path / "missing.jpg", output_dir=tmp_path / "run")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -103,75 +105,34 @@ def test_console_is_clean(default_run):
 
 
 @pytest.mark.slow
-def test_labels_name_the_images_really_used(tmp_path, photo):
-    """content.path=/x/photo.png is labelled 'photo' (not the preset's cat) in the folder, result.json and
-    HPARAMS, and experiment=fast is named too; config.yaml keeps what was asked (no label written back)."""
-    proc = run_cli(["run", f"content.path={photo}", "experiment=fast", "image.multiscale_sizes=[32,40]",
+def test_user_images_are_used_and_labelled_by_their_file_names(tmp_path, photo, noise_image):
+    """content.path=/x/photo.png, style.path=/x/noise.png: the run reads those files (TensorBoard's source
+    images are them, at the first stage's size) and is labelled 'photo' and 'noise' (not the presets' cat and
+    Van Gogh) in the folder, result.json and HPARAMS; experiment=fast is named too. config.yaml keeps what
+    was asked (no label written back into it)."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from nst_exp.images import load_tensor, tensor_to_pil
+
+    proc = run_cli(["run", f"content.path={photo}", f"style.path={noise_image}", "experiment=fast", "image.multiscale_sizes=[32,40]",
                     "image.multiscale_steps=[1,1]", *TINY, "trainer.max_steps=1"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(tmp_path / "outputs")
-    assert run_dir.name.endswith("_fast_photo_starry_night")
+    assert run_dir.name.endswith("_fast_photo_noise")
     result = json.loads((run_dir / "result.json").read_text())
-    assert (result["content"], result["style"], result["experiment"]) == ("photo", "starry_night", "fast")
-    assert "content:\n  path: " in (run_dir / "config.yaml").read_text()
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["content"]["name"] is None
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    content = load_events(run_dir).PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
-    assert hparams["content.name"].string_value == "photo" and hparams["experiment"].string_value == "fast"
-
-
-@pytest.mark.slow
-def test_user_images(tmp_path, photo, painting):
-    proc = run_cli(["run", f"content.path={photo}", f"style.path={painting}", *TINY, "trainer.max_steps=2"], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    (run_dir,) = run_dirs(tmp_path / "outputs")
+    assert (result["content"], result["style"], result["experiment"]) == ("photo", "noise", "fast")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["content"]["name"] is None and config["style"]["name"] is None
+    assert config["content"]["path"] == str(photo) and config["style"]["path"] == str(noise_image)
+    acc = load_events(run_dir)
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info.hparams
+    assert (hparams["content.name"].string_value, hparams["style.name"].string_value) == ("photo", "noise")
+    for tag, path in (("source/content", photo), ("source/style_0", noise_image)):
+        logged = np.asarray(Image.open(io.BytesIO(acc.Images(tag)[-1].encoded_image_string)).convert("RGB"), dtype=int)
+        expected = np.asarray(tensor_to_pil(load_tensor(path, 32)), dtype=int)  # logged at the first stage's size
+        assert logged.shape == expected.shape and np.abs(logged - expected).max() <= 1, tag
     assert Image.open(run_dir / "final.png").size == (48, 32)
-
-
-def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-
-
-@pytest.mark.parametrize(
-    ("override", "needles"),
-    [
-        ("content.path=/no/such/photo.jpg", ["content image not found", "/no/such/photo.jpg", "fix:"]),
-        ("style=nope", ["unknown style preset 'nope'", "starry_night", "fix:"]),
-        ("loss.style_layers=[relu1_1,relu9_1]", ["unknown style layer 'relu9_1'", "relu1_1 ", "pool5"]),
-        ("image.size=0", ["image.size must be a positive number", "fix:"]),
-        ("trainer.max_steps=-3", ["trainer.max_steps must be a positive number"]),
-        ("image.size=large", ["bad value in 'image.size=large'", "Integer", "fix:"]),
-        ("model.padding=mirror", ["bad value in 'model.padding=mirror'", "reflect", "fix:"]),
-        ("style.path=builtin:nope", ["not a bundled image", "builtin:starry_night", "fix:"]),
-        ("image.max_input_pixels=1000", ["content image", "above the 0.001 Mpx limit", "image.max_input_pixels=0"]),
-        ("image.size=20", ["becomes 20x13 px at image.size=20", "VGG19 needs up to relu5_1", "fix:"]),
-        ("hydra.run.dir=/proc/no/such/run", ["cannot create the output folder /proc/no/such/run", "fix: hydra.run.dir="]),
-    ],
-)
-def test_bad_input_one_line(tmp_path, override, needles):
-    proc = run_cli(["run", *TINY, override], tmp_path)
-    _assert_one_line_error(proc, *needles)
-
-
-def test_not_an_image_file(tmp_path):
-    bad = tmp_path / "painting.jpg"
-    bad.write_text("this is not a jpeg")
-    proc = run_cli(["run", f"style.path={bad}", *TINY], tmp_path)
-    _assert_one_line_error(proc, "style file is not an image", str(bad))
-
-
-def test_unknown_key_fails_at_start(tmp_path):
-    proc = run_cli(["run", "loss.stlye_weight=3", *TINY], tmp_path)
-    _assert_one_line_error(proc, "unknown config key 'loss.stlye_weight'", "fix: did you mean loss.style_weight?")
-    assert not (tmp_path / "outputs").exists() or not run_dirs(tmp_path / "outputs")
 
 
 def test_help_lists_groups(tmp_path):
@@ -319,8 +280,13 @@ def test_nan_loss_stops_and_keeps_last_good_image(tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert "NaN/inf" in proc.stderr and "Traceback" not in proc.stderr
     (run_dir,) = run_dirs(tmp_path / "outputs")
-    assert json.loads((run_dir / "result.json").read_text())["status"] == "diverged"
-    assert Image.open(run_dir / "final.png").size == (48, 32)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "diverged" and "at step 1;" in result["error"]
+    # The first step's update already overflows: the last good image is the start, the content image itself.
+    from nst_exp.images import load_tensor, tensor_to_pil
+
+    final = np.asarray(Image.open(run_dir / "final.png"), dtype=int)
+    assert np.abs(final - np.asarray(tensor_to_pil(load_tensor("builtin:chelsea.png", 48)), dtype=int)).max() <= 1
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import pytorch_lightning as pl
 import torch
 
 from nst_exp.api import compose_config
-from nst_exp.config import validate
 from nst_exp.errors import UserError
 from nst_exp.run import runner
 from nst_exp.run.stages import scale_sizes, stages_of
@@ -26,17 +25,6 @@ def test_scale_schedule_goes_up_by_the_ratio_to_image_size():
     assert scale_sizes(128, 2.0, 100) == []
     cfg = compose_config(["image.size=256", "image.scale_from=128", "image.scale_steps=30", "trainer.max_steps=20"])
     assert [(s.size, s.steps) for s in stages_of(cfg)] == [(128, 30), (181, 30), (256, 20)]
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (["image.scale_from=64", "image.multiscale_sizes=[32]", "image.multiscale_steps=[5]"], "image.multiscale_sizes=\\[\\] "),
-    (["image.scale_from=64", "image.scale_ratio=1.0"], "image.scale_ratio must be > 1"),
-    (["image.scale_from=8"], "image.scale_from=64 or more"),
-    (["optimizer.ema_decay=1.0"], "optimizer.ema_decay=0.99"),
-])
-def test_bad_schedule_and_decay_are_one_line_errors(overrides, message):
-    with pytest.raises(UserError, match=message):
-        validate(compose_config(["image.size=128", *overrides]))
 
 
 class Iterates(pl.Callback):

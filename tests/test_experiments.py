@@ -106,7 +106,7 @@ def test_optuna_search_composes_for_the_projects_sweeper(search):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("search", SEARCHES)
+@pytest.mark.parametrize("search", [s for s in SEARCHES if s != "adam_optuna"])  # adam_optuna runs in tests/test_optuna.py
 def test_optuna_search_runs(tmp_path, search):
     pytest.importorskip("optuna")
     proc = run_cli(["run", f"hparams_search={search}", "hydra.sweeper.n_trials=2", "image.size=32", *TINY[1:]],
@@ -116,5 +116,3 @@ def test_optuna_search_runs(tmp_path, search):
     (sweep,) = [p for p in (tmp_path / "outputs" / "multirun").glob("*/*") if p.is_dir()]
     jobs = collect_jobs([sweep])
     assert len(jobs) == 2 and all(j.status == "completed" and j.metrics["result/objective"] >= 0 for j in jobs)
-    if search == "adam_optuna":
-        assert all(j.config["optimizer"]["name"] == "adam" for j in jobs)

@@ -7,10 +7,7 @@ import pytest
 import torch
 
 import nst_exp
-from nst_exp.errors import UserError
 from nst_exp.optim.lbfgs import CompactLBFGS
-from nst_exp.api import compose_config
-from nst_exp.config import validate
 
 
 def rosenbrock(x: torch.Tensor) -> torch.Tensor:
@@ -91,8 +88,3 @@ def test_real_transfer_matches_torch_lbfgs(tmp_path, photo, painting):
     assert np.abs(images["compact"] - images["torch"]).mean() < 1.0
 
 
-def test_line_search_needs_torch_impl():
-    with pytest.raises(UserError, match="optimizer.impl=torch"):
-        validate(compose_config(["optimizer.line_search=strong_wolfe", "optimizer.impl=compact"]))
-    validate(compose_config(["optimizer.line_search=strong_wolfe"]))  # auto: torch's, which has one
-    validate(compose_config(["optimizer.line_search=strong_wolfe", "optimizer.impl=torch"]))

