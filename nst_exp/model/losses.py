@@ -270,13 +270,22 @@ class SlicedWassersteinStyleLoss(nn.Module):
 STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss, "swd": SlicedWassersteinStyleLoss}
 
 
+def style_loss_class(name: str) -> type[nn.Module]:
+    """The style term of ``loss.style_loss`` (``histogram`` lives in ``model/histogram.py``, which builds on this module)."""
+    if name == "histogram":
+        from nst_exp.model.histogram import HistogramStyleLoss
+
+        return HistogramStyleLoss
+    return STYLE_LOSSES[name]
+
+
 def is_tileable(loss: nn.Module) -> bool:
     """Whether the loss's style terms are sums over positions (``model/tiled.py`` evaluates those exactly)."""
     return all(getattr(term, "tileable", True) for term in getattr(loss, "style_losses", {}).values())
 
 
-def not_tileable_error(what: str) -> str:
-    return (f"loss.style_loss=swd sorts every position of a map at once, which tiles cannot do exactly, and {what}; "
+def not_tileable_error(what: str, kind: str = "swd (or histogram)") -> str:
+    return (f"loss.style_loss={kind} sorts every position of a map at once, which tiles cannot do exactly, and {what}; "
             "fix: a smaller image.size, a larger image.memory_mib, image.tile=null, or loss.style_loss=mean_cov")
 
 
@@ -432,17 +441,18 @@ def build_style_transfer_loss(
     content layers' maps are ever whole, the style statistics are summed over the tiles."""
     content, styles = color_targets(content, styles, color_mode)
     normalize = loss_cfg.normalize
-    style_cls = STYLE_LOSSES[str(getattr(loss_cfg.style_loss, "value", loss_cfg.style_loss))]
+    kind = str(getattr(loss_cfg.style_loss, "value", loss_cfg.style_loss))
+    style_cls = style_loss_class(kind)
     content_layers, style_layers = list(loss_cfg.content_layers), list(loss_cfg.style_layers)
     extra: dict[str, tuple[Tensor, ...]] = {}  # per layer, the style loss's fixed arguments after its target
     stats_of: dict[str, Any] = {layer: style_cls.stats for layer in style_layers}
+    if tile and not getattr(style_cls, "tileable", True):
+        from nst_exp.errors import UserError
+
+        raise UserError(not_tileable_error(f"the style targets would be computed in tiles of {tile} px", kind))
     if style_cls is SlicedWassersteinStyleLoss:
         from nst_exp.model.layers import LAYER_INDEX, out_channels
 
-        if tile:
-            from nst_exp.errors import UserError
-
-            raise UserError(not_tileable_error(f"the style targets would be computed in tiles of {tile} px"))
         for layer in style_layers:
             channels = out_channels(layer)
             count = max(1, round(float(loss_cfg.swd_projections) * channels))
