@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nst_exp.model.tiles import Region
-
+Region = tuple[slice, slice]  # where in a layer's whole map activations lie (as model/tiles.py's)
 _EPS = 1e-8
 _WHOLE: Region = (slice(None), slice(None))
 
@@ -30,7 +29,7 @@ class HistogramStyleLoss(nn.Module):
     """Each channel's sorted values against the style's per-channel quantiles (``target``: (B, C, Q)).
 
     ``model/losses.py`` builds it like the other style terms (``stats``, ``target_from_stats``,
-    ``from_stats``); it imports nothing from there, so the two modules do not import each other.
+    ``from_stats``) and imports it; it imports nothing from there.
     """
 
     tileable = False  # sorting is not a sum over positions

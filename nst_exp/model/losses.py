@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nst_exp.model import color
+from nst_exp.model.histogram import HistogramStyleLoss
 from nst_exp.model.layers import map_size
 from nst_exp.model.layout import channels_fastest
 from nst_exp.model.tiles import Region, summed_stats, whole_maps
@@ -267,16 +268,8 @@ class SlicedWassersteinStyleLoss(nn.Module):
         return self.from_stats(self.stats(features), features.shape[-2] * features.shape[-1])
 
 
-STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss, "swd": SlicedWassersteinStyleLoss}
-
-
-def style_loss_class(name: str) -> type[nn.Module]:
-    """The style term of ``loss.style_loss`` (``histogram`` lives in ``model/histogram.py``, which builds on this module)."""
-    if name == "histogram":
-        from nst_exp.model.histogram import HistogramStyleLoss
-
-        return HistogramStyleLoss
-    return STYLE_LOSSES[name]
+STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss, "swd": SlicedWassersteinStyleLoss,
+                "histogram": HistogramStyleLoss}
 
 
 def is_tileable(loss: nn.Module) -> bool:
@@ -442,7 +435,7 @@ def build_style_transfer_loss(
     content, styles = color_targets(content, styles, color_mode)
     normalize = loss_cfg.normalize
     kind = str(getattr(loss_cfg.style_loss, "value", loss_cfg.style_loss))
-    style_cls = style_loss_class(kind)
+    style_cls = STYLE_LOSSES[kind]
     content_layers, style_layers = list(loss_cfg.content_layers), list(loss_cfg.style_layers)
     extra: dict[str, tuple[Tensor, ...]] = {}  # per layer, the style loss's fixed arguments after its target
     stats_of: dict[str, Any] = {layer: style_cls.stats for layer in style_layers}
