@@ -51,6 +51,7 @@ class StyleLossKind(str, Enum):
     gram = "gram"
     mean_cov = "mean_cov"
     swd = "swd"  # sliced Wasserstein: whole feature distributions along fixed random directions
+    histogram = "histogram"  # Risser et al. 2017: each channel's whole distribution (model/histogram.py)
 
 
 class OptimizerName(str, Enum):
@@ -69,6 +70,7 @@ class Init(str, Enum):
     noise = "noise"
     style = "style"
     image = "image"
+    content_recolored = "content_recolored"  # the content with the (first) style's colour mean and covariance
 
 
 class ColorMode(str, Enum):
@@ -337,10 +339,10 @@ def validate(cfg: DictConfig | Config) -> None:
     _non_negative(cfg.loss.style_weight, "loss.style_weight")
     _non_negative(cfg.loss.tv_weight, "loss.tv_weight")
     _positive(cfg.loss.swd_projections, "loss.swd_projections")
-    if cfg.loss.style_loss == StyleLossKind.swd and isinstance(tile, int) and tile < cfg.image.size:
+    if cfg.loss.style_loss in (StyleLossKind.swd, StyleLossKind.histogram) and isinstance(tile, int) and tile < cfg.image.size:
         from nst_exp.model.losses import not_tileable_error
 
-        raise UserError(not_tileable_error(f"image.tile={tile} asks for tiles"))
+        raise UserError(not_tileable_error(f"image.tile={tile} asks for tiles", StyleLossKind(cfg.loss.style_loss).value))
     if not cfg.loss.content_layers and not cfg.loss.style_layers:
         raise UserError("loss.content_layers and loss.style_layers are both empty; fix: name at least one VGG19 layer")
     try:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nst_exp.model import color
+from nst_exp.model.histogram import HistogramStyleLoss
 from nst_exp.model.layers import map_size
 from nst_exp.model.layout import channels_fastest
 
@@ -267,7 +268,8 @@ class SlicedWassersteinStyleLoss(nn.Module):
         return self.from_stats(self.stats(features), features.shape[-2] * features.shape[-1])
 
 
-STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss, "swd": SlicedWassersteinStyleLoss}
+STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss, "swd": SlicedWassersteinStyleLoss,
+                "histogram": HistogramStyleLoss}
 
 
 def is_tileable(loss: nn.Module) -> bool:
@@ -275,8 +277,8 @@ def is_tileable(loss: nn.Module) -> bool:
     return all(getattr(term, "tileable", True) for term in getattr(loss, "style_losses", {}).values())
 
 
-def not_tileable_error(what: str) -> str:
-    return (f"loss.style_loss=swd sorts every position of a map at once, which tiles cannot do exactly, and {what}; "
+def not_tileable_error(what: str, kind: str = "swd (or histogram)") -> str:
+    return (f"loss.style_loss={kind} sorts every position of a map at once, which tiles cannot do exactly, and {what}; "
             "fix: a smaller image.size, a larger image.memory_mib, image.tile=null, or loss.style_loss=mean_cov")
 
 
@@ -441,15 +443,16 @@ def build_style_transfer_loss(
     content layers' maps are ever whole, the style statistics are summed over the tiles."""
     content, styles = color_targets(content, styles, color_mode)
     normalize = loss_cfg.normalize
-    style_cls = STYLE_LOSSES[str(getattr(loss_cfg.style_loss, "value", loss_cfg.style_loss))]
+    kind = str(getattr(loss_cfg.style_loss, "value", loss_cfg.style_loss))
+    style_cls = STYLE_LOSSES[kind]
     content_layers, style_layers = list(loss_cfg.content_layers), list(loss_cfg.style_layers)
     extra: dict[str, tuple[Tensor, ...]] = {}  # per layer, the style loss's fixed arguments after its target
     stats_of: dict[str, Any] = {layer: style_cls.stats for layer in style_layers}
+    if tiles and not getattr(style_cls, "tileable", True):
+        raise ValueError(not_tileable_error(f"the style targets would be computed in tiles of {tiles.tile} px", kind))
     if style_cls is SlicedWassersteinStyleLoss:
         from nst_exp.model.layers import LAYER_INDEX, out_channels
 
-        if tiles:
-            raise ValueError(not_tileable_error(f"the style targets would be computed in tiles of {tiles.tile} px"))
         for layer in style_layers:
             channels = out_channels(layer)
             count = max(1, round(float(loss_cfg.swd_projections) * channels))

@@ -206,6 +206,13 @@ def initial_image(cfg: DictConfig, inputs: Inputs, content: Tensor, device: torc
     shape_hw = content.shape[-2:]
     if cfg.init == Init.content:
         return content.clone()
+    if cfg.init == Init.content_recolored:
+        # A head start on the colours (relu1_1's distribution) without giving up the content's layout;
+        # in luminance mode both are grey and the style's luminance statistics are matched instead.
+        style = inputs.style_at(0, max(shape_hw)).to(device)
+        if cfg.image.color == ColorMode.luminance:
+            return color.match_luminance(content, color.luminance(style))
+        return color.match_color_histogram(content, style) if cfg.image.color != ColorMode.histogram else content.clone()
     if cfg.init == Init.noise:
         gen = torch.Generator().manual_seed(int(cfg.seed))
         noise = torch.rand(content.shape, generator=gen)
