@@ -28,7 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     if command == "run":
         from nst_exp.cli.checks import check_overrides_compose, check_run_overrides
         from nst_exp.errors import UserError
-
         from nst_exp.sweep.resume import sweep_command
 
         try:
@@ -53,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         from nst_exp.bench import main as bench_main
 
         return bench_main(rest)
-    print(f"error: unknown command {command!r}; fix: use one of run, compare, evaluate, bench (see python -m nst_exp --help)", file=sys.stderr)
+    print(
+        f"error: unknown command {command!r}; fix: use one of run, compare, evaluate, bench (see python -m nst_exp --help)", file=sys.stderr
+    )
     return 2
 
 

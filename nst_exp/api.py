@@ -64,8 +64,7 @@ def stylize(
     labels = labels_of(cfg, experiment)
     run_dir = Path(output_dir) if output_dir else new_run_dir(labels)
     with one_line_errors():  # the model's and optimiser's own errors, as one line
-        result = runner.run(cfg, run_dir, images.get("content"), [images["style"]] if "style" in images else None,
-                            experiment=experiment)
+        result = runner.run(cfg, run_dir, images.get("content"), [images["style"]] if "style" in images else None, experiment=experiment)
     if result.image is None:
         raise UserError(f"the run produced no image ({result.status}): {result.error}")
     return result if return_result else result.image

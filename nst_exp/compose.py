@@ -87,7 +87,11 @@ def _user_error(exc: Exception) -> UserError | None:
             return UserError(f"unknown config key '{key}'; fix: {_spelling_fix(key)}")
         if isinstance(cause, OmegaConfBaseException):
             key = getattr(cause, "full_key", None) or override.split("=")[0]
-            fix = f"a list, e.g. {key}=[{override.partition('=')[2]}]" if "ListConfig" in str(cause) else f"give {key} a value of its type ({KEYS_HINT})"
+            fix = (
+                f"a list, e.g. {key}=[{override.partition('=')[2]}]"
+                if "ListConfig" in str(cause)
+                else f"give {key} a value of its type ({KEYS_HINT})"
+            )
             return UserError(f"bad value in '{override}': {first_line(cause)}; fix: {fix}")
         return UserError(f"{first_line(exc)}; fix: {KEYS_HINT}")
     return None

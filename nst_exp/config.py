@@ -24,7 +24,6 @@ if not CONF_DIR.is_dir():  # installed as a wheel: conf/ ships inside the packag
     CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
-
 class Pooling(str, Enum):
     max = "max"
     avg = "avg"
@@ -236,8 +235,9 @@ def check_loggers(names: Any) -> None:
         if name not in LOGGERS:
             near = difflib.get_close_matches(str(name), LOGGERS, n=1)
             hint = f"did you mean {near[0]}? or " if near else ""
-            raise UserError(f"logging.loggers: unknown logger {name!r}; fix: {hint}any of {', '.join(LOGGERS)}, "
-                            "e.g. logging.loggers=[tensorboard,csv]")
+            raise UserError(
+                f"logging.loggers: unknown logger {name!r}; fix: {hint}any of {', '.join(LOGGERS)}, e.g. logging.loggers=[tensorboard,csv]"
+            )
     if len(set(names)) != len(names):
         raise UserError(f"logging.loggers={names} names a logger twice; fix: each once, e.g. logging.loggers=[tensorboard,csv]")
 
@@ -254,8 +254,7 @@ def tile_setting(cfg: DictConfig | Config) -> int | str | None:
     try:
         return int(text)
     except ValueError:
-        raise UserError(f"image.tile={value!r} is not a tile size; fix: image.tile=auto, image.tile=1024 (px) "
-                        "or image.tile=null") from None
+        raise UserError(f"image.tile={value!r} is not a tile size; fix: image.tile=auto, image.tile=1024 (px) or image.tile=null") from None
 
 
 def style_long_side(cfg: Any, size: int) -> int:
@@ -276,8 +275,10 @@ def _check_tile(tile: int, layers: list[str]) -> None:
         raise UserError(str(exc)) from None
     if tile < grid or tile % grid:
         fix = max(grid, tile // grid * grid)
-        raise UserError(f"image.tile={tile} must be a positive multiple of {grid} px (the pooling grid up to the deepest "
-                        f"loss layer); fix: image.tile={fix} or image.tile=null")
+        raise UserError(
+            f"image.tile={tile} must be a positive multiple of {grid} px (the pooling grid up to the deepest "
+            f"loss layer); fix: image.tile={fix} or image.tile=null"
+        )
 
 
 def validate(cfg: DictConfig | Config) -> None:
@@ -315,22 +316,30 @@ def validate(cfg: DictConfig | Config) -> None:
     if cfg.image.get("scale_from") is not None:
         _positive(cfg.image.scale_from, "image.scale_from")
         if sizes:
-            raise UserError(f"image.scale_from={cfg.image.scale_from} makes the coarse stages and image.multiscale_sizes="
-                            f"{sizes} lists them too; fix: image.multiscale_sizes=[] image.multiscale_steps=[] or image.scale_from=null")
+            raise UserError(
+                f"image.scale_from={cfg.image.scale_from} makes the coarse stages and image.multiscale_sizes="
+                f"{sizes} lists them too; fix: image.multiscale_sizes=[] image.multiscale_steps=[] or image.scale_from=null"
+            )
         if cfg.image.scale_from < 32:
-            raise UserError(f"image.scale_from={cfg.image.scale_from} is too small for VGG19's deeper layers; fix: image.scale_from=64 or more")
+            raise UserError(
+                f"image.scale_from={cfg.image.scale_from} is too small for VGG19's deeper layers; fix: image.scale_from=64 or more"
+            )
         if not cfg.image.scale_ratio > 1 or not math.isfinite(cfg.image.scale_ratio):
             raise UserError(f"image.scale_ratio must be > 1, got {cfg.image.scale_ratio!r}; fix: image.scale_ratio=1.414 (sqrt 2)")
         _positive(cfg.image.scale_steps, "image.scale_steps")
     _positive(cfg.trainer.max_steps, "trainer.max_steps")
     _positive(cfg.trainer.devices, "trainer.devices")
     if cfg.trainer.devices > 1 and tile is None:
-        raise UserError(f"trainer.devices={cfg.trainer.devices} shares the tiles of image.tile over processes, and image.tile "
-                        "is null; fix: image.tile=auto (or a tile in px, e.g. 1024), or trainer.devices=1")
+        raise UserError(
+            f"trainer.devices={cfg.trainer.devices} shares the tiles of image.tile over processes, and image.tile "
+            "is null; fix: image.tile=auto (or a tile in px, e.g. 1024), or trainer.devices=1"
+        )
     _positive(cfg.optimizer.lr, "optimizer.lr")
     _positive(cfg.optimizer.history_size, "optimizer.history_size")
     if not 0 <= cfg.optimizer.ema_decay < 1:
-        raise UserError(f"optimizer.ema_decay must be in [0, 1), got {cfg.optimizer.ema_decay!r}; fix: optimizer.ema_decay=0.99 (or 0: off)")
+        raise UserError(
+            f"optimizer.ema_decay must be in [0, 1), got {cfg.optimizer.ema_decay!r}; fix: optimizer.ema_decay=0.99 (or 0: off)"
+        )
     if cfg.optimizer.line_search not in (None, "strong_wolfe"):
         raise UserError(f"optimizer.line_search must be null or strong_wolfe, got {cfg.optimizer.line_search!r}")
     if cfg.optimizer.line_search and cfg.optimizer.impl == LBFGSImpl.compact:

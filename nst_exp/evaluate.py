@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from nst_exp.model.vgg import VGG19Encoder, build_encoder
-from nst_exp.model.layers import GATYS_CONTENT_LAYERS, GATYS_STYLE_LAYERS
 from nst_exp.images import load_tensor, open_image, pil_to_tensor
+from nst_exp.model.layers import GATYS_CONTENT_LAYERS, GATYS_STYLE_LAYERS
 from nst_exp.model.losses import gram_matrix
+from nst_exp.model.vgg import VGG19Encoder, build_encoder
 
 EVAL_SIZE = 256
 EVAL_CONTENT_LAYER = GATYS_CONTENT_LAYERS[0]
@@ -72,7 +72,6 @@ class Evaluator:
             style_d += _relative(gram_matrix(feats[layer]), blended)
         return Scores(content_d, style_d / len(EVAL_STYLE_LAYERS))
 
-
     @torch.no_grad()
     def style_swd(self, image: Tensor, styles: Sequence[Tensor], weights: Sequence[float] | None = None) -> float:
         """The sliced Wasserstein style distance (the module docstring): 0 = the style's distributions
@@ -90,8 +89,9 @@ class Evaluator:
             channels = out_channels(layer)
             directions = Swd.directions(channels, JUDGE_BASES * channels, JUDGE_SEED + LAYER_INDEX[layer]).to(self.device)
             mine = Swd.quantiles(Swd.project_sorted(feats[layer], directions), JUDGE_QUANTILES)
-            target = sum(w / total * Swd.quantiles(Swd.project_sorted(sf[layer], directions), JUDGE_QUANTILES)
-                         for sf, w in zip(style_feats, weights))
+            target = sum(
+                w / total * Swd.quantiles(Swd.project_sorted(sf[layer], directions), JUDGE_QUANTILES) for sf, w in zip(style_feats, weights)
+            )
             distance += float((mine - target).pow(2).mean().sqrt() / target.pow(2).mean().sqrt().clamp_min(1e-8))
         return distance / len(JUDGE_LAYERS)
 
@@ -124,6 +124,4 @@ def _resize_to(image: Tensor, size: tuple[int, int]) -> Tensor:
 def score_files(image: str | Path | Image.Image, content: str | Path, styles: Sequence[str | Path], device: str = "cpu") -> Scores:
     """Score any image file (e.g. another tool's output) against a content photo and style image(s)."""
     img = pil_to_tensor(open_image(image, "image"))
-    return Evaluator(device).score(
-        img, load_tensor(content, 512, "content"), [load_tensor(s, 512, "style") for s in styles]
-    )
+    return Evaluator(device).score(img, load_tensor(content, 512, "content"), [load_tensor(s, 512, "style") for s in styles])

@@ -59,7 +59,7 @@ def resolve_path(path: str | Path, what: str) -> Path:
     if not text or text == "???":
         raise UserError(f"{what}.path is not set; fix: pass {what}.path=/path/to/image.jpg or pick a preset with {what}=NAME")
     if text.startswith(BUILTIN_PREFIX):
-        name = text[len(BUILTIN_PREFIX):]
+        name = text[len(BUILTIN_PREFIX) :]
         bundled = bundled_images()
         for image in bundled:
             if name in (image.name, image.stem):  # builtin:chelsea or builtin:chelsea.png
@@ -108,8 +108,11 @@ def open_image(source: str | Path | Image.Image, what: str = "image", max_pixels
                 check_pixels(opened.size, what, path, limit)
                 frames = getattr(opened, "n_frames", 1)
                 if frames > 1:  # an animated GIF, WebP or a multi-page TIFF: Pillow opens the first frame
-                    print(f"note: the {what} image {path} has {frames} frames; the first one is used "
-                          "(save the frame you want as a PNG to use another)", file=sys.stderr)
+                    print(
+                        f"note: the {what} image {path} has {frames} frames; the first one is used "
+                        "(save the frame you want as a PNG to use another)",
+                        file=sys.stderr,
+                    )
                 img = ImageOps.exif_transpose(opened)  # an upright copy, info (transparency) kept
                 img.load()
         except UnidentifiedImageError:

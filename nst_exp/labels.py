@@ -25,7 +25,7 @@ def path_stem(path: Any) -> str | None:
     if not text or text == "???":
         return None
     if text.startswith("builtin:"):
-        text = text[len("builtin:"):]
+        text = text[len("builtin:") :]
     return PurePath(text.replace("\\", "/")).stem or None
 
 
@@ -71,8 +71,9 @@ def dated_name(label: str | None = None, now: datetime | None = None) -> str:
     return f"{now.strftime('%Y-%m-%d')}/{stamp}_{label}" if label else f"{now.strftime('%Y-%m-%d')}/{stamp}"
 
 
-def run_folder(root: str | Path, content: str | None, style: str | None, experiment: str | None = None,
-               now: datetime | None = None) -> Path:
+def run_folder(
+    root: str | Path, content: str | None, style: str | None, experiment: str | None = None, now: datetime | None = None
+) -> Path:
     """A single run's folder: ``root/<date>/<time>_[experiment_]content_style``."""
     return Path(root) / dated_name(run_label(content, style, experiment), now)
 

@@ -94,8 +94,14 @@ def resolve_max_pool(memory: Memory | str, device: torch.device) -> MaxPool:
 def optimizer_spec(cfg: OptimizerConfig, device: torch.device) -> OptimizerSpec:
     """``optimizer`` as plain typed arguments for ``optim.build``, its implementation resolved for ``device``."""
     lbfgs = cfg.name == OptimizerName.lbfgs
-    return OptimizerSpec(OptimizerName(cfg.name), float(cfg.lr), int(cfg.history_size), cfg.line_search,
-                         resolve_impl(cfg, device) if lbfgs else LBFGSImpl.torch, tuple(cfg.betas))
+    return OptimizerSpec(
+        OptimizerName(cfg.name),
+        float(cfg.lr),
+        int(cfg.history_size),
+        cfg.line_search,
+        resolve_impl(cfg, device) if lbfgs else LBFGSImpl.torch,
+        tuple(cfg.betas),
+    )
 
 
 def iters_per_step(cfg: Any, device: torch.device) -> int:

@@ -26,8 +26,7 @@ def test_compose_matches_cli_defaults():
 def test_stylize_never_shares_a_folder(tmp_path, monkeypatch, photo):
     """Three calls within one second: three folders, each named by its images and experiment."""
     monkeypatch.chdir(tmp_path)
-    args = {"overrides": ["image.size=32", "trainer.max_steps=1", "logging.progress_bar=false", "experiment=plain"],
-            "return_result": True}
+    args = {"overrides": ["image.size=32", "trainer.max_steps=1", "logging.progress_bar=false", "experiment=plain"], "return_result": True}
     runs = [nst_exp.stylize(photo, **args).run_dir for _ in range(3)]
     assert len(set(runs)) == 3 and all(r.parent.parent == Path("outputs/api") for r in runs)
     assert all(r.name.endswith("_plain_photo_starry_night") for r in runs)
@@ -41,8 +40,12 @@ def test_stylize_never_shares_a_folder(tmp_path, monkeypatch, photo):
 @pytest.mark.slow
 def test_stylize_with_pil_images(tmp_path, photo, painting):
     result = nst_exp.stylize(
-        Image.open(photo), Image.open(painting), output_dir=tmp_path / "run",
-        image={"size": 40}, trainer={"max_steps": 3}, logging={"progress_bar": False},
+        Image.open(photo),
+        Image.open(painting),
+        output_dir=tmp_path / "run",
+        image={"size": 40},
+        trainer={"max_steps": 3},
+        logging={"progress_bar": False},
     )
     assert isinstance(result, Image.Image) and result.size == (40, 27)
     assert np.array_equal(np.asarray(result), np.asarray(Image.open(tmp_path / "run" / "final.png").convert("RGB")))
@@ -56,11 +59,12 @@ def test_stylize_with_pil_images(tmp_path, photo, painting):
 @pytest.mark.slow
 def test_stylize_with_paths_and_overrides(tmp_path, photo, painting):
     result = nst_exp.stylize(
-        photo, str(painting), output_dir=tmp_path / "run", return_result=True,
+        photo,
+        str(painting),
+        output_dir=tmp_path / "run",
+        return_result=True,
         overrides=["image.size=32", "trainer.max_steps=2", "optimizer=adam", "logging.progress_bar=false"],
     )
     assert result.status == "completed" and result.image.size == (32, 22)
     assert result.metrics["result/steps"] == 2
     assert (tmp_path / "run" / "config.yaml").read_text().count("adam") == 1
-
-

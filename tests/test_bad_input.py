@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import TINY, run_cli
 from PIL import Image
 
 import nst_exp
-from conftest import TINY, run_cli
 from nst_exp.__main__ import main
 from nst_exp.api import compose_config
 from nst_exp.config import validate
@@ -94,25 +94,33 @@ def test_a_file_that_is_not_an_image_is_one_line(cli_error, tmp_path):
     assert "style file is not an image" in line and str(bad) in line
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ("-m image.size=32,big", "bad value in 'image.size=big'"),
-    ("-m loss.style_weight=1,2,oops", "bad value in 'loss.style_weight=oops'"),
-    ("-m style.path=builtin:starry_night.jpg,/no/such/painting.jpg", "style image not found: /no/such/painting.jpg"),
-    ("-m image.size=64,0", "image.size must be a positive number, got 0"),
-    ("-m image.multiscale_sizes=[24],[8] image.multiscale_steps=[2]", "becomes 8x5 px at a stage of image.multiscale_sizes=8"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ("-m image.size=32,big", "bad value in 'image.size=big'"),
+        ("-m loss.style_weight=1,2,oops", "bad value in 'loss.style_weight=oops'"),
+        ("-m style.path=builtin:starry_night.jpg,/no/such/painting.jpg", "style image not found: /no/such/painting.jpg"),
+        ("-m image.size=64,0", "image.size must be a positive number, got 0"),
+        ("-m image.multiscale_sizes=[24],[8] image.multiscale_steps=[2]", "becomes 8x5 px at a stage of image.multiscale_sizes=8"),
+    ],
+)
 def test_a_bad_value_anywhere_in_a_sweep_fails_before_any_job(cli_error, values, message):
     """Every value of every swept key is checked, not only the first job's."""
     assert message in cli_error(*values.split(), *TINY)
 
 
-@pytest.mark.parametrize("setting, says", [
-    ("hydra.sweeper.direction=maximize", "result/objective is lower-is-better; fix: hydra.sweeper.direction=minimize"),
-    ("hydra.sweeper.n_jobs=0", "hydra.sweeper.n_jobs=0 must be at least 1"),
-    ("hydra.sweeper.pruner._target_=optuna.pruners.Nope", "cannot build optuna.pruners.Nope"),
-    ("hydra.sweeper.storage='postgresql+psycopg2://nst:secret@127.0.0.1:1/none'", "cannot open the Optuna storage "
-     "postgresql+psycopg2://nst:***@127.0.0.1:1/none"),
-])
+@pytest.mark.parametrize(
+    "setting, says",
+    [
+        ("hydra.sweeper.direction=maximize", "result/objective is lower-is-better; fix: hydra.sweeper.direction=minimize"),
+        ("hydra.sweeper.n_jobs=0", "hydra.sweeper.n_jobs=0 must be at least 1"),
+        ("hydra.sweeper.pruner._target_=optuna.pruners.Nope", "cannot build optuna.pruners.Nope"),
+        (
+            "hydra.sweeper.storage='postgresql+psycopg2://nst:secret@127.0.0.1:1/none'",
+            "cannot open the Optuna storage postgresql+psycopg2://nst:***@127.0.0.1:1/none",
+        ),
+    ],
+)
 def test_a_bad_optuna_setting_is_one_line_before_any_trial(cli_error, tmp_path, setting, says):
     pytest.importorskip("optuna")
     if "postgresql" in setting:
@@ -148,7 +156,10 @@ def test_the_python_api_gives_the_command_line_s_one_line_errors(tmp_path, monke
         (lambda: compose_config(["loss.stlye_weight=1"]), r"unknown config key 'loss.stlye_weight'; fix: did you mean loss.style_weight\?"),
         (lambda: compose_config(loss={"styl_weight": 1}), r"unknown config key 'loss.styl_weight'; fix: did you mean loss.style_weight\?"),
         (lambda: compose_config(["model.pooling=median"]), r"bad value in 'model.pooling=median'.*\[max, avg\]; fix:"),
-        (lambda: nst_exp.stylize(overrides=["trainer.max_step=3"]), r"unknown config key 'trainer.max_step'; fix: did you mean trainer.max_steps\?"),
+        (
+            lambda: nst_exp.stylize(overrides=["trainer.max_step=3"]),
+            r"unknown config key 'trainer.max_step'; fix: did you mean trainer.max_steps\?",
+        ),
         (lambda: nst_exp.stylize(image={"sise": 3}), "unknown config key 'image.sise'; fix: did you mean image.size"),
     ]
     for call, message in slips:
@@ -173,8 +184,10 @@ def test_the_python_api_gives_the_command_line_s_one_line_errors(tmp_path, monke
         (["image.multiscale_sizes=[512]", "image.multiscale_steps=[10]"], r"must ascend and stay below image.size=320; fix:"),
         (["init=image"], r"init=image needs image.init_path; fix: add image.init_path="),
         (["style.blend_weights=[1,2]"], r"style.blend_weights has 2 values for 1 style images; fix: one weight per image"),
-        (["image.size=128", "image.scale_from=64", "image.multiscale_sizes=[32]", "image.multiscale_steps=[5]"],
-         r"image.scale_from=64 makes the coarse stages .*; fix: image.multiscale_sizes=\[\] "),
+        (
+            ["image.size=128", "image.scale_from=64", "image.multiscale_sizes=[32]", "image.multiscale_steps=[5]"],
+            r"image.scale_from=64 makes the coarse stages .*; fix: image.multiscale_sizes=\[\] ",
+        ),
         (["image.size=128", "image.scale_from=64", "image.scale_ratio=1.0"], r"image.scale_ratio must be > 1, got 1.0; fix:"),
         (["image.size=128", "image.scale_from=8"], r"image.scale_from=8 is too small .*; fix: image.scale_from=64 or more"),
         (["optimizer.ema_decay=1.0"], r"optimizer.ema_decay must be in \[0, 1\), got 1.0; fix: optimizer.ema_decay=0.99"),
@@ -223,8 +236,11 @@ def test_image_above_the_pixel_limit_is_one_line_with_the_way_to_allow_it(tmp_pa
     """A huge panorama is legitimate: Pillow's bomb guard becomes a clear message naming image.max_input_pixels."""
     path = tmp_path / "panorama.png"
     Image.new("RGB", (3000, 1000), (10, 20, 30)).save(path)
-    with pytest.raises(UserError, match=r"style image .*panorama.png is 3000x1000 \(3 Mpx\), above the 2 Mpx limit.*"
-                                        r"image.max_input_pixels=0"):
+    with pytest.raises(
+        UserError,
+        match=r"style image .*panorama.png is 3000x1000 \(3 Mpx\), above the 2 Mpx limit.*"
+        r"image.max_input_pixels=0",
+    ):
         open_image(path, "style", max_pixels=2_000_000)
     with pytest.raises(UserError, match="above the 2 Mpx limit"):
         header_size(path, "style", max_pixels=2_000_000)
@@ -238,8 +254,11 @@ def test_elongated_image_whose_short_side_collapses_is_one_line(tmp_path):
     the run uses (stages, style size), with the long side that would work."""
     cfg = compose_config(["image.size=320"])
     check_image_sizes(cfg, (451, 300), [(752, 600)])  # the defaults are fine
-    with pytest.raises(UserError, match=r"the content image \(4000x100\) becomes 320x8 px at image.size=320: its short "
-                                        r"side is below the 16 px VGG19 needs up to relu5_1; fix: a long side of at least 640 px"):
+    with pytest.raises(
+        UserError,
+        match=r"the content image \(4000x100\) becomes 320x8 px at image.size=320: its short "
+        r"side is below the 16 px VGG19 needs up to relu5_1; fix: a long side of at least 640 px",
+    ):
         check_image_sizes(cfg, (4000, 100), [(752, 600)])
     with pytest.raises(UserError, match=r"the style image .*style at 64 px"):
         check_image_sizes(compose_config(["image.size=320", "image.style_scale=0.2"]), (451, 300), [(752, 100)])
@@ -277,9 +296,15 @@ def test_an_optional_logger_that_is_not_installed_is_one_line_with_the_fix(monke
     check_available(["tensorboard", "csv"])
 
 
-@pytest.mark.parametrize(("args", "says"), [
-    (["--steps", "0"], "--steps"), (["--sizes", "8"], "--sizes"), (["--variants", "nope"], "nope"), (["--repeats", "0"], "--repeats"),
-])
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--steps", "0"], "--steps"),
+        (["--sizes", "8"], "--sizes"),
+        (["--variants", "nope"], "nope"),
+        (["--repeats", "0"], "--repeats"),
+    ],
+)
 def test_bench_rejects_bad_arguments_naming_them(args: list[str], says: str, capsys: pytest.CaptureFixture[str]):
     from nst_exp.bench.cli import parse_args
 
@@ -305,4 +330,3 @@ def test_compare_of_a_missing_folder_is_one_line(tmp_path, capsys):
     code = main(["compare", str(tmp_path / "nothing")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: not a folder") and "nothing" in err[0], err
-

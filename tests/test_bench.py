@@ -9,16 +9,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 import torch
+from conftest import run_cli
 
 from nst_exp.bench.clock import StepClock, window_end
 from nst_exp.bench.flops import conv_flops, peak_tflops
 from nst_exp.bench.peak import measure_peak, vgg_conv_shapes
 from nst_exp.bench.ttq import QualityPoint, time_to_quality
 from nst_exp.model.layers import GATYS_STYLE_LAYERS, pastiche_layer
-
-from conftest import run_cli
 
 
 def _conv(c_in: int, c_out: int, h: int, w: int) -> int:
@@ -42,10 +40,14 @@ def test_conv_flops_through_a_pooling_by_hand():
 def test_conv_flops_default_layers_cut_at_relu5_1():
     h, w = 32, 48  # pools: 16x24, 8x12, 4x6, 2x3
     expected = (
-        _conv(3, 64, 32, 48) + _conv(64, 64, 32, 48)
-        + _conv(64, 128, 16, 24) + _conv(128, 128, 16, 24)
-        + _conv(128, 256, 8, 12) + 3 * _conv(256, 256, 8, 12)
-        + _conv(256, 512, 4, 6) + 3 * _conv(512, 512, 4, 6)
+        _conv(3, 64, 32, 48)
+        + _conv(64, 64, 32, 48)
+        + _conv(64, 128, 16, 24)
+        + _conv(128, 128, 16, 24)
+        + _conv(128, 256, 8, 12)
+        + 3 * _conv(256, 256, 8, 12)
+        + _conv(256, 512, 4, 6)
+        + 3 * _conv(512, 512, 4, 6)
         + _conv(512, 512, 2, 3)  # conv5_1 only: the network ends at relu5_1
     )
     layers = ["relu4_2", *GATYS_STYLE_LAYERS]
@@ -131,11 +133,35 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Complete
     cwd = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # a smoke run: one thread keeps it quick on a busy 2-core machine
-        proc = run_cli([
-            "bench", "--sizes", "64", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", "out.json", "--repeats", "2",
-            "--ttq", "--ttq-size", "32", "--ttq-steps", "3", "--ttq-every", "2",
-            "--ttq-overrides", "trainer.max_steps=4", "logging.progress_bar=false",
-        ], cwd=cwd, timeout=240)
+        proc = run_cli(
+            [
+                "bench",
+                "--sizes",
+                "64",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--device",
+                "cpu",
+                "--json",
+                "out.json",
+                "--repeats",
+                "2",
+                "--ttq",
+                "--ttq-size",
+                "32",
+                "--ttq-steps",
+                "3",
+                "--ttq-every",
+                "2",
+                "--ttq-overrides",
+                "trainer.max_steps=4",
+                "logging.progress_bar=false",
+            ],
+            cwd=cwd,
+            timeout=240,
+        )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, cwd
 
@@ -171,8 +197,11 @@ def test_bench_smoke_table(smoke):
         assert table[r["variant"]][-1] == f"{100 * r['peak_fraction']:.1f}%"
     # --repeats 2: two interleaved rounds per variant, the row is the faster one
     assert all(len(r["round_means"]) == 2 and r["s_per_step_mean"] == min(r["round_means"]) for r in rows)
-    assert proc.stdout.index("tool at 64 px (round 1/2)") < proc.stdout.index("bare at 64 px (round 1/2)") \
+    assert (
+        proc.stdout.index("tool at 64 px (round 1/2)")
+        < proc.stdout.index("bare at 64 px (round 1/2)")
         < proc.stdout.index("tool at 64 px (round 2/2)")
+    )
 
 
 @pytest.mark.slow
@@ -197,8 +226,8 @@ def test_stock_loop_is_built_from_stock_modules_and_descends():
 
     from nst_exp.bench.stock import stock_loop, stock_vgg19
     from nst_exp.bench.variants import Spec, tool_config
-    from nst_exp.model.vgg import load_pastiche_weights
     from nst_exp.images import load_tensor
+    from nst_exp.model.vgg import load_pastiche_weights
 
     net = stock_vgg19(load_pastiche_weights(), "relu2_1", "reflect", "max")
     assert list(dict(net.named_children())) == ["conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1", "conv2_1", "relu2_1"]

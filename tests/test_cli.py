@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import TINY, run_cli, run_dirs
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from conftest import TINY, run_cli, run_dirs
 
 from nst_exp.model.layers import GATYS_STYLE_LAYERS as STYLE_LAYERS
 
@@ -100,8 +99,14 @@ def test_console_is_clean(default_run):
     console = proc.stdout + proc.stderr
     for noise in ("Training:", "Epoch", "srun", "Traceback", "LOCAL_RANK"):
         assert noise not in console
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "config.yaml", next(run_dir.glob("events*")).name,
-                                                         "final.png", "provenance.yaml", "result.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".hydra",
+        "config.yaml",
+        next(run_dir.glob("events*")).name,
+        "final.png",
+        "provenance.yaml",
+        "result.json",
+    ]
 
 
 @pytest.mark.slow
@@ -114,8 +119,19 @@ def test_user_images_are_used_and_labelled_by_their_file_names(tmp_path, photo, 
 
     from nst_exp.images import load_tensor, tensor_to_pil
 
-    proc = run_cli(["run", f"content.path={photo}", f"style.path={noise_image}", "experiment=fast", "image.multiscale_sizes=[32,40]",
-                    "image.multiscale_steps=[1,1]", *TINY, "trainer.max_steps=1"], tmp_path)
+    proc = run_cli(
+        [
+            "run",
+            f"content.path={photo}",
+            f"style.path={noise_image}",
+            "experiment=fast",
+            "image.multiscale_sizes=[32,40]",
+            "image.multiscale_steps=[1,1]",
+            *TINY,
+            "trainer.max_steps=1",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(tmp_path / "outputs")
     assert run_dir.name.endswith("_fast_photo_noise")
@@ -126,7 +142,8 @@ def test_user_images_are_used_and_labelled_by_their_file_names(tmp_path, photo, 
     assert config["content"]["path"] == str(photo) and config["style"]["path"] == str(noise_image)
     acc = load_events(run_dir)
     hparams = plugin_data_pb2.HParamsPluginData.FromString(
-        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info.hparams
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    ).session_start_info.hparams
     assert (hparams["content.name"].string_value, hparams["style.name"].string_value) == ("photo", "noise")
     for tag, path in (("source/content", photo), ("source/style_0", noise_image)):
         logged = np.asarray(Image.open(io.BytesIO(acc.Images(tag)[-1].encoded_image_string)).convert("RGB"), dtype=int)
@@ -146,8 +163,9 @@ def test_help_lists_groups(tmp_path):
 def test_ctrl_c_saves_latest_image(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     args = ["run", "image.size=48", "trainer.max_steps=100000", "logging.progress_bar=false", "logging.flush_every=1"]
-    proc = subprocess.Popen([sys.executable, "-m", "nst_exp", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nst_exp", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     events: list[Path] = []
     while time.time() < deadline and not events:  # wait until steps are being logged
@@ -169,11 +187,18 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_rerun_has_every_step_onc
     """SIGTERM (a cluster's cancel or time limit) stops at the next step: last.ckpt there, exit 143, and the
     same command in the same folder (what a requeued job runs) continues with no step twice or missing."""
     run = tmp_path / "outputs" / "job"
-    args = ["run", f"hydra.run.dir={run}", "image.size=32", "trainer.max_steps=100000", "logging.progress_bar=false",
-            "logging.flush_every=5"]
+    args = [
+        "run",
+        f"hydra.run.dir={run}",
+        "image.size=32",
+        "trainer.max_steps=100000",
+        "logging.progress_bar=false",
+        "logging.flush_every=5",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "nst_exp", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nst_exp", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not [p for p in run.glob("events*") if p.stat().st_size > 20000]:
         time.sleep(0.3)
@@ -228,16 +253,24 @@ def test_interrupt_loses_no_snapshot(tmp_path):
     """Snapshots reach the host a batch late (the copy never waits): Ctrl-C still writes the last one staged."""
     import pytorch_lightning as pl
 
-    from nst_exp.run import runner
     from nst_exp.api import compose_config
+    from nst_exp.run import runner
 
     class CtrlCAtStep5(pl.Callback):  # joins after the run's own callbacks, so step 5's snapshot is staged
         def on_train_batch_end(self, trainer, *args) -> None:
             if trainer.global_step == 5:
                 raise KeyboardInterrupt
 
-    cfg = compose_config(["image.size=32", "trainer.max_steps=50", "logging.image_every=1", "logging.save_snapshots=true",
-                          "logging.progress_bar=false", "trainer.accelerator=cpu"])
+    cfg = compose_config(
+        [
+            "image.size=32",
+            "trainer.max_steps=50",
+            "logging.image_every=1",
+            "logging.save_snapshots=true",
+            "logging.progress_bar=false",
+            "trainer.accelerator=cpu",
+        ]
+    )
     result = runner.run(cfg, tmp_path / "run", extra_callbacks=(CtrlCAtStep5(),))
     assert result.status == "interrupted" and result.metrics["result/steps"] == 5
     pngs = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "run" / "snapshots").glob("step_*.png"))
@@ -265,8 +298,17 @@ def test_a_checkpoint_follows_the_records_due_at_its_step(tmp_path):
                 png = (run / "snapshots" / f"step_{trainer.global_step:06d}.png").is_file()
                 seen[trainer.global_step] = (png, [e.step for e in acc.Images("output/generated")])
 
-    cfg = compose_config(["image.size=32", "trainer.max_steps=10", "logging.image_every=4", "trainer.checkpoint_every=4",
-                          "logging.save_snapshots=true", "logging.progress_bar=false", "trainer.accelerator=cpu"])
+    cfg = compose_config(
+        [
+            "image.size=32",
+            "trainer.max_steps=10",
+            "logging.image_every=4",
+            "trainer.checkpoint_every=4",
+            "logging.save_snapshots=true",
+            "logging.progress_bar=false",
+            "trainer.accelerator=cpu",
+        ]
+    )
     result = runner.run(cfg, tmp_path / "run", extra_callbacks=(LookWhenCheckpointed(),))
     assert result.status == "completed"
     assert seen == {4: (True, [4]), 8: (True, [4, 8])}
@@ -275,8 +317,10 @@ def test_a_checkpoint_follows_the_records_due_at_its_step(tmp_path):
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_image(tmp_path):
     # Adam with an absurd learning rate on a huge style weight overflows to inf/NaN quickly.
-    proc = run_cli(["run", *TINY, "optimizer=adam", "optimizer.lr=1e30", "loss.style_weight=1e30",
-                    "trainer.max_steps=50", "logging.flush_every=1"], tmp_path)
+    proc = run_cli(
+        ["run", *TINY, "optimizer=adam", "optimizer.lr=1e30", "loss.style_weight=1e30", "trainer.max_steps=50", "logging.flush_every=1"],
+        tmp_path,
+    )
     assert proc.returncode == 3, proc.stderr
     assert "NaN/inf" in proc.stderr and "Traceback" not in proc.stderr
     (run_dir,) = run_dirs(tmp_path / "outputs")

@@ -90,5 +90,3 @@ def test_auto_lbfgs_impl_is_compact_only_on_cuda_without_line_search():
     assert resolve_impl(OptimizerConfig(), torch.device("cpu")) == LBFGSImpl.torch
     assert resolve_impl(OptimizerConfig(line_search="strong_wolfe"), torch.device("cuda")) == LBFGSImpl.torch
     assert resolve_impl(OptimizerConfig(impl=LBFGSImpl.compact), torch.device("cpu")) == LBFGSImpl.compact
-
-

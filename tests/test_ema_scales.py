@@ -41,8 +41,9 @@ class Iterates(pl.Callback):
 
 def test_saved_image_is_the_bias_corrected_average_of_the_iterates(tmp_path):
     decay = 0.8
-    cfg = compose_config([*BASE, "image.size=32", "trainer.max_steps=6", "optimizer=adam", "optimizer.lr=0.05",
-                          f"optimizer.ema_decay={decay}"])
+    cfg = compose_config(
+        [*BASE, "image.size=32", "trainer.max_steps=6", "optimizer=adam", "optimizer.lr=0.05", f"optimizer.ema_decay={decay}"]
+    )
     seen = Iterates()
     result = runner.run(cfg, tmp_path / "run", extra_callbacks=(seen,))
     assert result.status == "completed"
@@ -77,8 +78,16 @@ class Final(pl.Callback):
 
 @pytest.mark.parametrize("optimizer, stop", [("adam", 3), ("lbfgs", 6)])  # cut in the coarse stage, in the last
 def test_checkpoint_resume_of_averaged_scaled_run_ends_on_the_uninterrupted_image(tmp_path, optimizer, stop):
-    overrides = [*BASE, "image.size=64", "image.scale_from=32", "image.scale_ratio=2", "image.scale_steps=4",
-                 "trainer.max_steps=5", f"optimizer={optimizer}", "optimizer.ema_decay=0.7"]
+    overrides = [
+        *BASE,
+        "image.size=64",
+        "image.scale_from=32",
+        "image.scale_ratio=2",
+        "image.scale_steps=4",
+        "trainer.max_steps=5",
+        f"optimizer={optimizer}",
+        "optimizer.ema_decay=0.7",
+    ]
     if optimizer == "adam":
         overrides.append("optimizer.lr=0.03")
     whole = Final()

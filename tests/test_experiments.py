@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-
 import pytest
 import yaml
-
 from conftest import run_cli
+
 from nst_exp.api import compose_config
 from nst_exp.config import CONF_DIR, validate
 from nst_exp.run import runner
 from nst_exp.run.stages import stages_of
 from nst_exp.sweep.summary import collect_jobs
 
-TINY = ["image.size=32", "trainer.max_steps=2", "logging.progress_bar=false", "logging.image_every=0",
-        "trainer.accelerator=cpu"]
+TINY = ["image.size=32", "trainer.max_steps=2", "logging.progress_bar=false", "logging.image_every=0", "trainer.accelerator=cpu"]
 
 
 def experiments() -> dict[str, dict]:
@@ -109,8 +107,7 @@ def test_optuna_search_composes_for_the_projects_sweeper(search):
 @pytest.mark.parametrize("search", [s for s in SEARCHES if s != "adam_optuna"])  # adam_optuna runs in tests/test_optuna.py
 def test_optuna_search_runs(tmp_path, search):
     pytest.importorskip("optuna")
-    proc = run_cli(["run", f"hparams_search={search}", "hydra.sweeper.n_trials=2", "image.size=32", *TINY[1:]],
-                   tmp_path, timeout=600)
+    proc = run_cli(["run", f"hparams_search={search}", "hydra.sweeper.n_trials=2", "image.size=32", *TINY[1:]], tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "best trial:" in proc.stdout
     (sweep,) = [p for p in (tmp_path / "outputs" / "multirun").glob("*/*") if p.is_dir()]

@@ -46,9 +46,19 @@ def test_host_copy_holds_the_value_when_it_was_queued():
 
 def run(tmp_path, name, photo, painting, *overrides):
     result = nst_exp.stylize(
-        photo, painting, output_dir=tmp_path / name, return_result=True,
-        overrides=["image.size=96", "trainer.max_steps=40", "optimizer.history_size=8", "logging.flush_every=5",
-                   "logging.progress_bar=false", "trainer.accelerator=gpu", *overrides],
+        photo,
+        painting,
+        output_dir=tmp_path / name,
+        return_result=True,
+        overrides=[
+            "image.size=96",
+            "trainer.max_steps=40",
+            "optimizer.history_size=8",
+            "logging.flush_every=5",
+            "logging.progress_bar=false",
+            "trainer.accelerator=gpu",
+            *overrides,
+        ],
     )
     assert result.status == "completed", result.error
     return result
@@ -66,6 +76,7 @@ def test_graph_run_matches_eager_run(tmp_path, photo, painting):
 
 def test_bf16_channels_last_multiscale_run(tmp_path, photo, painting):
     plain = run(tmp_path, "fp32", photo, painting)
-    fast = run(tmp_path, "bf16", photo, painting, "trainer.precision=bf16-mixed", "image.multiscale_sizes=[48]",
-               "image.multiscale_steps=[20]")
+    fast = run(
+        tmp_path, "bf16", photo, painting, "trainer.precision=bf16-mixed", "image.multiscale_sizes=[48]", "image.multiscale_steps=[20]"
+    )
     assert fast.metrics["result/eval_style"] < 1.5 * plain.metrics["result/eval_style"]

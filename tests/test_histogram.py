@@ -53,8 +53,9 @@ def _loss(encoder, styles=None, mask=None, tile=None):
     styles = styles or [load_tensor("builtin:starry_night.jpg", 48)]
     from nst_exp.tiling.targets import TargetTiles
 
-    loss, _ = build_style_transfer_loss(cfg.loss, encoder, content, styles, [1.0] * len(styles), mask,
-                                        tiles=TargetTiles(tile) if tile else None)
+    loss, _ = build_style_transfer_loss(
+        cfg.loss, encoder, content, styles, [1.0] * len(styles), mask, tiles=TargetTiles(tile) if tile else None
+    )
     return loss, content
 
 

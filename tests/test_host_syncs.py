@@ -18,15 +18,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from nst_exp.api import compose_config
 from nst_exp.run import module as nst_module
 from nst_exp.run import runner
-from nst_exp.api import compose_config
 
 # aten ops that wait for the device (CUDA: a stream sync, or a blocking copy from pageable memory).
 SYNCING_OPS = {
@@ -50,8 +50,7 @@ ALLOWED_TO_WAIT = {("checkpoint.py", "save")}  # (file, function) anywhere on th
 def _stack() -> list[traceback.FrameSummary]:
     """The frames of the package, Lightning and this test file, less the audit's own."""
     own = {"_stack", "flag", "__torch_dispatch__", "watched"}
-    return [f for f in traceback.extract_stack()
-            if any(k in f.filename for k in ("nst_exp", "lightning", __file__)) and f.name not in own]
+    return [f for f in traceback.extract_stack() if any(k in f.filename for k in ("nst_exp", "lightning", __file__)) and f.name not in own]
 
 
 def _where(frames: list[traceback.FrameSummary]) -> str:
@@ -105,7 +104,6 @@ class AuditSteadyState(pl.Callback):
         self.batches = 0
         self.state_dtypes: set[torch.dtype] = set()  # the image's and the optimiser's floating tensors
 
-
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.batches += 1
         state = trainer.optimizers[0].state[pl_module.image]
@@ -156,8 +154,13 @@ def audit(monkeypatch: pytest.MonkeyPatch) -> SyncAudit:
     [
         # CUDA's defaults, run on the CPU: 4 iterations per Lightning batch, fp32 (precision=auto on CUDA),
         # progress bar on, scalars flushed every 3 steps, snapshots every 4 (also written as PNGs), a checkpoint every 5.
-        ["trainer.iters_per_step=4", "trainer.precision=32-true", "logging.progress_bar=true", "logging.save_snapshots=true",
-         "trainer.checkpoint_every=5"],
+        [
+            "trainer.iters_per_step=4",
+            "trainer.precision=32-true",
+            "logging.progress_bar=true",
+            "logging.save_snapshots=true",
+            "trainer.checkpoint_every=5",
+        ],
         # One iteration per batch (the CPU default), bf16 autocast.
         ["trainer.iters_per_step=1", "trainer.precision=bf16-mixed"],
     ],
@@ -167,8 +170,9 @@ def test_step_loop_never_waits_for_the_device(tmp_path, overrides, audit):
     """Also: bf16 autocast runs the convolutions in bf16 while the image and L-BFGS's state stay fp32 (fp64)."""
     # optimizer.impl=compact: the sync-free L-BFGS that optimizer.impl=auto picks on CUDA (on the CPU auto
     # picks torch's, which reads the loss back every step: harmless there, nothing to wait for).
-    cfg = compose_config(["image.size=32", "trainer.max_steps=16", "logging.flush_every=3", "logging.image_every=4",
-                          "optimizer.impl=compact", *overrides])
+    cfg = compose_config(
+        ["image.size=32", "trainer.max_steps=16", "logging.flush_every=3", "logging.image_every=4", "optimizer.impl=compact", *overrides]
+    )
     watcher = AuditSteadyState(audit)
     result = runner.run(cfg, tmp_path / "run", extra_callbacks=(watcher,))
     assert result.status == "completed", result.error

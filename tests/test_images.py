@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -91,8 +90,7 @@ def test_animated_gif_says_in_one_line_that_its_first_frame_is_used(tmp_path, ca
     img = open_image(path, "style")
     assert img.getpixel((5, 5))[0] > 200 and img.getpixel((5, 5))[2] < 50  # the first (red) frame
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"note: the style image {path} has 3 frames; the first one is used "
-                   "(save the frame you want as a PNG to use another)"]
+    assert err == [f"note: the style image {path} has 3 frames; the first one is used (save the frame you want as a PNG to use another)"]
     frames[0].save(tmp_path / "still.png")
     open_image(tmp_path / "still.png", "content")
     assert capsys.readouterr().err == ""  # a still image: nothing to say

@@ -78,13 +78,20 @@ def test_real_transfer_matches_torch_lbfgs(tmp_path, photo, painting):
     images = {}
     for impl in ("compact", "torch"):
         result = nst_exp.stylize(
-            photo, painting, output_dir=tmp_path / impl, return_result=True,
-            overrides=["image.size=40", "trainer.max_steps=12", "logging.progress_bar=false", f"optimizer.impl={impl}",
-                       "trainer.accelerator=cpu", "trainer.precision=32-true"],  # TF32 or bf16 convolutions would blur it
+            photo,
+            painting,
+            output_dir=tmp_path / impl,
+            return_result=True,
+            overrides=[
+                "image.size=40",
+                "trainer.max_steps=12",
+                "logging.progress_bar=false",
+                f"optimizer.impl={impl}",
+                "trainer.accelerator=cpu",
+                "trainer.precision=32-true",
+            ],  # TF32 or bf16 convolutions would blur it
         )
         assert result.status == "completed"
         images[impl] = np.asarray(result.image, dtype=np.int16)
     # fp32 rounding differs between the two-loop and the matrix form; the images agree to a grey level or two.
     assert np.abs(images["compact"] - images["torch"]).mean() < 1.0
-
-

@@ -33,6 +33,11 @@ def test_ruff_finds_nothing():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_code_is_formatted_by_ruff():
+    proc = _run([*_tool("ruff", "ruff"), "format", "--check", "--no-cache", "."])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_imports_keep_the_layers_and_have_no_circles():
     proc = _run([*_tool("importlinter", "lint-imports"), "--no-cache"])
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -17,15 +17,22 @@ from nst_exp.api import compose_config
 from nst_exp.run.metrics import HPARAM_METRICS
 
 STEPS = 4
-FAST = ["image.size=32", f"trainer.max_steps={STEPS}", "logging.progress_bar=false", "logging.image_every=2",
-        "logging.save_snapshots=true", "trainer.accelerator=cpu"]
+FAST = [
+    "image.size=32",
+    f"trainer.max_steps={STEPS}",
+    "logging.progress_bar=false",
+    "logging.image_every=2",
+    "logging.save_snapshots=true",
+    "trainer.accelerator=cpu",
+]
 
 
 def session(run_dir: Path) -> dict[str, object]:
     acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
     acc.Reload()
     start = plugin_data_pb2.HParamsPluginData.FromString(
-        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    ).session_start_info
     return {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
 
 
@@ -77,8 +84,7 @@ def test_mlflow_in_a_real_local_store_inside_the_run_folder(tmp_path, monkeypatc
     assert Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://")).is_relative_to(run)
 
     # Continued by hand: the same MLflow run goes on, its steps once each.
-    nst_exp.stylize(overrides=[*FAST, "logging.loggers=[tensorboard,mlflow]", f"resume={run}", "trainer.max_steps=6"],
-                    output_dir=run)
+    nst_exp.stylize(overrides=[*FAST, "logging.loggers=[tensorboard,mlflow]", f"resume={run}", "trainer.max_steps=6"], output_dir=run)
     assert (run / "mlflow" / "run_id").read_text().strip() == run_id
     assert [m.step for m in client.get_metric_history(run_id, "loss/total")] == list(range(6))
     assert client.get_run(run_id).data.metrics["result/steps"] == 6

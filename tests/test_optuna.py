@@ -10,8 +10,8 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,15 +20,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_cli
 from nst_exp.sweep.summary import collect_jobs
 
 optuna = pytest.importorskip("optuna")
 
-TINY = ["image.size=32", "trainer.max_steps=3", "logging.flush_every=1", "logging.progress_bar=false",
-        "logging.image_every=0", "trainer.accelerator=cpu"]
+TINY = [
+    "image.size=32",
+    "trainer.max_steps=3",
+    "logging.flush_every=1",
+    "logging.progress_bar=false",
+    "logging.image_every=0",
+    "trainer.accelerator=cpu",
+]
 PRUNE_EARLY = ["hydra.sweeper.pruner.n_startup_trials=1", "hydra.sweeper.pruner.n_warmup_steps=0"]
 
 
@@ -61,13 +67,19 @@ def test_the_search_space_is_hydras_sweep_syntax():
 
     from nst_exp.sweep.optuna_sweeper import search_space
 
-    params = {"optimizer.lr": "tag(log, interval(0.003, 0.2))", "loss.style_loss": "choice(gram, mean_cov)",
-              "trainer.max_steps": "range(10, 40, 10)", "seed": "1"}
+    params = {
+        "optimizer.lr": "tag(log, interval(0.003, 0.2))",
+        "loss.style_loss": "choice(gram, mean_cov)",
+        "trainer.max_steps": "range(10, 40, 10)",
+        "seed": "1",
+    }
     fixed, space = search_space(params, ["loss.tv_weight=0,1", "optimizer.lr=0.05"])
     assert fixed == ["seed=1", "optimizer.lr=0.05"]  # the command line fixes a searched key
-    assert space == {"loss.style_loss": CategoricalDistribution(["gram", "mean_cov"]),
-                     "trainer.max_steps": IntDistribution(10, 30, step=10),
-                     "loss.tv_weight": CategoricalDistribution([0, 1])}
+    assert space == {
+        "loss.style_loss": CategoricalDistribution(["gram", "mean_cov"]),
+        "trainer.max_steps": IntDistribution(10, 30, step=10),
+        "loss.tv_weight": CategoricalDistribution([0, 1]),
+    }
     _, space = search_space(params, [])
     assert space["optimizer.lr"] == FloatDistribution(0.003, 0.2, log=True)
 
@@ -157,13 +169,30 @@ def postgres() -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    init = subprocess.run([*as_user, initdb, "-D", str(data), "-U", "nst", "--auth=trust", "--no-locale", "-E", "UTF8"],
-                          capture_output=True, text=True)
+    init = subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-U", "nst", "--auth=trust", "--no-locale", "-E", "UTF8"], capture_output=True, text=True
+    )
     if init.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
         pytest.skip(f"initdb failed: {(init.stderr.strip().splitlines() or ['?'])[-1]}")
-    start = subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60",
-                            "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {root}", "start"], capture_output=True, text=True)
+    start = subprocess.run(
+        [
+            *as_user,
+            pg_ctl,
+            "-D",
+            str(data),
+            "-l",
+            str(root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-c listen_addresses=127.0.0.1 -p {port} -k {root}",
+            "start",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if start.returncode != 0:
         log = (root / "server.log").read_text() if (root / "server.log").exists() else start.stderr
         shutil.rmtree(root, ignore_errors=True)
@@ -178,8 +207,16 @@ def postgres() -> Iterator[str]:
 def test_a_study_on_a_postgresql_server_runs_its_trials_in_parallel(tmp_path, postgres):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
-    proc = search(tmp_path, sweep, "launcher=parallel", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
-                  "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage='{postgres}'", "trainer.max_steps=2")
+    proc = search(
+        tmp_path,
+        sweep,
+        "launcher=parallel",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage='{postgres}'",
+        "trainer.max_steps=2",
+    )
     assert "Launching 2 jobs" in proc.stdout + proc.stderr or "launching 2 jobs" in proc.stdout + proc.stderr
     assert not (sweep / "optuna.db").exists()
     first, second = trials(postgres)
@@ -193,8 +230,15 @@ def test_trials_of_an_sqlite_study_run_in_parallel_on_submitit(tmp_path):
     their losses to the sweep folder's SQLite file at once."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
-    search(tmp_path, sweep, "launcher=submitit_local", "hydra.launcher.cpus_per_task=1", "hydra.sweeper.n_jobs=2",
-           "hydra.sweeper.n_trials=2", "trainer.max_steps=2")
+    search(
+        tmp_path,
+        sweep,
+        "launcher=submitit_local",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_steps=2",
+    )
     first, second = trials(f"sqlite:///{sweep / 'optuna.db'}")
     assert first.state.name == second.state.name == "COMPLETE"
     assert first.intermediate_values and second.intermediate_values
@@ -205,11 +249,20 @@ def test_a_trial_a_killed_search_left_running_continues_in_its_own_folder(tmp_pa
     """The driver (and its job) killed mid-trial: the same command relaunches that trial into its folder,
     where the job continues from last.ckpt; the study ends with that one trial, complete, every step once."""
     sweep = tmp_path / "sweep"
-    args = ["run", "hparams_search=adam_optuna", f"hydra.sweep.dir={sweep}", *TINY, "trainer.max_steps=60",
-            "trainer.checkpoint_every=3", "logging.flush_every=3", "hydra.sweeper.n_trials=1"]
+    args = [
+        "run",
+        "hparams_search=adam_optuna",
+        f"hydra.sweep.dir={sweep}",
+        *TINY,
+        "trainer.max_steps=60",
+        "trainer.checkpoint_every=3",
+        "logging.flush_every=3",
+        "hydra.sweeper.n_trials=1",
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "nst_exp", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nst_exp", *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 180
     while time.time() < deadline and not list(sweep.glob("0_*/last.ckpt")):
         time.sleep(0.05)

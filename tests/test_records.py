@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
-
 from conftest import run_cli
+from PIL import Image
 
 FAST = ["image.size=32", "trainer.max_steps=3", "logging.progress_bar=false", "logging.flush_every=1"]
 
@@ -52,8 +51,7 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """The CLI with its temporary files in ``cwd/tmp``: a test sees that Hydra's staging folder is gone."""
     (cwd / "tmp").mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(cwd / "tmp"), "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, "-m", "nst_exp", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "nst_exp", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def staging_left(cwd: Path) -> list[Path]:
@@ -212,8 +210,12 @@ def test_truncated_checkpoint_is_one_line_and_its_fix_is_what_happens(tmp_path, 
     ckpt = run / "last.ckpt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     before = tree(run)
-    line = one_line_error(cli(["run", f"resume={run}", "trainer.max_steps=6"], tmp_path),
-                          f"cannot read the checkpoint {ckpt}", "damaged", "continues from its saved final.png (step 3)")
+    line = one_line_error(
+        cli(["run", f"resume={run}", "trainer.max_steps=6"], tmp_path),
+        f"cannot read the checkpoint {ckpt}",
+        "damaged",
+        "continues from its saved final.png (step 3)",
+    )
     assert tree(run) == before and json.loads((run / "result.json").read_text())["status"] == "interrupted", line
     ckpt.rename(run / "last.ckpt.bad")  # the fix, as the line says
     proc = cli(["run", f"resume={run}", "trainer.max_steps=6"], tmp_path)
@@ -283,10 +285,23 @@ def test_full_disk_is_one_line_keeps_every_file_whole_and_resumes_once_there_is_
     assert proc.returncode == 0, proc.stderr
     before = {name: (run / name).read_bytes() for name in ("config.yaml", "final.png", "result.json")}
     filler = fill(small_disk, leave)
-    args = ["run", f"resume={run}", "trainer.max_steps=30", "trainer.checkpoint_every=2", "logging.image_every=1",
-            "logging.save_snapshots=true", "logging.flush_every=1", "logging.progress_bar=false"]
-    line = one_line_error(cli(args, tmp_path), "could not write the ", "no space left on the device",
-                          "fix: free space where it goes (df -h ", f"then resume={run} continues the run")
+    args = [
+        "run",
+        f"resume={run}",
+        "trainer.max_steps=30",
+        "trainer.checkpoint_every=2",
+        "logging.image_every=1",
+        "logging.save_snapshots=true",
+        "logging.flush_every=1",
+        "logging.progress_bar=false",
+    ]
+    line = one_line_error(
+        cli(args, tmp_path),
+        "could not write the ",
+        "no space left on the device",
+        "fix: free space where it goes (df -h ",
+        f"then resume={run} continues the run",
+    )
     no_temporary_files(small_disk)
     Image.open(run / "final.png").load()  # whole: the old one, or a complete new one
     result = json.loads((run / "result.json").read_text())
@@ -343,7 +358,9 @@ def test_read_only_folder_keeps_the_record_and_names_the_problem(small_disk):
     write_result(run, "completed", metrics={"result/steps": 3})
     before = tree(run)
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    with pytest.raises(WriteFailed, match=r"could not write the run record .*result.json: the filesystem is read-only; fix: make .* writable"):
+    with pytest.raises(
+        WriteFailed, match=r"could not write the run record .*result.json: the filesystem is read-only; fix: make .* writable"
+    ):
         write_result(run, "failed", error="x")
     assert tree(run) == before and read_result(run)["status"] == "completed"
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import run_cli
 from omegaconf import ReadonlyConfigError
 
 import nst_exp
-from conftest import run_cli
 from nst_exp.api import compose_config
 from nst_exp.config import LBFGSImpl, OptimizerName, validate
 from nst_exp.errors import UserError, as_user_error, one_line_errors
@@ -73,9 +73,18 @@ def test_settings_are_frozen_and_the_config_read_only():
 def test_the_record_keeps_the_keys_older_runs_have():
     """result.json, provenance.yaml and HPARAMS name the resolved values under these keys since they began."""
     record = _settings(["image.size=96"]).resolved.record()
-    assert list(record) == ["trainer.accelerator", "trainer.precision", "optimizer.impl", "model.memory",
-                            "trainer.iters_per_step", "trainer.channels_last", "trainer.compile", "trainer.cuda_graph",
-                            "image.style_size", "image.tile"]
+    assert list(record) == [
+        "trainer.accelerator",
+        "trainer.precision",
+        "optimizer.impl",
+        "model.memory",
+        "trainer.iters_per_step",
+        "trainer.channels_last",
+        "trainer.compile",
+        "trainer.cuda_graph",
+        "image.style_size",
+        "image.tile",
+    ]
     assert record["image.tile"] == "auto" and record["image.style_size"] == 96 and record["model.memory"] == "fast"
     assert _settings([]).resolved.record(final_tile=None)["image.tile"] == "none"
 
@@ -152,7 +161,8 @@ def test_one_function_names_every_run_folder(monkeypatch):
 
     now = datetime(2026, 12, 4, 9, 8, 7, 654321)
     assert run_folder("outputs/runs", "coffee", "starry_night", "fast", now) == Path(
-        "outputs/runs/2026-12-04/09-08-07-654321_fast_coffee_starry_night")
+        "outputs/runs/2026-12-04/09-08-07-654321_fast_coffee_starry_night"
+    )
     assert dated_name(now=now) == "2026-12-04/09-08-07-654321"
     register_resolvers()
     cfg = compose_config(["content.path=/photos/coffee.png", "experiment=fast"], with_hydra=True)

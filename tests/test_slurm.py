@@ -25,7 +25,6 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
-
 def _cluster_problem() -> str | None:
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         return "no SLURM client here"
@@ -40,14 +39,27 @@ def _cluster_problem() -> str | None:
 
 
 PROBLEM = _cluster_problem()
-pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.skipif(
-    PROBLEM is not None,
-    reason=f"no SLURM cluster ({PROBLEM}): start one with `sudo bash tools/test_cluster.sh start` (docs/clusters-testing.md)",
-)]
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        PROBLEM is not None,
+        reason=f"no SLURM cluster ({PROBLEM}): start one with `sudo bash tools/test_cluster.sh start` (docs/clusters-testing.md)",
+    ),
+]
 
-SLURM = ["launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
-         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.array_parallelism=1",
-         "image.size=32", "logging.progress_bar=false", "logging.flush_every=1", "trainer.checkpoint_every=1000"]
+SLURM = [
+    "launcher=slurm",
+    "hydra.launcher.partition=debug",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+    "hydra.launcher.array_parallelism=1",
+    "image.size=32",
+    "logging.progress_bar=false",
+    "logging.flush_every=1",
+    "trainer.checkpoint_every=1000",
+]
 
 
 def _steps(run_dir: Path) -> list[int]:
@@ -71,8 +83,9 @@ def _release_requeued() -> None:
 
 def _start_sweep(cwd: Path, args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen([sys.executable, "-m", "nst_exp", "run", "-m", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "nst_exp", "run", "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -121,13 +134,26 @@ def test_preempted_and_timed_out_jobs(tmp_path):
 
     def preempt_job0() -> None:
         _wait_for(lambda: _job0_training(tmp_path), 180, "job 0 to start training")
-        urgent = subprocess.run(["sbatch", "-p", "urgent", "-c", "2", "--mem=1G", "-o", "/dev/null", "--wrap", "sleep 5"],
-                                capture_output=True, text=True, check=True)
+        urgent = subprocess.run(
+            ["sbatch", "-p", "urgent", "-c", "2", "--mem=1G", "-o", "/dev/null", "--wrap", "sleep 5"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert "Submitted" in urgent.stdout
 
     returncode, stdout, stderr = _run_sweep(
-        tmp_path, [*SLURM, f"trainer.max_steps={JOB0_STEPS},100000", "hydra.launcher.timeout_min=4",
-                   "hydra.launcher.signal_delay_s=60", "hydra.launcher.max_num_timeout=1"], preempt_job0, 1200)
+        tmp_path,
+        [
+            *SLURM,
+            f"trainer.max_steps={JOB0_STEPS},100000",
+            "hydra.launcher.timeout_min=4",
+            "hydra.launcher.signal_delay_s=60",
+            "hydra.launcher.max_num_timeout=1",
+        ],
+        preempt_job0,
+        1200,
+    )
     assert returncode == 1, stderr  # one job did not complete
     assert "sweep:       2 jobs, 1 completed, 1 timed_out" in stdout
     sweep = _sweep_dir(tmp_path)
@@ -154,10 +180,11 @@ def test_cancelled_job_is_reported_and_fails_the_sweep(tmp_path, shared):
     """``scancel`` (SIGTERM, no requeue): the job checkpoints and exits without a result; the driver
     records it as cancelled (with how to continue it) and exits 1, not 0. With two tasks sharing the
     tiles, task 0 does so and then stops the other one."""
+
     def cancel_job() -> None:
         _wait_for(lambda: _job0_training(tmp_path), 180, "the job to train")
         time.sleep(2)
-        (job_id, _, _), = _squeue()
+        ((job_id, _, _),) = _squeue()
         subprocess.run(["scancel", job_id], check=True)
 
     returncode, stdout, stderr = _run_sweep(tmp_path, [*SLURM, "trainer.max_steps=100000", *shared], cancel_job, 300)
@@ -179,8 +206,13 @@ def test_job_tasks_share_the_tiles_on_the_cluster(tmp_path):
     The job paints the image a one-process run paints."""
     shared = ["image.size=96", "image.tile=48", "trainer.max_steps=4", "trainer.precision=32-true"]
     one = tmp_path / "one"
-    alone = subprocess.run([sys.executable, "-m", "nst_exp", "run", *shared, "logging.progress_bar=false",
-                            f"hydra.run.dir={one}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    alone = subprocess.run(
+        [sys.executable, "-m", "nst_exp", "run", *shared, "logging.progress_bar=false", f"hydra.run.dir={one}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert alone.returncode == 0, alone.stderr
     args = [a for a in SLURM if not a.startswith("image.size=")] + shared + ["trainer.devices=2"]
     returncode, stdout, stderr = _run_sweep(tmp_path, args, lambda: None, 600)
@@ -208,9 +240,11 @@ def test_killed_sweep_resumes_on_the_cluster(tmp_path):
     steps = (30, 300)  # job 1: long enough to be caught between checkpoints (every 20 steps)
     sweep = tmp_path / "sweep"
     args = [a for a in SLURM if not a.startswith("trainer.checkpoint_every=")]
-    proc = _start_sweep(tmp_path, [*args, f"trainer.max_steps={steps[0]},{steps[1]}", "trainer.checkpoint_every=20",
-                                   f"hydra.sweep.dir={sweep}"])
+    proc = _start_sweep(
+        tmp_path, [*args, f"trainer.max_steps={steps[0]},{steps[1]}", "trainer.checkpoint_every=20", f"hydra.sweep.dir={sweep}"]
+    )
     try:
+
         def one_done_one_going() -> bool:
             jobs = job_dirs(sweep) if sweep.is_dir() else []
             return len(jobs) == 2 and (jobs[0] / "result.json").is_file() and (jobs[1] / "last.ckpt").is_file()
@@ -225,8 +259,14 @@ def test_killed_sweep_resumes_on_the_cluster(tmp_path):
         kept = (first / "result.json").read_text()
         if (second / "result.json").is_file():  # scancel's SIGTERM: checkpointed at a step boundary, "interrupted"
             assert json.loads((second / "result.json").read_text())["status"] != "completed"
-        resumed = subprocess.run([sys.executable, "-m", "nst_exp", "run", f"resume={sweep}"], cwd=tmp_path, capture_output=True,
-                                 text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""})
+        resumed = subprocess.run(
+            [sys.executable, "-m", "nst_exp", "run", f"resume={sweep}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""},
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -249,20 +289,28 @@ def test_optuna_trials_run_in_parallel_on_the_cluster(tmp_path):
 
     sweep = tmp_path / "sweep"
     args = [a for a in SLURM if not a.startswith("hydra.launcher.array_parallelism=")]
-    search = ["run", "hparams_search=adam_optuna", f"hydra.sweep.dir={sweep}", *args, "hydra.launcher.array_parallelism=2",
-              "trainer.max_steps=3", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2"]
+    search = [
+        "run",
+        "hparams_search=adam_optuna",
+        f"hydra.sweep.dir={sweep}",
+        *args,
+        "hydra.launcher.array_parallelism=2",
+        "trainer.max_steps=3",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=2",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     try:
-        first = subprocess.run([sys.executable, "-m", "nst_exp", *search], cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=900)
+        first = subprocess.run(
+            [sys.executable, "-m", "nst_exp", *search], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+        )
         assert first.returncode == 0, first.stderr[-3000:]
         storage = f"sqlite:///{sweep / 'optuna.db'}"
         done = optuna.load_study(study_name="nst_adam", storage=storage).get_trials()
         assert [t.state.name for t in done] == ["COMPLETE", "COMPLETE"]
         assert all(t.intermediate_values for t in done) and ran_at_once(sweep)
         more = [a if a != "hydra.sweeper.n_trials=2" else "hydra.sweeper.n_trials=3" for a in search]
-        again = subprocess.run([sys.executable, "-m", "nst_exp", *more], cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=900)
+        again = subprocess.run([sys.executable, "-m", "nst_exp", *more], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert again.returncode == 0, again.stderr[-3000:]
     finally:
         subprocess.run(["scancel", "-u", "root"], capture_output=True)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_cli
 
 from nst_exp.api import compose_config
 from nst_exp.errors import UserError
 from nst_exp.images import load_tensor
 from nst_exp.model.losses import SlicedWassersteinStyleLoss, build_style_transfer_loss
 from nst_exp.model.vgg import build_encoder
-
-from conftest import run_cli
 
 
 def direct_swd(features: torch.Tensor, projections: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -60,8 +59,14 @@ def encoder():
 
 
 def _loss(encoder, seed=0, styles=None, weights=None, mask=None, **overrides):
-    cfg = compose_config(["loss.style_loss=swd", "loss.content_layers=[relu4_2]", "loss.style_layers=[relu1_1,relu2_1]",
-                          *[f"{k}={v}" for k, v in overrides.items()]])
+    cfg = compose_config(
+        [
+            "loss.style_loss=swd",
+            "loss.content_layers=[relu4_2]",
+            "loss.style_layers=[relu1_1,relu2_1]",
+            *[f"{k}={v}" for k, v in overrides.items()],
+        ]
+    )
     content = load_tensor("builtin:chelsea.png", 48)
     styles = styles or [load_tensor("builtin:starry_night.jpg", 48)]
     loss, _ = build_style_transfer_loss(cfg.loss, encoder, content, styles, weights or [1.0] * len(styles), mask, seed=seed)
@@ -112,8 +117,9 @@ def test_swd_refuses_a_tile_in_one_line(tmp_path):
         from nst_exp.config import validate
 
         validate(compose_config(["loss.style_loss=swd", "image.tile=64", "image.size=128"]))
-    proc = run_cli(["run", "loss.style_loss=swd", "image.size=64", "image.memory_mib=1", "trainer.max_steps=2",
-                    "logging.progress_bar=false"], tmp_path)
+    proc = run_cli(
+        ["run", "loss.style_loss=swd", "image.size=64", "image.memory_mib=1", "trainer.max_steps=2", "logging.progress_bar=false"], tmp_path
+    )
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "loss.style_loss=swd" in lines[0] and "fix:" in lines[0], proc.stderr

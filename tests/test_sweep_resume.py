@@ -15,17 +15,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ASSETS, run_cli
 from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from conftest import ASSETS, run_cli
 from nst_exp.errors import UserError
 from nst_exp.sweep.resume import sweep_command
 from nst_exp.sweep.summary import collect_jobs
 
 STEPS = (6, 80, 80)  # the short first job finishes while the others still run (for a while: fp32 steps at 32 px are quick)
-SWEEP = ["image.size=32", f"trainer.max_steps={','.join(map(str, STEPS))}", "trainer.checkpoint_every=2",
-         "logging.progress_bar=false", "logging.flush_every=1", "logging.image_every=5", "logging.save_snapshots=true"]
+SWEEP = [
+    "image.size=32",
+    f"trainer.max_steps={','.join(map(str, STEPS))}",
+    "trainer.checkpoint_every=2",
+    "logging.progress_bar=false",
+    "logging.flush_every=1",
+    "logging.image_every=5",
+    "logging.save_snapshots=true",
+]
 
 
 def tree(pid: int) -> list[int]:
@@ -98,8 +105,14 @@ def kill_mid_sweep(cwd: Path, sweep: Path, args: list[str], driver_first: bool =
     """Start the sweep, SIGKILL it (workers too) once a job has finished while another is between
     checkpoints; returns that interrupted job's folder and its checkpoint's step."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "nst_exp", "run", "-m", *args, f"hydra.sweep.dir={sweep}"], cwd=cwd,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nst_exp", "run", "-m", *args, f"hydra.sweep.dir={sweep}"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 400
     interrupted = None
     try:
@@ -173,8 +186,15 @@ def test_failed_job_runs_again_on_resume(tmp_path):
     good = cut.read_bytes()
     cut.write_bytes(good[: len(good) // 2])
     sweep = tmp_path / "sweep"
-    args = ["run", "-m", f"style.path=builtin:starry_night.jpg,{cut}", "image.size=32", "trainer.max_steps=3",
-            "logging.progress_bar=false", f"hydra.sweep.dir={sweep}"]
+    args = [
+        "run",
+        "-m",
+        f"style.path=builtin:starry_night.jpg,{cut}",
+        "image.size=32",
+        "trainer.max_steps=3",
+        "logging.progress_bar=false",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = run_cli(args, tmp_path)
     assert proc.returncode == 1 and "2 jobs, 1 completed, 1 failed" in proc.stdout
     cut.write_bytes(good)
@@ -186,5 +206,3 @@ def test_failed_job_runs_again_on_resume(tmp_path):
     assert (first / "result.json").read_text() == kept
     assert [j.status for j in collect_jobs([sweep])] == ["completed", "completed"]
     assert summary_sheets(sweep) == 1  # the new summary replaced the first
-
-

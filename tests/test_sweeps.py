@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import run_cli, run_dirs
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-from conftest import run_cli, run_dirs
 from nst_exp.run.metrics import HPARAM_METRICS
 from nst_exp.sweep.naming import MAX_LEN, job_dirname
 from nst_exp.sweep.summary import TILE, collect_jobs, grid_layout, swept_keys
@@ -71,7 +71,7 @@ def test_folder_names_keep_letters_of_any_script_and_drop_what_is_unsafe():
     assert job_dirname(["content.path=/home/me/Été/plage à Nice.jpg"]) == "content=plage-à-Nice"
     assert run_label("crème brûlée", "Mondrian", "café") == "café_crème-brûlée_Mondrian"
     assert safe_part("cafe\u0301") == "café"  # decomposed é (macOS file names): one letter again
-    assert safe_part("a/b\\c\x00d\ne:f*g?\"h") == "a-b-c-d-e-f-g-h"  # separators, control characters, Windows' reserved
+    assert safe_part('a/b\\c\x00d\ne:f*g?"h') == "a-b-c-d-e-f-g-h"  # separators, control characters, Windows' reserved
     assert len(safe_part("é" * 100).encode()) <= MAX_PART  # a file name's limit is in bytes
     long = job_dirname([f"loss.w{i}=é" for i in range(40)])
     assert len(long.encode()) <= MAX_LEN and long.endswith(tuple("0123456789abcdef"))
@@ -96,7 +96,9 @@ def test_multirun_one_folder_named_jobs(grid_sweep):
         "2_style=hubble_deep_field,style_weight=5,size=32,max_steps=3",
         "3_style=hubble_deep_field,style_weight=50,size=32,max_steps=3",
     ]
-    assert "sweep:       4 jobs, 4 completed\n" in proc.stdout and f"tensorboard --logdir {sweep.relative_to(sweep.parents[3])}" in proc.stdout
+    assert (
+        "sweep:       4 jobs, 4 completed\n" in proc.stdout and f"tensorboard --logdir {sweep.relative_to(sweep.parents[3])}" in proc.stdout
+    )
 
 
 @pytest.mark.slow
@@ -162,8 +164,11 @@ def test_tensorboard_server_hparams_show_swept_first_and_every_job(grid_sweep):
     first metric columns, one row per job."""
     sweep, _ = grid_sweep
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--host", "127.0.0.1",
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}/data/plugin/hparams"
     try:
         deadline, experiment = time.time() + 90, None
@@ -175,12 +180,18 @@ def test_tensorboard_server_hparams_show_swept_first_and_every_job(grid_sweep):
         assert experiment is not None, "TensorBoard did not answer"
         names = [h["name"] for h in experiment["hparamInfos"]]
         assert names == ["loss.style_weight", "style.name", "style.path"]  # what the sweep varied, and nothing else
-        assert [m["name"]["tag"] for m in experiment["metricInfos"]][:3] == ["result/objective", "result/eval_style",
-                                                                              "result/eval_content"]
+        assert [m["name"]["tag"] for m in experiment["metricInfos"]][:3] == ["result/objective", "result/eval_style", "result/eval_content"]
         assert [m["name"]["tag"] for m in experiment["metricInfos"]] == list(HPARAM_METRICS)
-        groups = _post(f"{base}/session_groups", {"experimentName": "", "startIndex": 0, "sliceSize": 100,
-                                                  "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
-                                                  "colParams": []})["sessionGroups"]
+        groups = _post(
+            f"{base}/session_groups",
+            {
+                "experimentName": "",
+                "startIndex": 0,
+                "sliceSize": 100,
+                "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+                "colParams": [],
+            },
+        )["sessionGroups"]
         assert len(groups) == 4
         for group in groups:
             values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
@@ -252,8 +263,12 @@ def test_local_launchers_run_side_by_side_and_two_sweeps_in_the_same_second_do_n
         pytest.importorskip(plugin)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "nst_exp", "run", "-m", "loss.style_weight=5,50", *FAST]
-    procs = {launcher: subprocess.Popen([*cmd, f"launcher={launcher}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True) for launcher in ("parallel", "submitit_local")}
+    procs = {
+        launcher: subprocess.Popen(
+            [*cmd, f"launcher={launcher}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for launcher in ("parallel", "submitit_local")
+    }
     for proc in procs.values():
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
@@ -261,8 +276,11 @@ def test_local_launchers_run_side_by_side_and_two_sweeps_in_the_same_second_do_n
     assert len(sweeps) == 2
     launchers = set()
     for sweep in sweeps:
-        launchers.add(next(o for o in yaml.safe_load((sweep / "multirun.yaml").read_text())["hydra"]["overrides"]["task"]
-                           if o.startswith("launcher=")))
+        launchers.add(
+            next(
+                o for o in yaml.safe_load((sweep / "multirun.yaml").read_text())["hydra"]["overrides"]["task"] if o.startswith("launcher=")
+            )
+        )
         jobs = collect_jobs([sweep])
         assert [j.status for j in jobs] == ["completed", "completed"]
         assert [j.path.name for j in jobs] == ["0_style_weight=5,size=32,max_steps=3", "1_style_weight=50,size=32,max_steps=3"]
@@ -297,8 +315,8 @@ def test_every_checkpoint_has_its_steps_on_disk(tmp_path):
     import pytorch_lightning as pl
     import torch
 
-    from nst_exp.run import runner
     from nst_exp.api import compose_config
+    from nst_exp.run import runner
 
     seen: list[tuple[int, list[int]]] = []
 
@@ -310,8 +328,16 @@ def test_every_checkpoint_has_its_steps_on_disk(tmp_path):
                 if not seen or seen[-1][0] != done:
                     seen.append((done, _steps(tmp_path / "run")))
 
-    cfg = compose_config(["image.size=32", "trainer.max_steps=10", "trainer.checkpoint_every=3", "logging.flush_every=2",
-                          "logging.progress_bar=false", "trainer.accelerator=cpu"])
+    cfg = compose_config(
+        [
+            "image.size=32",
+            "trainer.max_steps=10",
+            "trainer.checkpoint_every=3",
+            "logging.flush_every=2",
+            "logging.progress_bar=false",
+            "trainer.accelerator=cpu",
+        ]
+    )
     runner.run(cfg, tmp_path / "run", extra_callbacks=(AfterCheckpoint(),))
     assert [done for done, _ in seen] == [3, 6, 9]
     for done, steps in seen:
@@ -322,11 +348,19 @@ def test_every_checkpoint_has_its_steps_on_disk(tmp_path):
 def test_killed_job_rerun_in_its_folder_resumes_from_checkpoint(tmp_path):
     """What a requeued (pre-empted) cluster job does: the same command, the same folder, a last.ckpt."""
     run = tmp_path / "outputs" / "job"
-    args = ["run", f"hydra.run.dir={run}", "image.size=32", "trainer.max_steps=400", "trainer.checkpoint_every=3",
-            "logging.progress_bar=false", "logging.flush_every=1"]
+    args = [
+        "run",
+        f"hydra.run.dir={run}",
+        "image.size=32",
+        "trainer.max_steps=400",
+        "trainer.checkpoint_every=3",
+        "logging.progress_bar=false",
+        "logging.flush_every=1",
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "nst_exp", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nst_exp", *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 180
     while time.time() < deadline and not (run / "last.ckpt").is_file():
         time.sleep(0.2)
@@ -351,9 +385,13 @@ def test_captions_name_files_by_stem_and_never_cut_mid_word(tmp_path):
     from nst_exp.sweep.summary import CAPTION_WIDTH, Job, _caption
 
     long_path = "/home/me/photos/holiday/an_extremely_long_photo_file_name_from_my_camera_2026_11_25.png"
-    job = Job(tmp_path, "completed", None, {"result/eval_style": 0.2, "result/eval_content": 0.9, "result/loss_total": 3.0,
-                                            "result/wall_time_s": 10.0},
-              overrides=[f"content.path={long_path}", "loss.style_weight=20", "style=hubble"])
+    job = Job(
+        tmp_path,
+        "completed",
+        None,
+        {"result/eval_style": 0.2, "result/eval_content": 0.9, "result/loss_total": 3.0, "result/wall_time_s": 10.0},
+        overrides=[f"content.path={long_path}", "loss.style_weight=20", "style=hubble"],
+    )
     lines = _caption(job, ["content.path", "loss.style_weight", "style"])
     assert all(len(line) <= CAPTION_WIDTH for line in lines)
     assert lines[0].startswith("content=an_extremely_long_photo") and lines[0].endswith("…")  # one word: shortened, not split

@@ -14,9 +14,9 @@ from nst_exp.api import compose_config
 from nst_exp.errors import UserError
 from nst_exp.model.layers import reach
 from nst_exp.run import setup
+from nst_exp.settings import resolve
 from nst_exp.tiling.exact import tiled_loss_and_grad
 from nst_exp.tiling.geometry import spans
-from nst_exp.settings import resolve
 
 SHALLOW = ["loss.content_layers=[relu2_2]", "loss.style_layers=[relu1_1,relu2_1,relu3_1]"]  # halo 12 px: many real tiles
 
@@ -50,23 +50,29 @@ def _assert_tiled_equals_whole(overrides: list[str], size: int, tile: int) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [
-    [],  # the defaults: gram, reflect, max pooling, relu1_1..relu5_1 + relu4_2 (halo 80 px)
-    ["loss.style_loss=mean_cov", "model.padding=zeros", "model.pooling=avg", "loss.tv_weight=0.1"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],  # the defaults: gram, reflect, max pooling, relu1_1..relu5_1 + relu4_2 (halo 80 px)
+        ["loss.style_loss=mean_cov", "model.padding=zeros", "model.pooling=avg", "loss.tv_weight=0.1"],
+    ],
+)
 def test_default_layers_tiled_equal_whole(overrides):
     _assert_tiled_equals_whole(overrides, 240, 96)  # 240x160 in 96 px tiles: 3 x 2 tiles, the last ones 48 / 64 px
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [
-    ["loss.style_loss=gram", "model.padding=reflect", "model.pooling=max"],
-    ["loss.style_loss=mean_cov", "model.padding=zeros", "model.pooling=max"],
-    ["loss.style_loss=gram", "model.padding=zeros", "model.pooling=avg"],
-    ["loss.style_loss=mean_cov", "model.padding=reflect", "model.pooling=avg", "loss.normalize=false"],
-    ["image.color=luminance"],
-    ["image.color=histogram", "style.extra_paths=[builtin:hubble_deep_field]", "style.blend_weights=[0.7,0.3]"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss.style_loss=gram", "model.padding=reflect", "model.pooling=max"],
+        ["loss.style_loss=mean_cov", "model.padding=zeros", "model.pooling=max"],
+        ["loss.style_loss=gram", "model.padding=zeros", "model.pooling=avg"],
+        ["loss.style_loss=mean_cov", "model.padding=reflect", "model.pooling=avg", "loss.normalize=false"],
+        ["image.color=luminance"],
+        ["image.color=histogram", "style.extra_paths=[builtin:hubble_deep_field]", "style.blend_weights=[0.7,0.3]"],
+    ],
+)
 def test_shallow_layers_many_tiles_equal_whole(overrides):
     _assert_tiled_equals_whole([*SHALLOW, *overrides], 150, 32)  # 150x100 (odd sizes after poolings) in 32 px tiles:
     # 5 x 4 tiles, the last ones 22 px wide and 4 px (one pooling-grid step) high
@@ -96,8 +102,12 @@ def test_tiles_cover_the_image_once_with_crops_on_the_grid():
 
 @pytest.mark.slow
 def test_a_tiled_run_paints_the_same_image(tmp_path):
-    settings = dict(image={"size": 64}, trainer={"max_steps": 5, "accelerator": "cpu", "precision": "32-true"},
-                    logging={"progress_bar": False, "image_every": 0}, overrides=SHALLOW)
+    settings = dict(
+        image={"size": 64},
+        trainer={"max_steps": 5, "accelerator": "cpu", "precision": "32-true"},
+        logging={"progress_bar": False, "image_every": 0},
+        overrides=SHALLOW,
+    )
     whole = stylize(output_dir=tmp_path / "whole", return_result=True, **settings)
     tiled = stylize(output_dir=tmp_path / "tiled", return_result=True, **{**settings, "image": {"size": 64, "tile": 16}})
     assert whole.status == tiled.status == "completed"
@@ -142,8 +152,13 @@ def test_targets_made_tile_by_tile_equal_whole(overrides, tmp_path):
 
 @pytest.mark.slow
 def test_final_tiff_on_request(tmp_path):
-    result = stylize(output_dir=tmp_path / "run", return_result=True, image={"size": 48},
-                     trainer={"max_steps": 2, "accelerator": "cpu"}, logging={"progress_bar": False, "save_tiff": True})
+    result = stylize(
+        output_dir=tmp_path / "run",
+        return_result=True,
+        image={"size": 48},
+        trainer={"max_steps": 2, "accelerator": "cpu"},
+        logging={"progress_bar": False, "save_tiff": True},
+    )
     png, tif = Image.open(tmp_path / "run" / "final.png"), Image.open(tmp_path / "run" / "final.tif")
     assert tif.format == "TIFF" and tif.size == png.size == result.image.size
     assert np.array_equal(np.asarray(tif.convert("RGB")), np.asarray(png.convert("RGB")))

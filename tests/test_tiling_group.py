@@ -11,16 +11,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from nst_exp.api import compose_config
 from nst_exp.config import validate
 from nst_exp.errors import UserError
 
 # 96x64 in 48 px tiles (2 x 2), after a 64 px stage that is tiled too: the helpers build a loss per stage.
-SHARED = ["image.size=96", "image.tile=48", "image.multiscale_sizes=[64]", "image.multiscale_steps=[2]",
-          "trainer.max_steps=3", "trainer.accelerator=cpu", "trainer.precision=32-true", "logging.progress_bar=false"]
+SHARED = [
+    "image.size=96",
+    "image.tile=48",
+    "image.multiscale_sizes=[64]",
+    "image.multiscale_steps=[2]",
+    "trainer.max_steps=3",
+    "trainer.accelerator=cpu",
+    "trainer.precision=32-true",
+    "logging.progress_bar=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +54,7 @@ def test_two_processes_from_the_cli_paint_the_one_process_image(tmp_path, one_pr
     out = tmp_path / "run"
     proc = run_cli(["run", *SHARED, "trainer.devices=2", f"hydra.run.dir={out}"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    (rank, world, passes), = _helper_lines(proc.stdout)
+    ((rank, world, passes),) = _helper_lines(proc.stdout)
     assert (rank, world) == (1, 2) and passes >= 5  # both stages' steps went through the helper
     _same_image(out / "final.png", one_process)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written beside the run folder
@@ -56,8 +64,15 @@ def test_two_processes_from_the_cli_paint_the_one_process_image(tmp_path, one_pr
 def test_two_processes_with_auto_tiles_share_what_the_budget_forces(tmp_path):
     """image.tile=auto with a budget the whole image does not fit: both processes plan the same tiles
     (process 0's plan is sent with every loss pass) and the image is the one process's."""
-    common = ["image.size=384", "image.tile=auto", "image.memory_mib=150", "trainer.max_steps=2", "trainer.accelerator=cpu",
-              "trainer.precision=32-true", "logging.progress_bar=false"]
+    common = [
+        "image.size=384",
+        "image.tile=auto",
+        "image.memory_mib=150",
+        "trainer.max_steps=2",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "logging.progress_bar=false",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     proc = run_cli(["run", *common, f"hydra.run.dir={one}"], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -65,7 +80,7 @@ def test_two_processes_with_auto_tiles_share_what_the_budget_forces(tmp_path):
     assert plans[-1]["tile"] is not None and plans[-1]["auto"], plans  # the budget forced tiles
     proc = run_cli(["run", *common, "trainer.devices=2", f"hydra.run.dir={two}"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    (rank, world, passes), = _helper_lines(proc.stdout)
+    ((rank, world, passes),) = _helper_lines(proc.stdout)
     assert (rank, world) == (1, 2) and passes >= 2
     shared = json.loads((two / "result.json").read_text())["tile_plans"]
     assert shared[-1]["tile"] is not None and shared[-1]["world"] == 2, shared
@@ -124,9 +139,25 @@ def test_ctrl_c_saves_the_image_and_ends_the_helpers(tmp_path):
 
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "nst_exp", "run", *SHARED[:2], "trainer.max_steps=100000", "trainer.devices=2",
-                             "trainer.precision=32-true", "logging.progress_bar=false", f"hydra.run.dir={out}"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nst_exp",
+            "run",
+            *SHARED[:2],
+            "trainer.max_steps=100000",
+            "trainer.devices=2",
+            "trainer.precision=32-true",
+            "logging.progress_bar=false",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not list(out.glob("events.out.tfevents*")) and time.time() < deadline:

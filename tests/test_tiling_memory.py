@@ -8,8 +8,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from nst_exp.api import compose_config
 from nst_exp.errors import UserError
 from nst_exp.run.setup import history_pairs
@@ -22,8 +22,11 @@ CPU = torch.device("cpu")
 
 def test_a_history_too_large_names_the_one_that_fits():
     # 30 Mpx with 24 GiB free: 80% of it is 687 B per pixel; 96 B for the vectors leave 24 pairs of 24 B.
-    with pytest.raises(UserError, match=r"optimizer.history_size=50: L-BFGS's pairs need 36.2 GiB for a 30.0 Mpx image .* "
-                                        r"24.0 GiB is free on cpu; fix: optimizer.history_size=24 \(or less\), or optimizer=adam"):
+    with pytest.raises(
+        UserError,
+        match=r"optimizer.history_size=50: L-BFGS's pairs need 36.2 GiB for a 30.0 Mpx image .* "
+        r"24.0 GiB is free on cpu; fix: optimizer.history_size=24 \(or less\), or optimizer=adam",
+    ):
         check_history_fits(50, 30_000_000, CPU, available=24 * GIB)
     check_history_fits(24, 30_000_000, CPU, available=24 * GIB)
     check_history_fits(None, 30_000_000, CPU, available=24 * GIB)  # Adam: no pairs

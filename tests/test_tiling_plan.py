@@ -38,15 +38,22 @@ def _loss(size: int, overrides: list[str] = ()):
 def _saved_bytes_of_whole(loss, image: torch.Tensor, bf16: bool) -> int:
     """What autograd keeps for the whole image's graph, each storage once (the loss's buffers not)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        maps, other = tile_plan.saved_storage_bytes(lambda: loss(image.clone().requires_grad_(True)),
-                                                    [*loss.buffers(), *loss.encoder.buffers(), image])
+        maps, other = tile_plan.saved_storage_bytes(
+            lambda: loss(image.clone().requires_grad_(True)), [*loss.buffers(), *loss.encoder.buffers(), image]
+        )
     return maps + other
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("overrides", [[], ["model.memory=lean", "model.padding=zeros", "loss.style_loss=mean_cov"],
-                                       ["loss.style_layers=[relu1_1,relu2_1]", "loss.content_layers=[relu2_2]"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model.memory=lean", "model.padding=zeros", "loss.style_loss=mean_cov"],
+        ["loss.style_layers=[relu1_1,relu2_1]", "loss.content_layers=[relu2_2]"],
+    ],
+)
 def test_the_probe_predicts_what_the_whole_images_graph_keeps(overrides, bf16):
     """Two small crops, measured, extrapolated to a 320 px image: within a few percent of what autograd
     keeps for the whole image, and not below it (a shallow content layer: much of it grows with the
@@ -159,8 +166,9 @@ def test_bad_tile_settings_are_one_line():
 
 @pytest.mark.slow
 def test_a_run_under_a_small_budget_tiles_itself_and_paints_the_same_image(tmp_path, capsys):
-    settings = dict(trainer={"max_steps": 3, "accelerator": "cpu", "precision": "32-true"},
-                    logging={"progress_bar": False, "image_every": 0})
+    settings = dict(
+        trainer={"max_steps": 3, "accelerator": "cpu", "precision": "32-true"}, logging={"progress_bar": False, "image_every": 0}
+    )
     whole = stylize(output_dir=tmp_path / "whole", return_result=True, image={"size": 384}, **settings)
     small = stylize(output_dir=tmp_path / "small", return_result=True, image={"size": 384, "memory_mib": 150}, **settings)
     assert whole.status == small.status == "completed"

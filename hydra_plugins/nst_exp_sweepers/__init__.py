@@ -28,8 +28,7 @@ class NstOptunaSweeperConf:
     n_jobs: int = 1  # trials per batch handed to the launcher (run in parallel by joblib/submitit/SLURM)
     sampler: Any = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": None})
     # null = no pruning; the jobs report their relative loss (loss/total over its first value) every logging.flush_every steps
-    pruner: Any = field(default_factory=lambda: {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 4,
-                                                 "n_warmup_steps": 20})
+    pruner: Any = field(default_factory=lambda: {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 4, "n_warmup_steps": 20})
     params: Dict[str, str] = field(default_factory=dict)  # key: Hydra sweep syntax (choice, range, interval, tag(log, ...))
 
 

@@ -29,29 +29,56 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--sizes", type=int, nargs="+", help="long sides in px (default 256 512 on cpu, 512 1024 on cuda)")
     p.add_argument("--steps", type=int, default=20, help="measured steps per variant (default 20)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps before them (default 3 on cpu; 55 on cuda, so L-BFGS's memory of 50 is "
-                        "full and the CUDA graph captured: the steady state of a run)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps before them (default 3 on cpu; 55 on cuda, so L-BFGS's memory of 50 is "
+        "full and the CUDA graph captured: the steady state of a run)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="32")
-    p.add_argument("--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS),
-                   help="which to time (default all; none with --ttq: only the time-to-quality comparison)")
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="which to time (default all; none with --ttq: only the time-to-quality comparison)",
+    )
     p.add_argument("--content", default=DEFAULT_CONTENT, help=f"content image (default {DEFAULT_CONTENT})")
     p.add_argument("--style", default=DEFAULT_STYLE, help=f"style image (default {DEFAULT_STYLE})")
-    p.add_argument("--overrides", nargs="*", default=[],
-                   help="tool config overrides for the tool, bare and stock rows, e.g. trainer.iters_per_step=8 trainer.compile=true")
-    p.add_argument("--tile", default=None,
-                   help="the tiled row's image.tile: px, or auto (default: half the long side, about four tiles); a fixed "
-                        "tile over several sizes shows what each further megapixel costs with activations bounded by it")
-    p.add_argument("--tile-keep", type=int, default=None,
-                   help="the tiled row's image.tile_keep: crops whose pass-1 graph pass 2 reuses (default: as many as fit; "
-                        "1: the memory of one crop, each other crop run forward once more)")
-    p.add_argument("--tile-memory", type=int, default=None,
-                   help="the tiled row's image.memory_mib: the budget its plan must fit (with --tile auto: the cost of "
-                        "an image that would not fit that memory whole)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="rounds per size, the variants interleaved; each row keeps its best round (default 1; "
-                        "2-3 on a shared or noisy machine)")
+    p.add_argument(
+        "--overrides",
+        nargs="*",
+        default=[],
+        help="tool config overrides for the tool, bare and stock rows, e.g. trainer.iters_per_step=8 trainer.compile=true",
+    )
+    p.add_argument(
+        "--tile",
+        default=None,
+        help="the tiled row's image.tile: px, or auto (default: half the long side, about four tiles); a fixed "
+        "tile over several sizes shows what each further megapixel costs with activations bounded by it",
+    )
+    p.add_argument(
+        "--tile-keep",
+        type=int,
+        default=None,
+        help="the tiled row's image.tile_keep: crops whose pass-1 graph pass 2 reuses (default: as many as fit; "
+        "1: the memory of one crop, each other crop run forward once more)",
+    )
+    p.add_argument(
+        "--tile-memory",
+        type=int,
+        default=None,
+        help="the tiled row's image.memory_mib: the budget its plan must fit (with --tile auto: the cost of "
+        "an image that would not fit that memory whole)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds per size, the variants interleaved; each row keeps its best round (default 1; 2-3 on a shared or noisy machine)",
+    )
     p.add_argument("--json", type=Path, help="also write the rows (and the ttq result) to this JSON file")
     p.add_argument("--ttq", action="store_true", help="also run the time-to-quality comparison")
     p.add_argument("--ttq-size", type=int, default=256, help="ttq image size (default 256)")
@@ -89,8 +116,10 @@ def cpu_peaks(args: argparse.Namespace, device: str, before: dict[str, Peak] | N
 
 def peak_info(peaks: dict[str, Peak]) -> dict[str, object]:
     """The peaks as --json writes them (machine.peak)."""
-    return {basis: {"tflops": p.tflops, "convs": [asdict(t) for t in p.convs],
-                    "matmul": asdict(p.matmul) if p.matmul else None} for basis, p in peaks.items()}
+    return {
+        basis: {"tflops": p.tflops, "convs": [asdict(t) for t in p.convs], "matmul": asdict(p.matmul) if p.matmul else None}
+        for basis, p in peaks.items()
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -114,15 +143,29 @@ def main(argv: list[str]) -> int:
         rounds: dict[str, list[Measurement]] = {variant: [] for variant in args.variants}
         for index in range(args.repeats):
             for variant in args.variants:  # interleaved, so a slow spell of a shared machine hits every variant
-                spec = Spec(variant, size, args.steps, args.warmup, device, args.precision, args.content, args.style,
-                            tuple(args.overrides), args.tile, args.tile_keep, args.tile_memory)
+                spec = Spec(
+                    variant,
+                    size,
+                    args.steps,
+                    args.warmup,
+                    device,
+                    args.precision,
+                    args.content,
+                    args.style,
+                    tuple(args.overrides),
+                    args.tile,
+                    args.tile_keep,
+                    args.tile_memory,
+                )
                 what = f"{variant} at {size} px" + (f" (round {index + 1}/{args.repeats})" if args.repeats > 1 else "")
                 print(f"[bench] {what} ...", flush=True)
                 m = measure_in_subprocess(spec)
                 rounds[variant].append(m)
                 # A line per variant as it finishes, so a bench cut short still says what it measured.
-                print(f"[bench] {what}: " + (f"{m.mean * 1e3:.2f} ms/step, peak {m.mem_peak_mib:.0f} MiB"
-                      if m.ok else f"failed: {m.error}"), flush=True)
+                print(
+                    f"[bench] {what}: " + (f"{m.mean * 1e3:.2f} ms/step, peak {m.mem_peak_mib:.0f} MiB" if m.ok else f"failed: {m.error}"),
+                    flush=True,
+                )
             if peaks and index + 1 < args.repeats:  # between rounds too: the peak is each kernel's best call
                 peaks = cpu_peaks(args, device, peaks)
         measurements += [best_of(rounds[variant]) for variant in args.variants]

@@ -127,4 +127,3 @@ def timed_loop(step: Callable[[], None], clock: StepClock, device: torch.device)
         clock.tick(i, device)
         step()
     clock.tick(end, device)
-

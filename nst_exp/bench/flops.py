@@ -49,4 +49,3 @@ def peak_basis(device: str, precision: str) -> str:
     if device == "cuda" and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "fp32"
-

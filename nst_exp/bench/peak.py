@@ -105,8 +105,7 @@ def time_matmul(n: int, dtype: torch.dtype, device: torch.device, repeats: int) 
     return Timed(f"matmul {n}^2", 2 * n**3, seconds)
 
 
-def measure_peak(basis: str, device: str = "cpu", base: tuple[int, int] = (128, 192), repeats: int = 3,
-                 matmul: int | None = 1024) -> Peak:
+def measure_peak(basis: str, device: str = "cpu", base: tuple[int, int] = (128, 192), repeats: int = 3, matmul: int | None = 1024) -> Peak:
     """Time the VGG-shaped convolutions (and a ``matmul``-sized square matmul) in ``basis``.
 
     The default ``base`` gives each shape about 1.8 GFLOP: tens of milliseconds a call on a

@@ -49,22 +49,33 @@ class Row:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nst_exp bench --quality",
-                                description="Quality of presets against a stock 200-step Gatys L-BFGS loop and pastiche at matched time.")
+    p = argparse.ArgumentParser(
+        prog="python -m nst_exp bench --quality",
+        description="Quality of presets against a stock 200-step Gatys L-BFGS loop and pastiche at matched time.",
+    )
     p.add_argument("--quality", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=256, help="long side, px (default 256)")
-    p.add_argument("--presets", nargs="+", default=["default", "quality"],
-                   help="experiment presets to judge (default: default quality; 'default' = no experiment)")
-    p.add_argument("--pairs", nargs="*", default=None,
-                   help="content:style file pairs (builtin:NAME or paths; default every bundled content x style)")
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        default=["default", "quality"],
+        help="experiment presets to judge (default: default quality; 'default' = no experiment)",
+    )
+    p.add_argument(
+        "--pairs", nargs="*", default=None, help="content:style file pairs (builtin:NAME or paths; default every bundled content x style)"
+    )
     p.add_argument("--overrides", nargs="*", default=[], help="config overrides for every preset (e.g. trainer.max_steps=50)")
     p.add_argument("--stock-steps", type=int, default=STOCK_STEPS, help=f"the stock loop's L-BFGS steps (default {STOCK_STEPS})")
     p.add_argument("--stock-precision", choices=("32", "bf16"), default="32", help="the stock loop's precision (default 32)")
     p.add_argument("--no-pastiche", action="store_true", help="leave pastiche out")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for every row (default: torch's); 1 on a shared machine, where spinning threads "
-                        "waiting for each other cost more than they do")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for every row (default: torch's); 1 on a shared machine, where spinning threads "
+        "waiting for each other cost more than they do",
+    )
     p.add_argument("--json", type=Path, help="write the rows to this JSON file")
     p.add_argument("--sheet", type=Path, help="write a contact sheet (PNG) of every pair's images")
     return p.parse_args(list(argv))
@@ -108,9 +119,15 @@ def run_preset(preset: str, content: str, style: str, size: int, device: str, ov
     from nst_exp.images import pil_to_tensor
     from nst_exp.run import runner
 
-    cfg = compose_config([*([] if preset == "default" else [f"experiment={preset}"]), f"image.size={size}",
-                          f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "logging.progress_bar=false",
-                          *overrides])
+    cfg = compose_config(
+        [
+            *([] if preset == "default" else [f"experiment={preset}"]),
+            f"image.size={size}",
+            f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+            "logging.progress_bar=false",
+            *overrides,
+        ]
+    )
     cfg.content.path, cfg.style.path = content, style
     with tempfile.TemporaryDirectory(prefix="nst_bench_quality_") as tmp:
         start = time.perf_counter()
@@ -188,16 +205,30 @@ def main(argv: Sequence[str]) -> int:
             images[label].append((name, image))
         stock = pair_rows[0]
         for r in pair_rows:
-            r.ratios = {"style": r.style / stock.style, "content": r.content / stock.content, "time": r.seconds / stock.seconds,
-                        "cpu": r.cpu_seconds / stock.cpu_seconds}
+            r.ratios = {
+                "style": r.style / stock.style,
+                "content": r.content / stock.content,
+                "time": r.seconds / stock.seconds,
+                "cpu": r.cpu_seconds / stock.cpu_seconds,
+            }
             print(f"[quality] {format_row(r)}", flush=True)
         rows += pair_rows
     print()
     print(format_table(rows, args, device, started))
     if args.json:
-        args.json.write_text(json.dumps({"date": started, "device": device, "size": args.size, "argv": list(argv),
-                                         "threads": torch.get_num_threads(),
-                                         "rows": [asdict(r) for r in rows]}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "date": started,
+                    "device": device,
+                    "size": args.size,
+                    "argv": list(argv),
+                    "threads": torch.get_num_threads(),
+                    "rows": [asdict(r) for r in rows],
+                },
+                indent=2,
+            )
+        )
     if args.sheet:
         contact_sheet(images, rows).save(args.sheet)
         print(f"contact sheet: {args.sheet}")
@@ -213,29 +244,47 @@ def _split_pair(text: str) -> tuple[str, str]:
 
 
 def format_row(r: Row) -> str:
-    ratio = "" if r.name == "stock" else (f"  ({r.ratios['style']:.2f}x style, {r.ratios['content']:.2f}x content, "
-                                           f"{r.ratios['time']:.2f}x time, {r.ratios['cpu']:.2f}x CPU time)")
-    return (f"{r.pair:32s} {r.name:10s} {r.seconds:7.1f} s {r.steps:5d} steps  style(SWD) {r.style:.4f}  "
-            f"content {r.content:.4f}  gram {r.gram:.4f}{ratio}")
+    ratio = (
+        ""
+        if r.name == "stock"
+        else (
+            f"  ({r.ratios['style']:.2f}x style, {r.ratios['content']:.2f}x content, "
+            f"{r.ratios['time']:.2f}x time, {r.ratios['cpu']:.2f}x CPU time)"
+        )
+    )
+    return (
+        f"{r.pair:32s} {r.name:10s} {r.seconds:7.1f} s {r.steps:5d} steps  style(SWD) {r.style:.4f}  "
+        f"content {r.content:.4f}  gram {r.gram:.4f}{ratio}"
+    )
 
 
 def format_table(rows: Sequence[Row], args: argparse.Namespace, device: str, started: str) -> str:
-    lines = [f"quality at {args.size} px on {device} ({torch.get_num_threads()} threads), {started}; ratios over the stock {args.stock_steps}-step Gatys L-BFGS loop "
-             "(lower is better)", "",
-             "| pair | row | steps | time (s) | style (SWD) | content | Gram style | style x | content x | time x | CPU time x |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"quality at {args.size} px on {device} ({torch.get_num_threads()} threads), {started}; ratios over the stock {args.stock_steps}-step Gatys L-BFGS loop "
+        "(lower is better)",
+        "",
+        "| pair | row | steps | time (s) | style (SWD) | content | Gram style | style x | content x | time x | CPU time x |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        lines.append(f"| {r.pair} | {r.name} | {r.steps} | {r.seconds:.1f} | {r.style:.4f} | {r.content:.4f} | {r.gram:.4f} | "
-                     f"{r.ratios['style']:.2f} | {r.ratios['content']:.2f} | {r.ratios['time']:.2f} | {r.ratios['cpu']:.2f} |")
+        lines.append(
+            f"| {r.pair} | {r.name} | {r.steps} | {r.seconds:.1f} | {r.style:.4f} | {r.content:.4f} | {r.gram:.4f} | "
+            f"{r.ratios['style']:.2f} | {r.ratios['content']:.2f} | {r.ratios['time']:.2f} | {r.ratios['cpu']:.2f} |"
+        )
     names = list(dict.fromkeys(r.name for r in rows if r.name != "stock"))
-    lines += ["", "| row | worst style x | worst content x | worst time x | mean style x | mean content x | mean time x |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "| row | worst style x | worst content x | worst time x | mean style x | mean content x | mean time x |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name in names:
         mine = [r for r in rows if r.name == name]
         worst = {k: max(r.ratios[k] for r in mine) for k in ("style", "content", "time")}
         mean = {k: sum(r.ratios[k] for r in mine) / len(mine) for k in ("style", "content", "time")}
-        lines.append(f"| {name} | {worst['style']:.2f} | {worst['content']:.2f} | {worst['time']:.2f} | "
-                     f"{mean['style']:.2f} | {mean['content']:.2f} | {mean['time']:.2f} |")
+        lines.append(
+            f"| {name} | {worst['style']:.2f} | {worst['content']:.2f} | {worst['time']:.2f} | "
+            f"{mean['style']:.2f} | {mean['content']:.2f} | {mean['time']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -253,13 +302,18 @@ def contact_sheet(images: dict[str, list[tuple[str, Tensor]]], rows: Sequence[Ro
         for x, (name, image) in enumerate(entries):
             pil = tensor_to_pil(image.float().clamp(0, 1))
             if max(pil.size) != cell:
-                pil = pil.resize((max(1, round(pil.width * cell / max(pil.size))), max(1, round(pil.height * cell / max(pil.size)))),
-                                 Image.Resampling.LANCZOS)
+                pil = pil.resize(
+                    (max(1, round(pil.width * cell / max(pil.size))), max(1, round(pil.height * cell / max(pil.size)))),
+                    Image.Resampling.LANCZOS,
+                )
             sheet.paste(pil, (x * cell + (cell - pil.width) // 2, top + (cell - pil.height) // 2))
             r = by_key.get((pair, name))
             first = f"{name} ({r.steps} steps, {r.seconds:.0f} s)" if r is not None else (pair if name == "content" else name)
-            second = "" if r is None or name == "stock" else (
-                f"style {r.ratios['style']:.2f}x content {r.ratios['content']:.2f}x time {r.ratios['time']:.2f}x")
+            second = (
+                ""
+                if r is None or name == "stock"
+                else (f"style {r.ratios['style']:.2f}x content {r.ratios['content']:.2f}x time {r.ratios['time']:.2f}x")
+            )
             draw.text((x * cell + 4, top + cell + 2), first, fill="black")
             draw.text((x * cell + 4, top + cell + 15), second, fill="black")
     return sheet

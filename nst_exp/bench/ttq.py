@@ -100,8 +100,11 @@ def ttq_pastiche(args: argparse.Namespace, device: str) -> tuple[Tensor, float]:
     from nst_exp.images import resolve_path
 
     artist = PasticheArtist(
-        str(resolve_path(args.content, "content")), [str(resolve_path(args.style, "style"))],
-        size=args.ttq_size, device=device, optimizer="lbfgs",
+        str(resolve_path(args.content, "content")),
+        [str(resolve_path(args.style, "style"))],
+        size=args.ttq_size,
+        device=device,
+        optimizer="lbfgs",
     )
     sync(torch.device(device))
     start = time.perf_counter()
@@ -142,8 +145,16 @@ def run_ttq(args: argparse.Namespace, device: str) -> TTQResult:
         points.append(QualityPoint(step, seconds, scores.content_distance, scores.style_distance))
     criterion, reached = time_to_quality(points, ref.content_distance, ref.style_distance)
     return TTQResult(
-        args.ttq_size, device, args.precision, args.ttq_steps, pastiche_seconds,
-        ref.content_distance, ref.style_distance, points, criterion, reached,
+        args.ttq_size,
+        device,
+        args.precision,
+        args.ttq_steps,
+        pastiche_seconds,
+        ref.content_distance,
+        ref.style_distance,
+        points,
+        criterion,
+        reached,
     )
 
 
@@ -160,11 +171,12 @@ def format_ttq(t: TTQResult, overrides: Sequence[str]) -> str:
     if t.criterion == "both":
         verdict = f"  the tool matches pastiche's final image ({target}) at step {t.reached.step}"
     elif t.criterion == "sum":
-        verdict = (f"  the tool never matched both distances ({target}); its content+style first drops below "
-                   f"pastiche's {t.pastiche_content + t.pastiche_style:.4f} at step {t.reached.step}")
+        verdict = (
+            f"  the tool never matched both distances ({target}); its content+style first drops below "
+            f"pastiche's {t.pastiche_content + t.pastiche_style:.4f} at step {t.reached.step}"
+        )
     else:
         return "\n".join(lines + [f"  the tool never reached pastiche's quality ({target}, nor its sum) in this run"])
     speed = f"{1 / t.ratio:.2f}x faster" if t.ratio < 1 else f"{t.ratio:.2f}x slower"
     lines.append(f"{verdict}, {t.reached.seconds:.2f} s after fit start: {t.ratio:.2f}x pastiche's {t.pastiche_seconds:.2f} s ({speed})")
     return "\n".join(lines)
-

@@ -86,12 +86,14 @@ def compose_tool_config(size: int, device: str, precision: str, overrides: Seque
     """The tool's defaults at ``size`` on ``device`` in ``precision`` (32 | bf16), then ``overrides``."""
     from nst_exp.api import compose_config
 
-    return compose_config([
-        f"image.size={size}",
-        f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
-        f"trainer.precision={PRECISIONS[precision]}",
-        *overrides,
-    ])
+    return compose_config(
+        [
+            f"image.size={size}",
+            f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+            f"trainer.precision={PRECISIONS[precision]}",
+            *overrides,
+        ]
+    )
 
 
 def tool_config(spec: Spec) -> Any:
@@ -269,4 +271,3 @@ def measure_in_subprocess(spec: Spec) -> Measurement:
             return pool.submit(measure, spec).result()
     except Exception as exc:  # noqa: BLE001 - e.g. the child was killed (out of memory)
         return Measurement(spec, precision=spec.precision, error=f"{type(exc).__name__}: {exc}")
-

@@ -38,7 +38,11 @@ def check_run_overrides(overrides: list[str]) -> None:
             if choice and choice != "null" and choice not in available and not choice.startswith(("choice(", "range(", "glob(")):
                 raise UserError(
                     f"unknown {key} preset {choice!r}; available: {', '.join(available)}"
-                    + (f"; fix: {key}={available[0]} or {key}.path=/path/to/image" if key in ("content", "style") else f"; fix: {key}={available[0]}")
+                    + (
+                        f"; fix: {key}={available[0]} or {key}.path=/path/to/image"
+                        if key in ("content", "style")
+                        else f"; fix: {key}={available[0]}"
+                    )
                 )
 
 
@@ -57,8 +61,10 @@ def check_overrides_compose(argv: list[str]) -> None:
     try:
         parsed = parser.parse_overrides([a for a in argv if not a.startswith("-")])
     except OverrideParseException as exc:
-        raise UserError(f"cannot read the override {exc.override!r}: {first_line(exc)}; fix: key=value, "
-                        "quote values with spaces or commas ('key=\"a, b\"')") from None
+        raise UserError(
+            f"cannot read the override {exc.override!r}: {first_line(exc)}; fix: key=value, "
+            "quote values with spaces or commas ('key=\"a, b\"')"
+        ) from None
     fixed: list[str] = []
     sweeps: list[list[str]] = []
     for override in parsed:
@@ -72,9 +78,7 @@ def check_overrides_compose(argv: list[str]) -> None:
         if lines and all(_is_plain(parser, line) for line in lines):
             sweeps.append(lines)
     first = [lines[0] for lines in sweeps]
-    trials = [fixed + first] + [
-        fixed + first[:i] + [line] + first[i + 1:] for i, lines in enumerate(sweeps) for line in lines[1:]
-    ]
+    trials = [fixed + first] + [fixed + first[:i] + [line] + first[i + 1 :] for i, lines in enumerate(sweeps) for line in lines[1:]]
     for overrides in trials[:MAX_COMPOSES]:
         try:
             cfg = compose_config(overrides)
@@ -142,8 +146,10 @@ def check_writable(template: str, key: str) -> None:
         except OSError as exc:
             problem = f"cannot be written to ({exc.strerror or exc})"
     if problem:
-        raise UserError(f"cannot create the output folder {template}: {existing} {problem}; "
-                        f"fix: {key}=/a/writable/path (or run from a folder you can write to)")
+        raise UserError(
+            f"cannot create the output folder {template}: {existing} {problem}; "
+            f"fix: {key}=/a/writable/path (or run from a folder you can write to)"
+        )
 
 
 def _is_plain(parser: Any, line: str) -> bool:

@@ -24,7 +24,10 @@ def main(argv: list[str]) -> int:
         return 2
     jobs = collect_jobs(args.dirs)
     if not jobs:
-        print(f"error: no finished runs (result.json) under {' '.join(map(str, args.dirs))}; fix: point at outputs/runs/... or outputs/multirun/...", file=sys.stderr)
+        print(
+            f"error: no finished runs (result.json) under {' '.join(map(str, args.dirs))}; fix: point at outputs/runs/... or outputs/multirun/...",
+            file=sys.stderr,
+        )
         return 2
     single_sweep = len(args.dirs) == 1 and not (args.dirs[0] / RESULT_FILE).is_file()
     out = args.out or (args.dirs[0] if single_sweep else Path("outputs/compare") / time.strftime("%Y-%m-%d/%H-%M-%S"))

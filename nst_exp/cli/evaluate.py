@@ -10,7 +10,9 @@ from nst_exp.errors import UserError
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nst_exp evaluate", description="Score images with the fixed evaluator (lower is closer).")
+    parser = argparse.ArgumentParser(
+        prog="python -m nst_exp evaluate", description="Score images with the fixed evaluator (lower is closer)."
+    )
     parser.add_argument("images", nargs="+", help="image file(s) to score")
     parser.add_argument("--content", required=True, help="the content photo (path or builtin:NAME)")
     parser.add_argument("--style", required=True, action="append", help="the style image (repeat for several)")

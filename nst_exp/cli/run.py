@@ -77,7 +77,7 @@ def _stage(argv: list[str]) -> list[str]:
 def remove_stale_staging(root: Path | None = None) -> None:
     """Staging folders of runs killed outright (SIGKILL: no ``finally``), named by a process that is gone."""
     for path in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*"):
-        pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        pid = path.name[len(STAGING_PREFIX) :].split("-", 1)[0]
         if not pid.isdigit():
             continue
         try:
@@ -109,8 +109,7 @@ def _accept(run_dir: Path) -> None:
         if path.name == "hydra.yaml":
             saved = OmegaConf.load(path)
             saved.hydra.run.dir = saved.hydra.runtime.output_dir = str(run_dir)
-            saved.hydra.overrides.hydra = [o for o in saved.hydra.overrides.hydra
-                                           if not o.startswith("hydra.run.dir=")] + _STAGED.given
+            saved.hydra.overrides.hydra = [o for o in saved.hydra.overrides.hydra if not o.startswith("hydra.run.dir=")] + _STAGED.given
             text = OmegaConf.to_yaml(saved)
         write_text(dest / path.name, text, "Hydra record")
 
@@ -166,8 +165,9 @@ def _run_job(cfg: DictConfig) -> float:
         with one_line_errors():  # the model's and optimiser's own errors, as one line
             result = runner.run(cfg, run_dir, trial=trial, on_accept=_accept)
     except JobInterrupted as exc:
-        print(f"\ninterrupted: {exc}; the latest image is saved at {run_dir / FINAL_IMAGE}, "
-              f"and last.ckpt continues the run", file=sys.stderr)
+        print(
+            f"\ninterrupted: {exc}; the latest image is saved at {run_dir / FINAL_IMAGE}, and last.ckpt continues the run", file=sys.stderr
+        )
         return _hand_over(exc, run_dir)
     except UserError as exc:
         if accepted() and not isinstance(exc, WriteFailed):  # a refused run writes nothing; a failed write recorded itself
@@ -179,8 +179,13 @@ def _run_job(cfg: DictConfig) -> float:
     except Exception as exc:  # a sweep must survive one job's crash (e.g. out of memory)
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if is_write_error(exc):  # a write no module turned into WriteFailed: still one line
-            failed = WriteFailed("file", exc.filename or run_dir, exc, fix="free space or make it writable, then "
-                                 f"resume={run_dir} if the folder holds last.ckpt or final.png, else run the command again")
+            failed = WriteFailed(
+                "file",
+                exc.filename or run_dir,
+                exc,
+                fix="free space or make it writable, then "
+                f"resume={run_dir} if the folder holds last.ckpt or final.png, else run the command again",
+            )
             print(f"error: {failed}", file=sys.stderr)
             if not _is_multirun():
                 sys.exit(1)
@@ -265,8 +270,12 @@ def _hand_over(stop: JobInterrupted, run_dir: Path) -> float:
     except Exception as exc:  # noqa: BLE001 - submitit's UncompletedJobError ("timed-out too many times"), or scontrol failed
         if type(exc).__name__ != "UncompletedJobError":
             raise SystemExit(128 + stop.signum) from None  # let the cluster decide (a pre-emption requeues it)
-        mark_ended(run_dir, "timed_out", f"{stop} and not requeued: {first_line(exc)}; fix: a longer "
-                   "hydra.launcher.timeout_min or more hydra.launcher.max_num_timeout, or resume=<this folder>")
+        mark_ended(
+            run_dir,
+            "timed_out",
+            f"{stop} and not requeued: {first_line(exc)}; fix: a longer "
+            "hydra.launcher.timeout_min or more hydra.launcher.max_num_timeout, or resume=<this folder>",
+        )
         print(f"error: job timed out: {first_line(exc)}", file=sys.stderr)
         if _is_multirun():
             return math.inf
@@ -287,8 +296,10 @@ def main(argv: list[str]) -> int:
     try:
         entry()  # a sweep with failed jobs exits 1 from its summary callback (sweep/hydra_callbacks.py)
     except KeyboardInterrupt:
-        print("interrupted: the sweep stopped; finished jobs keep their folders "
-              "(python -m nst_exp compare <sweep folder> summarises them)", file=sys.stderr)
+        print(
+            "interrupted: the sweep stopped; finished jobs keep their folders (python -m nst_exp compare <sweep folder> summarises them)",
+            file=sys.stderr,
+        )
         return 130
     finally:
         if _STAGED is not None:

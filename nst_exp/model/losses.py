@@ -188,10 +188,7 @@ class MeanCovStyleLoss(nn.Module):
 
     def from_stats(self, stats: tuple[Tensor, ...], positions: int) -> Tensor:
         mean, cov = self.target_from_stats(stats, positions)
-        return (
-            F.mse_loss(mean, self.target_mean) * self.scale_mean
-            + F.mse_loss(cov, self.target_cov) * self.scale_cov
-        )
+        return F.mse_loss(mean, self.target_mean) * self.scale_mean + F.mse_loss(cov, self.target_cov) * self.scale_cov
 
     def forward(self, features: Tensor) -> Tensor:
         return self.from_stats(self.stats(features), features.shape[-2] * features.shape[-1])
@@ -268,8 +265,7 @@ class SlicedWassersteinStyleLoss(nn.Module):
         return self.from_stats(self.stats(features), features.shape[-2] * features.shape[-1])
 
 
-STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss, "swd": SlicedWassersteinStyleLoss,
-                "histogram": HistogramStyleLoss}
+STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss, "swd": SlicedWassersteinStyleLoss, "histogram": HistogramStyleLoss}
 
 
 def is_tileable(loss: nn.Module) -> bool:
@@ -278,8 +274,10 @@ def is_tileable(loss: nn.Module) -> bool:
 
 
 def not_tileable_error(what: str, kind: str = "swd (or histogram)") -> str:
-    return (f"loss.style_loss={kind} sorts every position of a map at once, which tiles cannot do exactly, and {what}; "
-            "fix: a smaller image.size, a larger image.memory_mib, image.tile=null, or loss.style_loss=mean_cov")
+    return (
+        f"loss.style_loss={kind} sorts every position of a map at once, which tiles cannot do exactly, and {what}; "
+        "fix: a smaller image.size, a larger image.memory_mib, image.tile=null, or loss.style_loss=mean_cov"
+    )
 
 
 def blend(targets: Sequence[Any], weights: Sequence[float]) -> Any:
@@ -420,8 +418,9 @@ class TileFeatures(Protocol):
 
     def whole_maps(self, encoder: Any, image: Tensor, layers: Sequence[str]) -> dict[str, Tensor]: ...
 
-    def summed_stats(self, encoder: Any, image: Tensor, layers: Sequence[str],
-                     stats: Callable[[Tensor], tuple[Tensor, ...]]) -> dict[str, tuple[tuple[Tensor, ...], int]]: ...
+    def summed_stats(
+        self, encoder: Any, image: Tensor, layers: Sequence[str], stats: Callable[[Tensor], tuple[Tensor, ...]]
+    ) -> dict[str, tuple[tuple[Tensor, ...], int]]: ...
 
 
 def build_style_transfer_loss(
@@ -466,8 +465,10 @@ def build_style_transfer_loss(
             style_stats = [tiles.summed_stats(encoder, s, style_layers, style_cls.stats) for s in styles]
         else:
             content_feats = encoder(content, content_layers) if content_layers else {}
-            style_stats = [{k: (_as_tuple(stats_of[k](f.float())), f.shape[-2] * f.shape[-1])
-                            for k, f in encoder(s, style_layers).items()} for s in styles]
+            style_stats = [
+                {k: (_as_tuple(stats_of[k](f.float())), f.shape[-2] * f.shape[-1]) for k, f in encoder(s, style_layers).items()}
+                for s in styles
+            ]
         content_losses = {k: ContentLoss(content_feats[k], normalize) for k in content_layers}
         style_losses = {}
         for layer in style_layers:
@@ -475,8 +476,11 @@ def build_style_transfer_loss(
             args = (*_as_tuple(target), *extra.get(layer, ()))
             style_losses[layer] = style_cls(*args, normalize)
         # The mask applies to the generated image's maps, which have the content image's size.
-        masks = masks_at(mask, {k: (map_size(content.shape[-2], k), map_size(content.shape[-1], k)) for k in style_layers}) \
-            if mask is not None else {}
+        masks = (
+            masks_at(mask, {k: (map_size(content.shape[-2], k), map_size(content.shape[-1], k)) for k in style_layers})
+            if mask is not None
+            else {}
+        )
     loss = StyleTransferLoss(
         encoder,
         content_losses,

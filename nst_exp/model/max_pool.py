@@ -28,9 +28,7 @@ class _MaxPool2(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         _, indices = F.max_pool2d(x, 2, return_indices=True)
-        return torch.ops.aten.max_pool2d_with_indices_backward(
-            grad, x, _KERNEL, _KERNEL, _NO_PADDING, _NO_DILATION, False, indices
-        )
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, _KERNEL, _KERNEL, _NO_PADDING, _NO_DILATION, False, indices)
 
 
 def max_pool2(x: Tensor) -> Tensor:

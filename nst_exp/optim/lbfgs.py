@@ -116,7 +116,9 @@ class CompactLBFGS(torch.optim.Optimizer):
             with torch.cuda.graph(graph):
                 self._graph_loss = self._eager_step(closure)
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured: stay eager
-            warnings.warn(f"CUDA graph capture failed, running eagerly (trainer.cuda_graph=false hides this): {exc}".splitlines()[0], stacklevel=2)
+            warnings.warn(
+                f"CUDA graph capture failed, running eagerly (trainer.cuda_graph=false hides this): {exc}".splitlines()[0], stacklevel=2
+            )
             self.cuda_graph = False
             self._state()["n_iter"] = n_iter
             return self._eager_step(closure)

@@ -50,8 +50,16 @@ class LossProgressBar(TQDMProgressBar):
         self.steps = steps
 
     def init_train_tqdm(self) -> Tqdm:
-        return Tqdm(desc=self.description, total=self.steps, disable=self.is_disabled, leave=True, dynamic_ncols=True,
-                    file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+        return Tqdm(
+            desc=self.description,
+            total=self.steps,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
 
     def on_train_epoch_start(self, *_: Any) -> None:
         pass  # one endless epoch: no "Epoch 0" bar

@@ -21,10 +21,10 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from nst_exp.run.callbacks import crossed
 from nst_exp.errors import UserError
 from nst_exp.files import atomic_write
 from nst_exp.images import open_image, pil_to_tensor
+from nst_exp.run.callbacks import crossed
 from nst_exp.run.folder import CHECKPOINT, CONFIG_FILE, FINAL_IMAGE, check_resume_target, read_result
 from nst_exp.run.module import StylizeModule
 from nst_exp.run.signals import STEP_BOUNDARY_STOPS
@@ -64,8 +64,10 @@ def check_stages(state: ResumeState | None, sizes: list[int]) -> None:
     """A checkpoint continues the stages it was cut in: the same long sides (a changed image.size or
     schedule would upscale into other stages than the steps done were counted in)."""
     if state is not None and state.optimizer is not None and state.stage_sizes is not None and list(state.stage_sizes) != sizes:
-        raise UserError(f"the checkpoint's stages are {list(state.stage_sizes)} px and this config makes {sizes} px; fix: "
-                        "resume with the run's own image.size, image.scale_from and image.multiscale_sizes, or start a new run")
+        raise UserError(
+            f"the checkpoint's stages are {list(state.stage_sizes)} px and this config makes {sizes} px; fix: "
+            "resume with the run's own image.size, image.scale_from and image.multiscale_sizes, or start a new run"
+        )
 
 
 def find_resume_state(run_dir: Path, resume: str | None, last_stage: int, coarse_steps: int = 0) -> ResumeState | None:
@@ -116,8 +118,9 @@ def load_state(ckpt: Path, resume: str | None) -> ResumeState:
     if final.is_file():
         steps = (read_result(run_dir) or {}).get("metrics", {}).get("result/steps")
         at = f" (step {int(steps)})" if isinstance(steps, (int, float)) else ""
-        continue_from = (f"move it away (mv {ckpt} {ckpt}.bad) and resume={run_dir} continues from its saved "
-                         f"{FINAL_IMAGE}{at} with a fresh optimiser")
+        continue_from = (
+            f"move it away (mv {ckpt} {ckpt}.bad) and resume={run_dir} continues from its saved {FINAL_IMAGE}{at} with a fresh optimiser"
+        )
     else:
         continue_from = f"this run has no saved {FINAL_IMAGE} to continue from"
     start_over = "start over in a new folder (the same command without resume= and hydra.run.dir=)"
@@ -131,9 +134,18 @@ class Checkpointer(pl.Callback):
     after the checkpoint and resumed from it has no hole in its curves.
     """
 
-    def __init__(self, path: Path, every: int, stage: int, stage_step_offset: int, wall_offset: float, clock: Any,
-                 stage_sizes: list[int] | None = None, final_stage: bool = False,
-                 before_save: Sequence[Callable[[pl.Trainer], None]] = ()) -> None:
+    def __init__(
+        self,
+        path: Path,
+        every: int,
+        stage: int,
+        stage_step_offset: int,
+        wall_offset: float,
+        clock: Any,
+        stage_sizes: list[int] | None = None,
+        final_stage: bool = False,
+        before_save: Sequence[Callable[[pl.Trainer], None]] = (),
+    ) -> None:
         self.path = path
         self.before_save = before_save  # records due at the checkpoint's step (snapshots): written before it
         self.final_stage = final_stage  # its last step is followed by the run's result, not by more steps
@@ -162,16 +174,19 @@ class Checkpointer(pl.Callback):
             write(trainer)
         pl_module.drain_losses()
         optimizer = trainer.optimizers[0].state_dict() if trainer.optimizers else None
-        save_state(self.path, ResumeState(
-            stage=self.stage,
-            stage_step=self.stage_step_offset + trainer.global_step,
-            logged_step=pl_module.logged_step,
-            wall_time_s=self.wall_offset + self.clock(),
-            image=pl_module.image.detach().cpu(),
-            optimizer=optimizer,
-            ema=pl_module.ema_state(),
-            stage_sizes=self.stage_sizes,
-        ))
+        save_state(
+            self.path,
+            ResumeState(
+                stage=self.stage,
+                stage_step=self.stage_step_offset + trainer.global_step,
+                logged_step=pl_module.logged_step,
+                wall_time_s=self.wall_offset + self.clock(),
+                image=pl_module.image.detach().cpu(),
+                optimizer=optimizer,
+                ema=pl_module.ema_state(),
+                stage_sizes=self.stage_sizes,
+            ),
+        )
 
 
 def resumed_config(cfg: Any, overrides: list[str]) -> Any:

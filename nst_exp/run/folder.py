@@ -51,8 +51,10 @@ def check_target(run_dir: Path, resume: str | None = None) -> None:
     elif not os.access(existing, os.W_OK | os.X_OK):
         problem = f"{existing} cannot be written to"
     if problem:
-        raise UserError(f"cannot write the run folder {run_dir}: {problem}; fix: a writable place "
-                        "(hydra.run.dir=/path for a run, hydra.sweep.dir=/path for a sweep, output_dir= in Python)")
+        raise UserError(
+            f"cannot write the run folder {run_dir}: {problem}; fix: a writable place "
+            "(hydra.run.dir=/path for a run, hydra.sweep.dir=/path for a sweep, output_dir= in Python)"
+        )
     resuming_here = bool(resume) and Path(resume).resolve() == run_dir.resolve()
     result = read_result(run_dir)
     finished = result is None or result.get("status") in FINAL_RESULTS

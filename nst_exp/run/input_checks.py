@@ -49,12 +49,24 @@ def check_image_sizes(cfg: Any, content_wh: tuple[int, int], styles_wh: Sequence
     layers = [*cfg.loss.content_layers, *cfg.loss.style_layers]
     need = min_input_side(layers)
     for size in (stage.size for stage in stages_of(cfg)):
-        where = "image.size" if size == cfg.image.size else "a stage of image.multiscale_sizes" if cfg.image.multiscale_sizes else "a stage of image.scale_from"
+        where = (
+            "image.size"
+            if size == cfg.image.size
+            else "a stage of image.multiscale_sizes"
+            if cfg.image.multiscale_sizes
+            else "a stage of image.scale_from"
+        )
         _check_side("content", content_wh, size, need, f"{where}={size}", deepest_layer(layers))
         for i, wh in enumerate(styles_wh):
             name = "style" if i == 0 else f"style.extra_paths[{i - 1}]"
-            _check_side(name, wh, style_long_side(cfg, size), need, f"{where}={size} (style at "
-                        f"{style_long_side(cfg, size)} px)", deepest_layer(layers))
+            _check_side(
+                name,
+                wh,
+                style_long_side(cfg, size),
+                need,
+                f"{where}={size} (style at {style_long_side(cfg, size)} px)",
+                deepest_layer(layers),
+            )
 
 
 def _check_side(what: str, wh: tuple[int, int], long_side: int, need: int, where: str, layer: str) -> None:

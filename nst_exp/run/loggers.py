@@ -14,8 +14,8 @@ the images (csv: the PNGs in the run folder; mlflow: final.png and the snapshots
 from __future__ import annotations
 
 import csv
-import io
 import importlib.util
+import io
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,9 @@ MLFLOW_STATUS = {"completed": "FINISHED", "diverged": "FAILED", "failed": "FAILE
 def check_available(names: Any) -> None:
     """Before any work: an optional logger that is not installed is a one-line error."""
     if "mlflow" in list(names) and importlib.util.find_spec("mlflow") is None:
-        raise UserError("logging.loggers has mlflow, which is not installed; fix: pip install 'nst_exp[mlflow]' "
-                        "(or drop mlflow from logging.loggers)")
+        raise UserError(
+            "logging.loggers has mlflow, which is not installed; fix: pip install 'nst_exp[mlflow]' (or drop mlflow from logging.loggers)"
+        )
 
 
 def make_loggers(cfg: Any, run_dir: Path, experiment: str | None) -> list[Any]:
@@ -72,8 +73,13 @@ def _mlflow_logger(cfg: Any, run_dir: Path, experiment: str | None) -> Any:
     artifacts = None if cfg.logging.mlflow_tracking_uri else (folder / "artifacts").resolve().as_uri()
     id_file = folder / MLFLOW_RUN_ID
     run_id = id_file.read_text().strip() if id_file.is_file() else None
-    logger = MLFlowLogger(experiment_name=cfg.logging.mlflow_experiment or experiment or "nst_exp", tracking_uri=uri,
-                          run_name=run_dir.name, run_id=run_id, artifact_location=artifacts)
+    logger = MLFlowLogger(
+        experiment_name=cfg.logging.mlflow_experiment or experiment or "nst_exp",
+        tracking_uri=uri,
+        run_name=run_dir.name,
+        run_id=run_id,
+        artifact_location=artifacts,
+    )
     id_file.write_text(logger.run_id)
     return logger
 

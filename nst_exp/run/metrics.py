@@ -25,7 +25,7 @@ LEGACY_PREFIX = "hp/"  # the same metrics in result.json files written before th
 
 def current_names(metrics: dict[str, Any]) -> dict[str, Any]:
     """``metrics`` with names of older result.json files (``hp/steps``) as they are now (``result/steps``)."""
-    return {RESULT_PREFIX + k[len(LEGACY_PREFIX):] if k.startswith(LEGACY_PREFIX) else k: v for k, v in metrics.items()}
+    return {RESULT_PREFIX + k[len(LEGACY_PREFIX) :] if k.startswith(LEGACY_PREFIX) else k: v for k, v in metrics.items()}
 
 
 def objective(cfg: Any, metrics: dict[str, float]) -> float:

@@ -30,6 +30,7 @@ def git_state(root: Path = PACKAGE_ROOT) -> tuple[str | None, bool | None]:
     """(commit, dirty) of the checkout nst_exp runs from; (None, None) when it is not a checkout of its
     own (an installed wheel, even inside someone's repository), git is missing or too slow. ``dirty``:
     tracked files differ from the commit (untracked files, such as run outputs, do not count)."""
+
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=GIT_TIMEOUT_S)
@@ -97,8 +98,13 @@ def versions() -> dict[str, str | None]:
         nst = version("nst_exp")
     except Exception:  # noqa: BLE001 - run from a checkout that is not installed
         nst = __version__
-    return {"nst_exp": nst, "python": platform.python_version(), "torch": str(torch.__version__),  # TorchVersion: a str subclass
-            "lightning": str(pytorch_lightning.__version__), "hydra": str(hydra.__version__)}
+    return {
+        "nst_exp": nst,
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),  # TorchVersion: a str subclass
+        "lightning": str(pytorch_lightning.__version__),
+        "hydra": str(hydra.__version__),
+    }
 
 
 def with_tile(record: dict[str, Any], tile: int | None) -> dict[str, Any]:

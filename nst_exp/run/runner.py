@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,19 +23,19 @@ from torch import Tensor
 
 from nst_exp.config import ColorMode, flatten, to_container, validate
 from nst_exp.errors import UserError
-from nst_exp.files import WriteFailed
 from nst_exp.evaluate import Evaluator
+from nst_exp.files import WriteFailed
 from nst_exp.images import fit_long_side, tensor_to_pil
 from nst_exp.model import color
 from nst_exp.run import folder, provenance
 from nst_exp.run.callbacks import ImageSnapshots, ScalarFlusher
 from nst_exp.run.checkpoint import Checkpointer, ResumeState, check_stages, find_resume_state
 from nst_exp.run.folder import FINAL_IMAGE, read_result, write_result
-from nst_exp.run.pruning import PruneCheck, Reporter
 from nst_exp.run.logger import RunLogger, log_final_metrics, log_input_images, quiet_lightning, trim_logs
 from nst_exp.run.loggers import check_available, make_loggers
 from nst_exp.run.metrics import divergence_message, final_metrics, objective
 from nst_exp.run.module import StylizeModule
+from nst_exp.run.pruning import PruneCheck, Reporter
 from nst_exp.run.setup import (
     Inputs,
     StageLosses,
@@ -49,8 +49,8 @@ from nst_exp.run.setup import (
     style_size,
     upscale,
 )
-from nst_exp.run.stages import Stage, stages_of
 from nst_exp.run.signals import STEP_BOUNDARY_STOPS, JobSignals, StopOnSignal
+from nst_exp.run.stages import Stage, stages_of
 from nst_exp.run.trainer import Forever, make_trainer
 from nst_exp.settings import Settings, resolve
 from nst_exp.tiling.exact import loss_pass
@@ -118,9 +118,11 @@ def check(cfg: DictConfig, run_dir: Path) -> Checked:
     resume = find_resume_state(run_dir, cfg.resume, len(stages) - 1, sum(s.steps for s in stages[:-1]))
     check_stages(resume, [s.size for s in stages])
     if resume and resume.stage == len(stages) - 1 and cfg.trainer.max_steps <= resume.stage_step:
-        raise UserError(f"resume: the run has done {resume.stage_step} steps at its final size and trainer.max_steps="
-                        f"{cfg.trainer.max_steps} is the total; fix: trainer.max_steps={resume.stage_step + 100} "
-                        f"(or any number above {resume.stage_step})")
+        raise UserError(
+            f"resume: the run has done {resume.stage_step} steps at its final size and trainer.max_steps="
+            f"{cfg.trainer.max_steps} is the total; fix: trainer.max_steps={resume.stage_step + 100} "
+            f"(or any number above {resume.stage_step})"
+        )
     check_available(cfg.logging.loggers)
     return Checked(stages, resume)
 
@@ -154,9 +156,17 @@ class _Run:
     SystemExit), re-raised once the folder is saved; ``failure`` the first write that failed.
     """
 
-    def __init__(self, prepared: Prepared, checked: Checked, run_dir: Path, content: Any, styles: list[Any] | None,
-                 extra_callbacks: tuple[pl.Callback, ...], trial: Reporter | None,
-                 on_accept: Callable[[Path], None] | None) -> None:
+    def __init__(
+        self,
+        prepared: Prepared,
+        checked: Checked,
+        run_dir: Path,
+        content: Any,
+        styles: list[Any] | None,
+        extra_callbacks: tuple[pl.Callback, ...],
+        trial: Reporter | None,
+        on_accept: Callable[[Path], None] | None,
+    ) -> None:
         self.settings, self.inputs = prepared.settings, prepared.inputs
         self.losses = prepared.losses
         self.cfg, self.device = self.settings.cfg, self.settings.device
@@ -167,8 +177,12 @@ class _Run:
         self.record = provenance.collect(self.settings)
         # The HPARAMS session is written once every auto is decided (the final stage's tile plan), or at the end.
         # It names the images by their labels (config.yaml keeps what was asked: null means the file stem).
-        self.session = {**flatten(to_container(self.cfg)), "content.name": self.labels["content"] or "none",
-                        "style.name": self.labels["style"] or "none", "experiment": self.labels["experiment"] or "none"}
+        self.session = {
+            **flatten(to_container(self.cfg)),
+            "content.name": self.labels["content"] or "none",
+            "style.name": self.labels["style"] or "none",
+            "experiment": self.labels["experiment"] or "none",
+        }
         self.session_written = False
         resume = self.resume
         self.interruptions = list((read_result(run_dir) or {}).get("interruptions") or []) if resume and resume.optimizer else []
@@ -193,8 +207,9 @@ class _Run:
             trim_logs(self.run_dir, self.resume.logged_step if self.resume else 0)  # steps from there on are written (again) below
             folder.write_config(self.run_dir, self.cfg)
             folder.write_provenance(self.run_dir, self.record)
-            opened = RunLogger(self.run_dir, "tensorboard" in self.cfg.logging.loggers,
-                               make_loggers(self.cfg, self.run_dir, self.labels["experiment"]))
+            opened = RunLogger(
+                self.run_dir, "tensorboard" in self.cfg.logging.loggers, make_loggers(self.cfg, self.run_dir, self.labels["experiment"])
+            )
             opened.open()
         except WriteFailed as exc:
             raise _continue_hint(exc, self.run_dir) from None
@@ -242,8 +257,13 @@ class _Run:
                 init = color.luminance(init)  # a finished run's final.png carries the content's chroma
         elif self.module is None:
             self.logger = self.logger or self.open_records()
-            log_input_images(self.logger.experiment, {"source/content": self.inputs.content_at(stage.size), **{
-                f"source/style_{i}": self.inputs.style_at(i, style_size(cfg, stage)) for i in range(len(self.inputs.styles))}})
+            log_input_images(
+                self.logger.experiment,
+                {
+                    "source/content": self.inputs.content_at(stage.size),
+                    **{f"source/style_{i}": self.inputs.style_at(i, style_size(cfg, stage)) for i in range(len(self.inputs.styles))},
+                },
+            )
             init = initial_image(cfg, self.inputs, content_t, device)
         else:
             init = upscale(self.module.output_image.to(device), content_t)  # the average goes on, if any
@@ -263,8 +283,17 @@ class _Run:
         callbacks = [
             ScalarFlusher(cfg.logging.flush_every),
             snapshots,
-            Checkpointer(self.run_dir / folder.CHECKPOINT, cfg.trainer.checkpoint_every, index, stage_done, self.wall_offset,
-                         self.clock, [s.size for s in stages], final_stage=final_stage, before_save=[snapshots.write_pending]),
+            Checkpointer(
+                self.run_dir / folder.CHECKPOINT,
+                cfg.trainer.checkpoint_every,
+                index,
+                stage_done,
+                self.wall_offset,
+                self.clock,
+                [s.size for s in stages],
+                final_stage=final_stage,
+                before_save=[snapshots.write_pending],
+            ),
             *self.extra_callbacks,
             *([PruneCheck(self.trial)] if self.trial is not None else []),  # after the flusher: it reports what was flushed
             StopOnSignal(self.signals),  # last: the others have seen the batch when it stops training
@@ -272,7 +301,9 @@ class _Run:
         resolved = self.settings.resolved
         self.module = module = StylizeModule(
             init,
-            self.group.loss_pass(index, loss, plan.tile, plan.keep, init.shape) if self.group else loss_pass(loss, plan.tile, plan.keep, init.shape),
+            self.group.loss_pass(index, loss, plan.tile, plan.keep, init.shape)
+            if self.group
+            else loss_pass(loss, plan.tile, plan.keep, init.shape),
             resolved.optimizer,
             history_rows=cfg.logging.flush_every + resolved.iters_per_step,
             step_offset=self.step,
@@ -282,12 +313,16 @@ class _Run:
             ema_decay=cfg.optimizer.ema_decay,
             ema_state=ema_state,
         )
-        trainer = make_trainer(cfg, self.run_dir, self.logger, steps, callbacks, device, resolved.precision,
-                               description=_stage_name(index, stages))
+        trainer = make_trainer(
+            cfg, self.run_dir, self.logger, steps, callbacks, device, resolved.precision, description=_stage_name(index, stages)
+        )
         self.fit(trainer, module)
         pruned_at = next((c.pruned_at for c in callbacks if isinstance(c, PruneCheck)), None)
         if self.status == "completed" and pruned_at is not None:
-            self.status, self.error = "pruned", f"pruned by the study's pruner at step {pruned_at}: its loss fell slower than the other trials'"
+            self.status, self.error = (
+                "pruned",
+                f"pruned by the study's pruner at step {pruned_at}: its loss fell slower than the other trials'",
+            )
         return self.status == "completed"
 
     def fit(self, trainer: pl.Trainer, module: StylizeModule) -> None:
@@ -338,12 +373,26 @@ class _Run:
         if self.stop is not None:
             # The job goes on elsewhere (requeued) or was cancelled: no final metrics, no evaluation (the
             # cluster's grace time is short); the folder says where it stopped, last.ckpt how to go on.
-            self.interruptions.append({"signal": getattr(self.stop, "signal", type(self.stop).__name__), "step": self.step,
-                                       "wall_time_s": round(metrics["result/wall_time_s"], 1)})
+            self.interruptions.append(
+                {
+                    "signal": getattr(self.stop, "signal", type(self.stop).__name__),
+                    "step": self.step,
+                    "wall_time_s": round(metrics["result/wall_time_s"], 1),
+                }
+            )
             try:
                 logger.close(status)  # no artifacts: the cluster's grace time is short
-                write_result(run_dir, status, self.error, saved, metrics, interruptions=self.interruptions, labels=self.labels,
-                             tile_plans=tile_plans, provenance=self.record)
+                write_result(
+                    run_dir,
+                    status,
+                    self.error,
+                    saved,
+                    metrics,
+                    interruptions=self.interruptions,
+                    labels=self.labels,
+                    tile_plans=tile_plans,
+                    provenance=self.record,
+                )
             except WriteFailed as exc:
                 _record_write_failure(exc, *records)
             raise self.stop
@@ -356,8 +405,17 @@ class _Run:
             logger.log_session_end(completed=status == "completed")
             logger.log_artifacts([run_dir / FINAL_IMAGE, run_dir / folder.FINAL_TIFF, run_dir / folder.SNAPSHOT_DIR])
             logger.close(status)
-            write_result(run_dir, status, self.error, saved, metrics, interruptions=self.interruptions, labels=self.labels,
-                         tile_plans=tile_plans, provenance=self.record)
+            write_result(
+                run_dir,
+                status,
+                self.error,
+                saved,
+                metrics,
+                interruptions=self.interruptions,
+                labels=self.labels,
+                tile_plans=tile_plans,
+                provenance=self.record,
+            )
         except WriteFailed as exc:
             _record_write_failure(exc, *records)
         if status in folder.FINISHED:  # only once result.json says so: until then last.ckpt continues the run
@@ -369,24 +427,37 @@ class _Run:
         not for an image that needed tiles (its result/eval_* and objective stay unset; compare such runs
         by eye or at a smaller size)."""
         cfg, inputs = self.cfg, self.inputs
-        scores = Evaluator(self.device, self.losses.encoder if evaluator_compatible(cfg) else None).score(
-            image, inputs.content_at(cfg.image.size), [inputs.style_at(i, cfg.image.size) for i in range(len(inputs.styles))],
-            inputs.style_weights).as_metrics()
+        scores = (
+            Evaluator(self.device, self.losses.encoder if evaluator_compatible(cfg) else None)
+            .score(
+                image,
+                inputs.content_at(cfg.image.size),
+                [inputs.style_at(i, cfg.image.size) for i in range(len(inputs.styles))],
+                inputs.style_weights,
+            )
+            .as_metrics()
+        )
         return {**scores, "result/objective": objective(cfg, scores)}
 
 
 def _continue_hint(failure: WriteFailed, run_dir: Path) -> WriteFailed:
     """The fix of a failed write: room, then ``resume=`` where the folder can continue, else a new run."""
-    resumable = (run_dir / folder.CHECKPOINT).is_file() or (
-        (run_dir / FINAL_IMAGE).is_file() and (run_dir / folder.CONFIG_FILE).is_file())
+    resumable = (run_dir / folder.CHECKPOINT).is_file() or ((run_dir / FINAL_IMAGE).is_file() and (run_dir / folder.CONFIG_FILE).is_file())
     then = f"resume={run_dir} continues the run" if resumable else "run the command again"
     failure.fix = f"{failure.room()}, then {then}"
     return failure
 
 
-def _record_write_failure(failure: WriteFailed, run_dir: Path, logger: RunLogger, saved: str | None,
-                          metrics: dict[str, float], labels: dict[str, Any], interruptions: list[dict[str, Any]],
-                          tile_plans: list[dict[str, Any]]) -> None:
+def _record_write_failure(
+    failure: WriteFailed,
+    run_dir: Path,
+    logger: RunLogger,
+    saved: str | None,
+    metrics: dict[str, float],
+    labels: dict[str, Any],
+    interruptions: list[dict[str, Any]],
+    tile_plans: list[dict[str, Any]],
+) -> None:
     """After a failed write: close the event file and record the run as failed where the disk still lets
     us (each file is whole, old or new), then raise the failure as one line."""
     _continue_hint(failure, run_dir)
@@ -395,8 +466,7 @@ def _record_write_failure(failure: WriteFailed, run_dir: Path, logger: RunLogger
     except WriteFailed:
         pass
     try:
-        write_result(run_dir, "failed", str(failure), saved, metrics, interruptions=interruptions, labels=labels,
-                     tile_plans=tile_plans)
+        write_result(run_dir, "failed", str(failure), saved, metrics, interruptions=interruptions, labels=labels, tile_plans=tile_plans)
     except WriteFailed:
         pass
     raise failure

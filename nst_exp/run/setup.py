@@ -88,8 +88,9 @@ def build_network(settings: Settings) -> tuple[VGG19Encoder, torch.nn.Module]:
     """
     cfg, resolved, device = settings.cfg, settings.resolved, settings.device
     layers = list(dict.fromkeys([*cfg.loss.content_layers, *cfg.loss.style_layers]))
-    encoder = build_encoder(layers, cfg.model.pooling.value, cfg.model.weights.value, cfg.model.padding.value,
-                            resolved.max_pool.value).to(device)
+    encoder = build_encoder(layers, cfg.model.pooling.value, cfg.model.weights.value, cfg.model.padding.value, resolved.max_pool.value).to(
+        device
+    )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if resolved.channels_last:
@@ -114,8 +115,17 @@ def build_loss(settings: Settings, encoder: VGG19Encoder, inputs: Inputs, stage:
     if inputs.mask is not None:
         mask = pil_to_tensor(inputs.mask.resize(content.shape[-1:-3:-1], Image.Resampling.BILINEAR))[:, :1].to(device)
     tile = target_tile(settings, content, styles)
-    return build_style_transfer_loss(cfg.loss, encoder, content, styles, inputs.style_weights, mask, cfg.image.color.value,
-                                     TargetTiles(tile) if tile else None, seed=stage_seed(int(cfg.seed), stage.size))
+    return build_style_transfer_loss(
+        cfg.loss,
+        encoder,
+        content,
+        styles,
+        inputs.style_weights,
+        mask,
+        cfg.image.color.value,
+        TargetTiles(tile) if tile else None,
+        seed=stage_seed(int(cfg.seed), stage.size),
+    )
 
 
 def stage_seed(seed: int, size: int) -> int:
@@ -147,8 +157,16 @@ def stage_plan(settings: Settings, loss: StyleTransferLoss, image: Tensor, world
     """The stage's tile plan (``tiling/plan.py``) from ``image.tile``, ``image.tile_keep`` and ``image.memory_mib``."""
     cfg = settings.cfg
     keep = cfg.image.get("tile_keep")
-    return plan.stage_plan(settings.resolved.tile, None if keep is None else int(keep), cfg.image.get("memory_mib"),
-                           history_pairs(cfg) or 0, loss, image, settings.resolved.precision.bf16, world)
+    return plan.stage_plan(
+        settings.resolved.tile,
+        None if keep is None else int(keep),
+        cfg.image.get("memory_mib"),
+        history_pairs(cfg) or 0,
+        loss,
+        image,
+        settings.resolved.precision.bf16,
+        world,
+    )
 
 
 class StageLosses:

@@ -110,4 +110,3 @@ class StopOnSignal(pl.Callback):
         interruption = self.signals.interruption()
         if interruption is not None:
             raise interruption
-

@@ -23,8 +23,16 @@ class Forever:
             yield 0
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, logger: RunLogger, steps: int, callbacks: list[pl.Callback], device: torch.device,
-                 precision: Precision, description: str = "steps") -> pl.Trainer:
+def make_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    logger: RunLogger,
+    steps: int,
+    callbacks: list[pl.Callback],
+    device: torch.device,
+    precision: Precision,
+    description: str = "steps",
+) -> pl.Trainer:
     """``precision``: the resolved one (``nst_exp.settings``); ``description`` names the stage on the progress bar (e.g. ``stage 1/2, 128 px``)."""
     plugins = []
     if "SLURM_JOB_ID" in os.environ:

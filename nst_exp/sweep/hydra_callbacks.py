@@ -51,8 +51,11 @@ class SweepSummary(Callback):
             print(f"error: the sweep summary could not be written: {exc}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 - the jobs' own folders stand; say what is missing
             summarized = False
-            print(f"error: the sweep summary could not be written: {type(exc).__name__}: {exc}; "
-                  f"fix: python -m nst_exp compare {sweep_dir} --out <folder> once the cause is mended", file=sys.stderr)
+            print(
+                f"error: the sweep summary could not be written: {type(exc).__name__}: {exc}; "
+                f"fix: python -m nst_exp compare {sweep_dir} --out <folder> once the cause is mended",
+                file=sys.stderr,
+            )
         else:
             print(f"summary:     {paths['md']}")
             print(f"contact:     {paths['contact_sheet']}")

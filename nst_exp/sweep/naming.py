@@ -17,7 +17,13 @@ from nst_exp.labels import cut_bytes, dated_name, image_label, path_stem, run_la
 MAX_LEN = 96
 # Overrides that do not distinguish jobs' results (logging, hardware) are left out of names.
 _IGNORED_PREFIXES = (
-    "hydra.", "logging.", "trainer.accelerator", "trainer.devices", "trainer.device_index", "launcher", "hparams_search",
+    "hydra.",
+    "logging.",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.device_index",
+    "launcher",
+    "hparams_search",
     "optuna.",
 )
 _LONG_FLOAT = re.compile(r"^-?\d+\.\d{5,}(e-?\d+)?$")
@@ -69,8 +75,7 @@ def job_dirname(overrides: Iterable[str], max_len: int = MAX_LEN) -> str:
     return name
 
 
-def run_name(content_path: str, content_name: str | None, style_path: str, style_name: str | None,
-             experiment: str | None) -> str:
+def run_name(content_path: str, content_name: str | None, style_path: str, style_name: str | None, experiment: str | None) -> str:
     """A single run's folder under its root (``labels.dated_name``), labelled by the images really used."""
     content = image_label({"path": content_path, "name": content_name})
     style = image_label({"path": style_path, "name": style_name})

@@ -69,8 +69,10 @@ def search_space(params: Mapping[str, str], arguments: Sequence[str]) -> tuple[l
         elif isinstance(value, IntervalSweep):
             space[key] = dist.FloatDistribution(value.start, value.end, log=log_scale)
         else:
-            raise UserError(f"{o.input_line}: an Optuna search takes choice(...), range(...), interval(...) or "
-                            "tag(log, interval(...)); fix: one of these (docs/optuna.md)")
+            raise UserError(
+                f"{o.input_line}: an Optuna search takes choice(...), range(...), interval(...) or "
+                "tag(log, interval(...)); fix: one of these (docs/optuna.md)"
+            )
     return fixed, space
 
 
@@ -83,8 +85,9 @@ def _override(key: str, value: Any) -> str:
 
 def next_job_number(sweep_dir: Path) -> int:
     """The first job number no folder in ``sweep_dir`` uses yet (a rerun adds after what is there)."""
-    numbers = [int(m.group(1)) for p in sweep_dir.iterdir() if p.is_dir() and (m := _JOB_NUMBER.match(p.name))] \
-        if sweep_dir.is_dir() else []
+    numbers = (
+        [int(m.group(1)) for p in sweep_dir.iterdir() if p.is_dir() and (m := _JOB_NUMBER.match(p.name))] if sweep_dir.is_dir() else []
+    )
     return max(numbers, default=-1) + 1
 
 
@@ -95,8 +98,10 @@ def check_settings(settings: Mapping[str, Any]) -> None:
     """One-line errors for the sweeper's settings, before Hydra starts (``cli/checks.py``): direction,
     counts, the search space, the sampler and pruner, and a storage URL that is given (not the default)."""
     if settings.get("direction", "minimize") != "minimize":
-        raise UserError(f"hydra.sweeper.direction={settings['direction']}: the objective result/objective is lower-is-better; "
-                        "fix: hydra.sweeper.direction=minimize")
+        raise UserError(
+            f"hydra.sweeper.direction={settings['direction']}: the objective result/objective is lower-is-better; "
+            "fix: hydra.sweeper.direction=minimize"
+        )
     for key in ("n_trials", "n_jobs"):
         if not isinstance(settings.get(key, 1), int) or not settings.get(key, 1) >= 1:
             raise UserError(f"hydra.sweeper.{key}={settings[key]} must be at least 1; fix: hydra.sweeper.{key}=1 or more")
@@ -105,8 +110,10 @@ def check_settings(settings: Mapping[str, Any]) -> None:
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - Hydra's override grammar: say which entry
-        raise UserError(f"hydra.sweeper.params: {str(exc).strip().splitlines()[0]}; fix: choice(...), range(...), "
-                        "interval(...) or tag(log, interval(...)) (docs/optuna.md)") from None
+        raise UserError(
+            f"hydra.sweeper.params: {str(exc).strip().splitlines()[0]}; fix: choice(...), range(...), "
+            "interval(...) or tag(log, interval(...)) (docs/optuna.md)"
+        ) from None
     build(settings.get("sampler"))
     build(settings.get("pruner"))
     if settings.get("storage"):
@@ -118,8 +125,7 @@ class OptunaSearch:
         self.settings = OmegaConf.create(dict(settings))
         check_settings(self.settings)
         self.config = config
-        self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
-                                                                task_function=task_function)
+        self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context, task_function=task_function)
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
 
     def sweep(self, arguments: list[str]) -> list[JobReturn]:
@@ -131,11 +137,15 @@ class OptunaSearch:
         url = storage_url(self.settings.storage, self.sweep_dir)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = open_storage(url)
-        study = optuna.create_study(study_name=self.settings.study_name, storage=storage,
-                                    sampler=build(self._sampler(storage)), direction="minimize", load_if_exists=True)
+        study = optuna.create_study(
+            study_name=self.settings.study_name,
+            storage=storage,
+            sampler=build(self._sampler(storage)),
+            direction="minimize",
+            load_if_exists=True,
+        )
         n_trials, n_jobs = int(self.settings.n_trials), int(self.settings.n_jobs)
-        log.info(f"Optuna study {study.study_name} in {_shown(url)}: {len(space)} searched, {n_trials} trials, "
-                 f"{n_jobs} at a time")
+        log.info(f"Optuna study {study.study_name} in {_shown(url)}: {len(space)} searched, {n_trials} trials, {n_jobs} at a time")
         returns: list[JobReturn] = []
         stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if self._ours(t)]
         # after every folder and every number a trial left running holds (its job may not have made its folder yet)
@@ -207,8 +217,10 @@ class OptunaSearch:
         counts = {s.name.lower(): n for s in TrialState if (n := len(study.get_trials(deepcopy=False, states=(s,))))}
         print(f"study:       {study.study_name}, " + ", ".join(f"{n} {s}" for s, n in counts.items()))
         if gave_up:
-            print(f"error: {self.settings.n_trials} trials failed in this search; the summary says why. fix: the cause, "
-                  "then the same command continues the study")
+            print(
+                f"error: {self.settings.n_trials} trials failed in this search; the summary says why. fix: the cause, "
+                "then the same command continues the study"
+            )
         try:
             best = study.best_trial
         except ValueError:  # no completed trial yet

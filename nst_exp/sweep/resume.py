@@ -45,19 +45,25 @@ def sweep_command(argv: list[str]) -> list[str]:
         recorded = record["hydra"]["overrides"]
         task, hydra = list(recorded.get("task") or []), list(recorded.get("hydra") or [])
     except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
-        raise UserError(f"resume={folder}: cannot read its {SWEEP_RECORD} ({type(exc).__name__}); fix: point resume= at "
-                        "a sweep folder nst_exp made (it holds multirun.yaml), or re-run the sweep's command") from None
+        raise UserError(
+            f"resume={folder}: cannot read its {SWEEP_RECORD} ({type(exc).__name__}); fix: point resume= at "
+            "a sweep folder nst_exp made (it holds multirun.yaml), or re-run the sweep's command"
+        ) from None
     extra = [a for a in argv if not a.startswith("resume=") and a not in ("-m", "--multirun")]
     changed = [a for a in extra if not a.startswith(("hydra.", "+hydra.", "~hydra."))]
     if changed:
-        raise UserError(f"resume={folder} runs that sweep's own overrides again, and {changed[0]} would change its jobs; "
-                        f"fix: drop {changed[0]} (only hydra.* settings, e.g. hydra.launcher.n_jobs=1, may change), "
-                        "or start a new sweep")
+        raise UserError(
+            f"resume={folder} runs that sweep's own overrides again, and {changed[0]} would change its jobs; "
+            f"fix: drop {changed[0]} (only hydra.* settings, e.g. hydra.launcher.n_jobs=1, may change), "
+            "or start a new sweep"
+        )
     running = live_jobs(folder)
     if running:
-        raise UserError(f"resume={folder}: jobs of this sweep still run ({', '.join(running[:5])}), and would share their "
-                        "folders with the resumed ones; fix: wait for them to end, or stop them (scancel <id> on SLURM, "
-                        "kill <pid> for submitit_local), then resume")
+        raise UserError(
+            f"resume={folder}: jobs of this sweep still run ({', '.join(running[:5])}), and would share their "
+            "folders with the resumed ones; fix: wait for them to end, or stop them (scancel <id> on SLURM, "
+            "kill <pid> for submitit_local), then resume"
+        )
     cwd = (record.get("hydra") or {}).get("runtime", {}).get("cwd")
     target = str(folder.resolve())
     if cwd and Path(cwd).is_dir() and Path(cwd).resolve() != Path.cwd().resolve():

@@ -36,11 +36,15 @@ def open_storage(url: str) -> Any:
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine)
     except ModuleNotFoundError as exc:
-        raise UserError(f"hydra.sweeper.storage={_safe(url)} needs the Python module {exc.name}; fix: "
-                        "pip install 'nst_exp[postgres]' (psycopg2-binary) for a postgresql:// URL") from None
+        raise UserError(
+            f"hydra.sweeper.storage={_safe(url)} needs the Python module {exc.name}; fix: "
+            "pip install 'nst_exp[postgres]' (psycopg2-binary) for a postgresql:// URL"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy's OperationalError/ArgumentError: say which URL and why
-        raise UserError(f"cannot open the Optuna storage {_safe(url)}: {_first_line(exc)}; fix: a reachable database URL "
-                        "in hydra.sweeper.storage (null = an SQLite file in the sweep folder)") from None
+        raise UserError(
+            f"cannot open the Optuna storage {_safe(url)}: {_first_line(exc)}; fix: a reachable database URL "
+            "in hydra.sweeper.storage (null = an SQLite file in the sweep folder)"
+        ) from None
 
 
 def build(spec: Any) -> Any:
@@ -53,8 +57,10 @@ def build(spec: Any) -> Any:
         return instantiate(spec)
     except Exception as exc:  # noqa: BLE001 - a misspelt class or argument: one line
         problem = _first_line(exc).split(", set env var HYDRA_FULL_ERROR")[0]
-        raise UserError(f"cannot build {dict(spec).get('_target_')}: {problem}; fix: an optuna.samplers.* or "
-                        "optuna.pruners.* class and its arguments (docs/optuna.md)") from None
+        raise UserError(
+            f"cannot build {dict(spec).get('_target_')}: {problem}; fix: an optuna.samplers.* or "
+            "optuna.pruners.* class and its arguments (docs/optuna.md)"
+        ) from None
 
 
 class TrialReporter:
@@ -105,8 +111,7 @@ def connect(trial_number: int | None, sweeper: Mapping[str, Any] | None, sweep_d
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, int(trial_number))
         return TrialReporter(study, optuna.trial.Trial(study, trial_id))
     except Exception as exc:  # noqa: BLE001 - the run goes on unpruned; the driver still records its result
-        print(f"warning: trial {trial_number} cannot reach its study, so it runs to its end unpruned: {_first_line(exc)}",
-              file=sys.stderr)
+        print(f"warning: trial {trial_number} cannot reach its study, so it runs to its end unpruned: {_first_line(exc)}", file=sys.stderr)
         return None
 
 

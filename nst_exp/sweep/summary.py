@@ -72,9 +72,11 @@ def load_job(path: Path) -> Job | None:
         metrics=result.get("metrics") or {},
         overrides=[str(o) for o in overrides],
         config=config,
-        labels={"content": result.get("content") or image_label(config.get("content")),
-                "style": result.get("style") or image_label(config.get("style")),
-                "experiment": result.get("experiment")},
+        labels={
+            "content": result.get("content") or image_label(config.get("content")),
+            "style": result.get("style") or image_label(config.get("style")),
+            "experiment": result.get("experiment"),
+        },
         provenance=result.get("provenance") or {},
     )
 
@@ -176,16 +178,18 @@ def write_tables(jobs: Sequence[Job], out_dir: Path) -> tuple[Path, Path]:
     best = best_job(jobs)
     rows = []
     for job in jobs:
-        rows.append([
-            job.path.name,
-            *[job.labels.get(k) or "" for k in ("content", "style", "experiment")],
-            " ".join(job.overrides),
-            job.status,
-            "best" if job is best else "",
-            job.error or "",
-            *[_fmt(job.metrics.get(m)) for m in METRIC_COLUMNS],
-            _relative_to(job.image, out_dir) if job.image else "",
-        ])
+        rows.append(
+            [
+                job.path.name,
+                *[job.labels.get(k) or "" for k in ("content", "style", "experiment")],
+                " ".join(job.overrides),
+                job.status,
+                "best" if job is best else "",
+                job.error or "",
+                *[_fmt(job.metrics.get(m)) for m in METRIC_COLUMNS],
+                _relative_to(job.image, out_dir) if job.image else "",
+            ]
+        )
     text = io.StringIO(newline="")
     table = csv.writer(text)
     table.writerow(header)
@@ -196,8 +200,11 @@ def write_tables(jobs: Sequence[Job], out_dir: Path) -> tuple[Path, Path]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
     if best is not None:
-        lines += ["", f"**Best:** `{best.path.name}`, result/objective {_fmt(best.metrics['result/objective'])}"
-                      + (f": `{' '.join(best.overrides)}`" if best.overrides else "")]
+        lines += [
+            "",
+            f"**Best:** `{best.path.name}`, result/objective {_fmt(best.metrics['result/objective'])}"
+            + (f": `{' '.join(best.overrides)}`" if best.overrides else ""),
+        ]
     differs = differences_lines(jobs)
     if differs:
         lines += ["", "## differs", "", *differs]
@@ -240,7 +247,8 @@ def _thumbnail(path: Path, box: int) -> Image.Image:
 
 def _caption(job: Job, keys: Sequence[str], best: bool = False) -> list[str]:
     shown = {k: v for k, v in job.override_dict().items() if k in keys} or {
-        k: v for k, v in job.override_dict().items() if not k.startswith(_BOOKKEEPING)}
+        k: v for k, v in job.override_dict().items() if not k.startswith(_BOOKKEEPING)
+    }
     labels = [label for k, v in shown.items() if (label := override_label(f"{k}={v}"))]
     lines = _wrap(", ".join(labels) or job.path.name, 2)
     if job.status in ("completed", "pruned", "interrupted", "diverged"):
@@ -286,7 +294,7 @@ def grid_layout(jobs: Sequence[Job], keys: Sequence[str]) -> tuple[list[list[Job
             grid[rows_v.index(d.get(keys[0], ""))][cols_v.index(d.get(keys[1], ""))] = job
         return grid, [override_label(f"{keys[0]}={v}") or v for v in rows_v], [override_label(f"{keys[1]}={v}") or v for v in cols_v]
     cols = max(1, math.ceil(math.sqrt(len(jobs))))
-    grid = [list(jobs[i:i + cols]) + [None] * (cols - len(jobs[i:i + cols])) for i in range(0, len(jobs), cols)]
+    grid = [list(jobs[i : i + cols]) + [None] * (cols - len(jobs[i : i + cols])) for i in range(0, len(jobs), cols)]
     return grid, [], []
 
 
@@ -363,9 +371,11 @@ def _log_best(best: Job | None, log_dir: Path, step: int) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     overrides = " ".join(f"`{o}`" for o in best.overrides) or "(none)"
-    text = (f"**{best.path.name}**: result/objective {_fmt(best.metrics['result/objective'])}, "
-            f"style {_fmt(best.metrics.get('result/eval_style'))}, content {_fmt(best.metrics.get('result/eval_content'))}  \n"
-            f"overrides: {overrides}")
+    text = (
+        f"**{best.path.name}**: result/objective {_fmt(best.metrics['result/objective'])}, "
+        f"style {_fmt(best.metrics.get('result/eval_style'))}, content {_fmt(best.metrics.get('result/eval_content'))}  \n"
+        f"overrides: {overrides}"
+    )
     writer = SummaryWriter(str(log_dir))
     writer.add_text("sweep/best", text, step)
     writer.close()

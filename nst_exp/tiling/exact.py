@@ -88,8 +88,9 @@ class KeptGraph:
     part: Stats
 
 
-def first_pass(loss: StyleTransferLoss, image: Tensor, tile: int, keep: int = 1,
-                 reduction: Reduction = ALONE) -> tuple[Stats, dict[str, int], list[KeptGraph]]:
+def first_pass(
+    loss: StyleTransferLoss, image: Tensor, tile: int, keep: int = 1, reduction: Reduction = ALONE
+) -> tuple[Stats, dict[str, int], list[KeptGraph]]:
     """Pass 1: the terms' sums over the whole ``image``, tile by tile, and the number of positions
     they cover per layer; summed over the processes of ``reduction``. This process's last ``keep``
     crops run with autograd and their graphs are handed to pass 2 (in pass 1's order); the others
@@ -98,7 +99,7 @@ def first_pass(loss: StyleTransferLoss, image: Tensor, tile: int, keep: int = 1,
     sums: Stats | None = None
     positions = dict.fromkeys(loss.layers(), 0)
     every = crops(size, tile, loss.layers())
-    mine = every[reduction.rank::reduction.world]
+    mine = every[reduction.rank :: reduction.world]
     kept: list[KeptGraph] = []
     for i, (rows, cols, r, c) in enumerate(mine or every[:1]):
         graph = bool(mine) and i >= len(mine) - keep
@@ -119,8 +120,9 @@ def first_pass(loss: StyleTransferLoss, image: Tensor, tile: int, keep: int = 1,
     return sums, {k: int(n) for k, n in zip(positions, count.tolist())}, kept
 
 
-def tiled_loss_and_grad(loss: StyleTransferLoss, image: Tensor, tile: int, keep: int = 1,
-                        reduction: Reduction = ALONE) -> dict[str, Tensor]:
+def tiled_loss_and_grad(
+    loss: StyleTransferLoss, image: Tensor, tile: int, keep: int = 1, reduction: Reduction = ALONE
+) -> dict[str, Tensor]:
     """The loss terms of ``image`` (detached), with d total / d image added into ``image.grad``.
     ``keep``: how many crops' pass-1 graphs this process holds for pass 2 (each one a forward less,
     and its graph's memory; ``tiling/plan.py`` chooses it to fit).
@@ -140,7 +142,7 @@ def tiled_loss_and_grad(loss: StyleTransferLoss, image: Tensor, tile: int, keep:
     # processes' targets differ in the last bits (convolutions summed in another order).
     reduction.broadcast([g for v in slopes.values() for g in v if g is not None])
     features_grad = torch.zeros_like(image.grad)
-    mine = crops(size, tile, loss.layers())[reduction.rank::reduction.world]
+    mine = crops(size, tile, loss.layers())[reduction.rank :: reduction.world]
     for rows, cols, r, c in reversed(mine):  # the kept (last) crops first
         with torch.enable_grad():
             if kept:  # pass 1's last crops, from the last: each graph goes with its backward

@@ -70,8 +70,10 @@ class Crop(NamedTuple):
 def crops(size: tuple[int, int], tile: int, layers: Sequence[str]) -> list[Crop]:
     """Every tile of an image of ``size`` (H, W) for a loss reading ``layers``, with its crop."""
     grid, halo = reach(layers)
-    return [Crop(rows, cols, slice(rows.crop_start, rows.crop_end), slice(cols.crop_start, cols.crop_end))
-            for rows, cols in tiles(*size, tile, grid, halo)]
+    return [
+        Crop(rows, cols, slice(rows.crop_start, rows.crop_end), slice(cols.crop_start, cols.crop_end))
+        for rows, cols in tiles(*size, tile, grid, halo)
+    ]
 
 
 def needs_tiles(tile: int | None, shape: Sequence[int]) -> bool:

@@ -179,8 +179,10 @@ def check_group(world: int, tiled: bool, precision: str, devices: int) -> None:
     """Several processes share tiles: without a tile (``tiled``: ``image.tile`` is not null) there is
     nothing to share. ``devices``: ``trainer.devices``, for the message."""
     if world > 1 and not tiled:
-        raise UserError(f"{world} processes (trainer.devices={devices} or the job's tasks) share the tiles of "
-                        "image.tile, which is null; fix: image.tile=auto (or a tile in px, e.g. 1024), or trainer.devices=1")
+        raise UserError(
+            f"{world} processes (trainer.devices={devices} or the job's tasks) share the tiles of "
+            "image.tile, which is null; fix: image.tile=auto (or a tile in px, e.g. 1024), or trainer.devices=1"
+        )
     if world > 1 and precision == "bf16-true":
         raise UserError("trainer.precision=bf16-true is not supported with several processes; fix: trainer.precision=bf16-mixed")
 
@@ -210,8 +212,10 @@ def start(device: torch.device, world: int, helper: HelperSetup) -> TileGroup | 
     if world <= 1:
         return None
     if device.type == "cuda" and world > torch.cuda.device_count():  # NCCL takes one GPU per process
-        raise UserError(f"trainer.devices={world} runs one process per GPU and {torch.cuda.device_count()} GPU(s) are "
-                        f"visible; fix: trainer.devices={torch.cuda.device_count()}")
+        raise UserError(
+            f"trainer.devices={world} runs one process per GPU and {torch.cuda.device_count()} GPU(s) are "
+            f"visible; fix: trainer.devices={torch.cuda.device_count()}"
+        )
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads_per_process(world))
     address = f"tcp://127.0.0.1:{_free_port()}"
@@ -219,8 +223,9 @@ def start(device: torch.device, world: int, helper: HelperSetup) -> TileGroup | 
     ready = context.SimpleQueue()
     children = []
     for rank in range(1, world):
-        child = context.Process(target=_helper_main, args=(helper, rank, world, address, ready), daemon=True,
-                                name=f"nst_exp tile helper {rank}")
+        child = context.Process(
+            target=_helper_main, args=(helper, rank, world, address, ready), daemon=True, name=f"nst_exp tile helper {rank}"
+        )
         child.start()
         children.append(child)
     _wait_ready(children, ready)
@@ -241,9 +246,11 @@ def _wait_ready(children: list[Any], ready: Any) -> None:
         if dead:
             for child in children:
                 child.terminate()
-            raise UserError(f"a tile helper process (trainer.devices) exited with status {dead[0].exitcode} before it "
-                            "started; its error is printed above (a script calling nst_exp.stylize needs `if __name__ == "
-                            "'__main__':` around it: spawned processes import it); fix that, or trainer.devices=1")
+            raise UserError(
+                f"a tile helper process (trainer.devices) exited with status {dead[0].exitcode} before it "
+                "started; its error is printed above (a script calling nst_exp.stylize needs `if __name__ == "
+                "'__main__':` around it: spawned processes import it); fix that, or trainer.devices=1"
+            )
         time.sleep(0.05)
 
 

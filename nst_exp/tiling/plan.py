@@ -82,10 +82,20 @@ class TilePlan:
 
     def record(self, size: int) -> dict[str, object]:
         """The plan as result.json keeps it (``size``: the stage's long side)."""
-        mib = (lambda b: None if b is None else round(b / MIB, 1))
-        return {"size": size, "tile": self.tile, "keep": self.keep, "crops": self.crops, "auto": self.auto,
-                "world": self.world, "need_mib": mib(self.need_bytes), "budget_mib": mib(self.budget_bytes),
-                "whole_mib": mib(self.whole_bytes), "work": round(self.work, 3), "line": self.describe()}
+        mib = lambda b: None if b is None else round(b / MIB, 1)
+        return {
+            "size": size,
+            "tile": self.tile,
+            "keep": self.keep,
+            "crops": self.crops,
+            "auto": self.auto,
+            "world": self.world,
+            "need_mib": mib(self.need_bytes),
+            "budget_mib": mib(self.budget_bytes),
+            "whole_mib": mib(self.whole_bytes),
+            "work": round(self.work, 3),
+            "line": self.describe(),
+        }
 
     def describe(self) -> str:
         """One line for the run's log."""
@@ -100,8 +110,10 @@ class TilePlan:
         else:
             why = "image.tile=auto: the whole image would not fit"
         per = " per process" if self.world > 1 else ""
-        return (f"tiles of {self.tile} px ({why}): {self.crops} crops, pass 2 reusing {self.keep}{per} of pass 1's "
-                f"graphs ({need}{per}{of}; ~{self.work:.2f}x the time of one whole pass)")
+        return (
+            f"tiles of {self.tile} px ({why}): {self.crops} crops, pass 2 reusing {self.keep}{per} of pass 1's "
+            f"graphs ({need}{per}{of}; ~{self.work:.2f}x the time of one whole pass)"
+        )
 
 
 def element_bytes(image: Tensor, bf16: bool) -> int:
@@ -143,10 +155,11 @@ def _saved_bytes(loss: StyleTransferLoss, image: Tensor, tile: int, bf16: bool) 
     size = (image.shape[-2], image.shape[-1])
     grid, halo = reach(loss.layers())
     rows, cols = next(tiles(*size, max(grid, tile // grid * grid), grid, halo))
-    crop = image.detach()[..., rows.crop_start:rows.crop_end, cols.crop_start:cols.crop_end].clone().requires_grad_(True)
+    crop = image.detach()[..., rows.crop_start : rows.crop_end, cols.crop_start : cols.crop_end].clone().requires_grad_(True)
     with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16):
-        maps, other = saved_storage_bytes(lambda: tile_stats(loss, crop, rows, cols, size),
-                                          [*loss.buffers(), *loss.encoder.buffers(), crop])
+        maps, other = saved_storage_bytes(
+            lambda: tile_stats(loss, crop, rows, cols, size), [*loss.buffers(), *loss.encoder.buffers(), crop]
+        )
     owned = (rows.end - rows.start) * (cols.end - cols.start)
     return crop.shape[-2] * crop.shape[-1], owned, maps, other
 
@@ -236,14 +249,21 @@ def _option(areas: list[int], world: int, fp: Footprint, budget_bytes: float | N
             kept_count = min(kept_count, max(1, k))  # one kept costs no more than one run again
     cost, need = 0.0, working
     for share in shares:
-        kept, rest = share[max(0, len(share) - kept_count):], share[:max(0, len(share) - kept_count)]
+        kept, rest = share[max(0, len(share) - kept_count) :], share[: max(0, len(share) - kept_count)]
         cost = max(cost, sum(kept) + (1 + FORWARD_SHARE) * sum(rest) + CROP_COST_PX * len(share))
         need = max(need, sum(fp.kept(a) for a in kept) + largest * fp.backward)
     return _Option(cost, min(kept_count, max(len(s) for s in shares)), need)
 
 
-def plan_step(tile: int | str | None, keep: int | None, size: tuple[int, int], layers: Sequence[str],
-              fp: Footprint, budget_bytes: int | None, world: int = 1) -> TilePlan:
+def plan_step(
+    tile: int | str | None,
+    keep: int | None,
+    size: tuple[int, int],
+    layers: Sequence[str],
+    fp: Footprint,
+    budget_bytes: int | None,
+    world: int = 1,
+) -> TilePlan:
     """The stage's plan: ``tile`` is ``image.tile`` (px, ``"auto"`` or None: as ``config.tile_setting``
     reads it), ``keep`` ``image.tile_keep``, ``budget_bytes`` the budget (None: unknown), ``world`` the
     processes sharing tiles."""
@@ -259,8 +279,17 @@ def plan_step(tile: int | str | None, keep: int | None, size: tuple[int, int], l
             keep = 1  # an explicit tile with no known budget: one graph at a time
         option = _option(areas, world, fp, budget_bytes, keep) or _option(areas, world, fp, None, keep or 1)
         assert option is not None
-        return TilePlan(tile, option.keep, len(areas), int(option.need), budget_bytes, False, world, whole.need_bytes,
-                        option.cost / (pixels + CROP_COST_PX))
+        return TilePlan(
+            tile,
+            option.keep,
+            len(areas),
+            int(option.need),
+            budget_bytes,
+            False,
+            world,
+            whole.need_bytes,
+            option.cost / (pixels + CROP_COST_PX),
+        )
     assert tile == TILE_AUTO
     if budget_bytes is None or (world == 1 and whole.need_bytes <= budget_bytes):
         return whole
@@ -271,19 +300,34 @@ def plan_step(tile: int | str | None, keep: int | None, size: tuple[int, int], l
         areas = _crop_areas(size, candidate, grid, halo)
         option = _option(areas, world, fp, budget_bytes, keep)
         if option is not None and (best is None or option.cost < best[0]):
-            best = (option.cost, TilePlan(candidate, option.keep, len(areas), int(option.need), budget_bytes, True, world, whole.need_bytes,
-                                          option.cost / (pixels + CROP_COST_PX)))
+            best = (
+                option.cost,
+                TilePlan(
+                    candidate,
+                    option.keep,
+                    len(areas),
+                    int(option.need),
+                    budget_bytes,
+                    True,
+                    world,
+                    whole.need_bytes,
+                    option.cost / (pixels + CROP_COST_PX),
+                ),
+            )
     if best is None:
         smallest = candidate_tiles(max(size), grid, halo)[:1] or [grid]
         need = fp.peak(max(_crop_areas(size, smallest[0], grid, halo)))
-        raise UserError(f"even tiles of {smallest[0]} px need ~{need / MIB:,.0f} MiB per loss pass and the budget is "
-                        f"{budget_bytes / MIB:,.0f} MiB; fix: free memory, raise image.memory_mib, trainer.precision=bf16-mixed, "
-                        "optimizer=adam (less state) or a smaller image.size")
+        raise UserError(
+            f"even tiles of {smallest[0]} px need ~{need / MIB:,.0f} MiB per loss pass and the budget is "
+            f"{budget_bytes / MIB:,.0f} MiB; fix: free memory, raise image.memory_mib, trainer.precision=bf16-mixed, "
+            "optimizer=adam (less state) or a smaller image.size"
+        )
     return best[1]
 
 
-def plan_targets(tile: int | str | None, shapes: Sequence[tuple[int, int]], layers: Sequence[str],
-                 bytes_per_pixel: float, budget_bytes: int | None) -> int | None:
+def plan_targets(
+    tile: int | str | None, shapes: Sequence[tuple[int, int]], layers: Sequence[str], bytes_per_pixel: float, budget_bytes: int | None
+) -> int | None:
     """The tile the targets are computed in (no autograd, so no graph to keep): ``image.tile`` when it
     is a size; with auto the whole images if the largest fits, else the largest tile whose crops fit."""
     if tile is None or isinstance(tile, int):
@@ -292,13 +336,22 @@ def plan_targets(tile: int | str | None, shapes: Sequence[tuple[int, int]], laye
     if budget_bytes is None or largest[0] * largest[1] * bytes_per_pixel <= budget_bytes:
         return None
     grid, halo = reach(layers)
-    fitting = [t for t in candidate_tiles(max(largest), grid, halo)
-               if max(_crop_areas(largest, t, grid, halo)) * bytes_per_pixel <= budget_bytes]
+    fitting = [
+        t for t in candidate_tiles(max(largest), grid, halo) if max(_crop_areas(largest, t, grid, halo)) * bytes_per_pixel <= budget_bytes
+    ]
     return fitting[-1] if fitting else (candidate_tiles(max(largest), grid, halo)[:1] or [grid])[0]
 
 
-def stage_plan(tile: int | str | None, keep: int | None, memory_mib: int | None, history_pairs: int,
-               loss: StyleTransferLoss, image: Tensor, bf16: bool, world: int = 1) -> TilePlan:
+def stage_plan(
+    tile: int | str | None,
+    keep: int | None,
+    memory_mib: int | None,
+    history_pairs: int,
+    loss: StyleTransferLoss,
+    image: Tensor,
+    bf16: bool,
+    world: int = 1,
+) -> TilePlan:
     """The plan for a stage whose generated image is like ``image``: measured footprint, budget, plan.
     ``tile``, ``keep``, ``memory_mib``: ``image.tile`` (px, ``"auto"`` or None), ``image.tile_keep``,
     ``image.memory_mib``; ``history_pairs``: the L-BFGS pairs the budget leaves budget_bytes for (0 for Adam).

@@ -27,7 +27,7 @@ class TargetTiles:
         grid, halo = reach(layers)
         with torch.no_grad():
             for rows, cols in tiles(*size, self.tile, grid, halo):
-                crop = image[..., rows.crop_start:rows.crop_end, cols.crop_start:cols.crop_end]
+                crop = image[..., rows.crop_start : rows.crop_end, cols.crop_start : cols.crop_end]
                 yield owned(encoder(crop, layers), rows, cols, size)
 
     def whole_maps(self, encoder: Any, image: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
@@ -43,8 +43,9 @@ class TargetTiles:
                 maps[layer][..., r, c_] = feats
         return maps
 
-    def summed_stats(self, encoder: Any, image: Tensor, layers: Sequence[str],
-                     stats: Callable[[Tensor], tuple[Tensor, ...]]) -> dict[str, tuple[tuple[Tensor, ...], int]]:
+    def summed_stats(
+        self, encoder: Any, image: Tensor, layers: Sequence[str], stats: Callable[[Tensor], tuple[Tensor, ...]]
+    ) -> dict[str, tuple[tuple[Tensor, ...], int]]:
         """Per layer, ``stats`` (sums over positions) of ``image``'s features, added up over the tiles, and
         the number of positions: a style target of any size with the memory of one tile."""
         out: dict[str, tuple[tuple[Tensor, ...], int]] = {}
