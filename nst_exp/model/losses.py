@@ -27,6 +27,7 @@ from nst_exp.model import color
 from nst_exp.model.histogram import HistogramStyleLoss
 from nst_exp.model.layers import map_size
 from nst_exp.model.layout import channels_fastest
+from nst_exp.model.quantiles import QuantileMatch
 
 _EPS = 1e-8
 Region = tuple[slice, slice]  # rows and columns of a layer's map (the positions a tile owns)
@@ -194,7 +195,7 @@ class MeanCovStyleLoss(nn.Module):
         return self.from_stats(self.stats(features), features.shape[-2] * features.shape[-1])
 
 
-class SlicedWassersteinStyleLoss(nn.Module):
+class SlicedWassersteinStyleLoss(QuantileMatch):
     """Match whole feature distributions along fixed random directions (Heitz et al. 2021, sliced Wasserstein).
 
     The features (N positions of C channels) are projected on K unit directions, each projection is
@@ -208,14 +209,12 @@ class SlicedWassersteinStyleLoss(nn.Module):
 
     tileable = False
     selects_positions = True  # a mask picks the positions whose distribution is matched
-    QUANTILES = 1024  # levels a style's quantile function is kept at (and blended at)
 
     def __init__(self, target_quantiles: Tensor, projections: Tensor, normalize: bool = True) -> None:
         super().__init__()
         self.register_buffer("target", target_quantiles.detach().float())  # (B, K, Q), ascending
         self.register_buffer("projections", projections.detach().float())  # (C, K), unit columns
         self.register_buffer("scale", relative_scale(target_quantiles, normalize))
-        self._resampled: dict[int, Tensor] = {}
 
     @staticmethod
     def directions(channels: int, count: int, seed: int) -> Tensor:
@@ -236,33 +235,9 @@ class SlicedWassersteinStyleLoss(nn.Module):
             flat = flat.index_select(1, keep)
         return torch.sort((flat @ projections).transpose(1, 2), dim=-1).values
 
-    @staticmethod
-    def quantiles(sorted_values: Tensor, count: int) -> Tensor:
-        """Sorted samples (B, K, N) -> the quantile function at ``count`` levels (i + 1/2) / count."""
-        if sorted_values.shape[-1] == count:
-            return sorted_values
-        return F.interpolate(sorted_values, size=count, mode="linear", align_corners=False)
-
-    @classmethod
-    def target_from_stats(cls, stats: tuple[Tensor, ...], positions: int) -> Tensor:
-        return cls.quantiles(stats[0], cls.QUANTILES)
-
     def stats(self, features: Tensor, region: Region = _WHOLE, keep: Tensor | None = None) -> tuple[Tensor, ...]:
         """The sorted projections (B, K, N) of the features (not a sum: see ``tileable``)."""
         return (self.project_sorted(features, self.projections, keep),)
-
-    def target_at(self, count: int) -> Tensor:
-        """The target quantiles at ``count`` levels (one interpolation per stage, then cached)."""
-        if count not in self._resampled:
-            self._resampled[count] = self.quantiles(self.target, count).detach()
-        return self._resampled[count]
-
-    def from_stats(self, stats: tuple[Tensor, ...], positions: int) -> Tensor:
-        values = stats[0]
-        return F.mse_loss(values, self.target_at(values.shape[-1]).expand_as(values)) * self.scale
-
-    def forward(self, features: Tensor) -> Tensor:
-        return self.from_stats(self.stats(features), features.shape[-2] * features.shape[-1])
 
 
 STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss, "swd": SlicedWassersteinStyleLoss, "histogram": HistogramStyleLoss}

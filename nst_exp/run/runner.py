@@ -382,17 +382,7 @@ class _Run:
             )
             try:
                 logger.close(status)  # no artifacts: the cluster's grace time is short
-                write_result(
-                    run_dir,
-                    status,
-                    self.error,
-                    saved,
-                    metrics,
-                    interruptions=self.interruptions,
-                    labels=self.labels,
-                    tile_plans=tile_plans,
-                    provenance=self.record,
-                )
+                self.write_result(saved, metrics, tile_plans)
             except WriteFailed as exc:
                 _record_write_failure(exc, *records)
             raise self.stop
@@ -405,22 +395,26 @@ class _Run:
             logger.log_session_end(completed=status == "completed")
             logger.log_artifacts([run_dir / FINAL_IMAGE, run_dir / folder.FINAL_TIFF, run_dir / folder.SNAPSHOT_DIR])
             logger.close(status)
-            write_result(
-                run_dir,
-                status,
-                self.error,
-                saved,
-                metrics,
-                interruptions=self.interruptions,
-                labels=self.labels,
-                tile_plans=tile_plans,
-                provenance=self.record,
-            )
+            self.write_result(saved, metrics, tile_plans)
         except WriteFailed as exc:
             _record_write_failure(exc, *records)
         if status in folder.FINISHED:  # only once result.json says so: until then last.ckpt continues the run
             (run_dir / folder.CHECKPOINT).unlink(missing_ok=True)
         return RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, self.error)
+
+    def write_result(self, saved: str | None, metrics: dict[str, float], tile_plans: list[dict[str, Any]]) -> None:
+        """``result.json``: how the run ended, its metrics, labels, interruptions, tile plans and provenance."""
+        write_result(
+            self.run_dir,
+            self.status,
+            self.error,
+            saved,
+            metrics,
+            interruptions=self.interruptions,
+            labels=self.labels,
+            tile_plans=tile_plans,
+            provenance=self.record,
+        )
 
     def evaluate(self, image: Tensor) -> dict[str, float]:
         """The fixed evaluator's distances and the sweep objective. It runs VGG19 on the whole image at once:
