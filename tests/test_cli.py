@@ -318,7 +318,17 @@ def test_a_checkpoint_follows_the_records_due_at_its_step(tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_image(tmp_path):
     # Adam with an absurd learning rate on a huge style weight overflows to inf/NaN quickly.
     proc = run_cli(
-        ["run", *TINY, "optimizer=adam", "optimizer.lr=1e30", "loss.style_weight=1e30", "trainer.max_steps=50", "logging.flush_every=1"],
+        [
+            "run",
+            *TINY,
+            "optimizer=adam",
+            "optimizer.lr=1e30",
+            "loss.style_weight=1e30",
+            "trainer.max_steps=50",
+            "logging.flush_every=1",
+            "logging.image_every=1",
+            "logging.save_snapshots=true",
+        ],
         tmp_path,
     )
     assert proc.returncode == 3, proc.stderr
@@ -331,6 +341,9 @@ def test_nan_loss_stops_and_keeps_last_good_image(tmp_path):
 
     final = np.asarray(Image.open(run_dir / "final.png"), dtype=int)
     assert np.abs(final - np.asarray(tensor_to_pil(load_tensor("builtin:chelsea.png", 48)), dtype=int)).max() <= 1
+    # No snapshot of a NaN image (it would be a flat PNG): the diverged step 1 has none, in the folder or in TensorBoard.
+    assert sorted((run_dir / "snapshots").glob("step_*.png")) == []
+    assert "output/generated" not in load_events(run_dir).Tags()["images"]
 
 
 @pytest.mark.slow

@@ -113,7 +113,10 @@ class ImageSnapshots(pl.Callback):
 
     def write_pending(self, trainer: pl.Trainer) -> None:
         for step, copy in self._pending:
-            image = copy.get().float().clamp(0, 1)
+            image = copy.get().float()
+            if not bool(image.isfinite().all()):  # a diverged step (on the host copy: no wait for the device)
+                continue  # the run ends "diverged" on its last good image; a NaN snapshot would be a flat PNG
+            image = image.clamp(0, 1)
             trainer.logger.experiment.add_image("output/generated", image, step)
             if self.snapshot_dir is not None:
                 save_png(image, self.snapshot_dir / f"step_{step:06d}.png", "snapshot")
