@@ -173,16 +173,17 @@ def resolve(cfg: DictConfig, device: torch.device, experiment: str | None = None
     """The run's settings, once (``cfg`` has passed ``config.validate``; ``device`` is the run's)."""
     requested = cfg.copy()
     OmegaConf.set_readonly(requested, True)
-    impl = resolve_impl(cfg.optimizer, device) if cfg.optimizer.name == OptimizerName.lbfgs else None
+    optimizer = optimizer_spec(cfg.optimizer, device)  # its L-BFGS implementation decided once
+    compact = optimizer.name == OptimizerName.lbfgs and optimizer.impl == LBFGSImpl.compact
     resolved = Resolved(
         device=device,
         precision=resolve_precision(str(cfg.trainer.precision), device),
-        optimizer=optimizer_spec(cfg.optimizer, device),
+        optimizer=optimizer,
         max_pool=resolve_max_pool(cfg.model.memory, device),
         iters_per_step=iters_per_step(cfg, device),
         channels_last=bool(cfg.trainer.channels_last and device.type in ("cuda", "cpu")),
         compile=bool(cfg.trainer.compile and device.type == "cuda"),
-        cuda_graph=bool(cfg.trainer.cuda_graph and device.type == "cuda" and impl == LBFGSImpl.compact),
+        cuda_graph=bool(cfg.trainer.cuda_graph and device.type == "cuda" and compact),
         style_size=style_long_side(cfg, cfg.image.size),
         tile=tile_setting(cfg),
     )
