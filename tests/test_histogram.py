@@ -99,6 +99,20 @@ def test_histogram_refuses_tiles_in_one_line(encoder):
         validate(compose_config(["loss.style_loss=histogram", "image.tile=32", "image.size=64"]))
     with pytest.raises(ValueError, match=r"^loss.style_loss=histogram sorts every position.*tiles of 32 px; fix: "):
         _loss(encoder, tile=32)  # model/ raises a plain exception; the entry points make it one line
+    # image.tile=auto (the default) when the image does not fit the budget whole: the plan's refusal names the loss
+    from nst_exp.model.losses import untileable_kind
+
+    assert untileable_kind(_loss(encoder)[0]) == "histogram"
+    layers = ["loss.content_layers=[relu4_2]", "loss.style_layers=[relu1_1,relu2_1]"]
+    gram, _ = build_style_transfer_loss(
+        compose_config(layers).loss,
+        encoder,
+        load_tensor("builtin:chelsea.png", 32),
+        [load_tensor("builtin:starry_night.jpg", 32)],
+        [1.0],
+        None,
+    )
+    assert untileable_kind(gram) is None
 
 
 def test_histogram_run_repeats_exactly(tmp_path):

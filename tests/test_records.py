@@ -306,6 +306,8 @@ def test_full_disk_is_one_line_keeps_every_file_whole_and_resumes_once_there_is_
     Image.open(run / "final.png").load()  # whole: the old one, or a complete new one
     result = json.loads((run / "result.json").read_text())
     assert result == json.loads(before["result.json"]) or result["status"] == "failed", line
+    if result["status"] == "failed":  # as complete as a finished run's record: what ran, where and how
+        assert {"provenance", "labels", "metrics"} <= set(result) and result["provenance"]["resolved"], result
     assert isinstance(yaml.safe_load((run / "config.yaml").read_text()), dict)  # the old one or a complete new one
     filler.unlink()
     proc = cli(args, tmp_path)  # room again: the same command continues the run

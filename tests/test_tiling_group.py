@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_cli
 from PIL import Image
 
@@ -108,6 +109,20 @@ def test_devices_without_a_tile_is_one_line_with_the_fix():
     validate(compose_config(["trainer.devices=2"]))  # the default, image.tile=auto, plans the tiles itself
     with pytest.raises(UserError, match=r"trainer.devices must be a positive number"):
         validate(compose_config(["trainer.devices=0"]))
+
+
+def test_a_group_is_checked_on_the_resolved_settings():
+    """A job's tasks (world from the cluster, not trainer.devices) are checked on what the run resolved."""
+    from nst_exp.run.setup import check_tile_group
+    from nst_exp.settings import resolve
+
+    cpu = torch.device("cpu")
+    with pytest.raises(UserError, match=r"^2 processes .* share the tiles of image.tile, which is null; fix: image.tile=auto"):
+        check_tile_group(resolve(compose_config(["image.tile=null"]), cpu), world=2)
+    with pytest.raises(UserError, match=r"^trainer.precision=bf16-true is not supported with several processes; fix: "):
+        check_tile_group(resolve(compose_config(["trainer.precision=bf16-true"]), cpu), world=2)
+    check_tile_group(resolve(compose_config(["trainer.precision=bf16-mixed"]), cpu), world=2)
+    check_tile_group(resolve(compose_config(["image.tile=null", "trainer.precision=bf16-true"]), cpu), world=1)
 
 
 @pytest.mark.slow

@@ -231,16 +231,17 @@ def _job_task(cfg: DictConfig, rank: int, world: int, local_world: int) -> float
     import torch
 
     from nst_exp.run.setup import TileHelperSetup, check_tile_group
+    from nst_exp.settings import resolve
     from nst_exp.tiling.group import TileGroup, join_job_tasks, serve, threads_per_process
 
+    device = TileHelperSetup(cfg).device(rank % local_world)
     try:
-        check_tile_group(cfg, world)
+        check_tile_group(resolve(cfg, device), world)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if rank == 0:
             record_failure(Path(HydraConfig.get().runtime.output_dir), str(exc), cfg)
         return math.inf
-    device = TileHelperSetup(cfg).device(rank % local_world)
     torch.set_num_threads(threads_per_process(local_world))
     join_job_tasks(device)
     if rank == 0:

@@ -243,12 +243,16 @@ class SlicedWassersteinStyleLoss(QuantileMatch):
 STYLE_LOSSES = {"gram": GramStyleLoss, "mean_cov": MeanCovStyleLoss, "swd": SlicedWassersteinStyleLoss, "histogram": HistogramStyleLoss}
 
 
-def is_tileable(loss: nn.Module) -> bool:
-    """Whether the loss's style terms are sums over positions (``tiling/exact.py`` computes those exactly in tiles)."""
-    return all(getattr(term, "tileable", True) for term in getattr(loss, "style_losses", {}).values())
+def untileable_kind(loss: nn.Module) -> str | None:
+    """The ``loss.style_loss`` whose terms are not sums over positions (``tiling/exact.py`` computes only
+    those exactly in tiles), or None where every term is."""
+    names = {cls: name for name, cls in STYLE_LOSSES.items()}
+    terms = getattr(loss, "style_losses", {}).values()
+    kinds = sorted({names.get(type(term), type(term).__name__) for term in terms if not getattr(term, "tileable", True)})
+    return ",".join(kinds) or None
 
 
-def not_tileable_error(what: str, kind: str = "swd (or histogram)") -> str:
+def not_tileable_error(what: str, kind: str) -> str:
     return (
         f"loss.style_loss={kind} sorts every position of a map at once, which tiles cannot do exactly, and {what}; "
         "fix: a smaller image.size, a larger image.memory_mib, image.tile=null, or loss.style_loss=mean_cov"

@@ -194,7 +194,7 @@ class _Run:
         self.stop: BaseException | None = None
         self.module: StylizeModule | None = None
         self.signals = JobSignals()
-        self.group = start_tile_group(self.cfg, self.device, content, styles)  # trainer.devices > 1: processes sharing the tiles
+        self.group = start_tile_group(self.settings, content, styles)  # trainer.devices > 1: processes sharing the tiles
         self.plans: list[tuple[int, TilePlan]] = []  # each stage's long side and plan, as run
         self.failure: WriteFailed | None = None  # the first write that failed (a full disk): the run stops, saving what it can
 
@@ -362,14 +362,14 @@ class _Run:
         metrics = final_metrics(module.latest_losses if module is not None else {}, self.wall_offset + self.clock(), self.step)
         saved = FINAL_IMAGE if image is not None and (run_dir / FINAL_IMAGE).is_file() else None
         tile_plans = [plan.record(size) for size, plan in self.plans]
-        records = (run_dir, logger, saved, metrics, self.labels, self.interruptions, tile_plans)
+        records = (logger, saved, metrics, tile_plans)
         if not self.session_written and self.failure is None:  # stopped before the final stage: the session says what was decided
             try:
                 self.write_session()
             except WriteFailed as exc:
                 self.failure = exc
         if self.failure is not None:
-            _record_write_failure(self.failure, *records)
+            self.record_write_failure(self.failure, *records)
         if self.stop is not None:
             # The job goes on elsewhere (requeued) or was cancelled: no final metrics, no evaluation (the
             # cluster's grace time is short); the folder says where it stopped, last.ckpt how to go on.
@@ -384,7 +384,7 @@ class _Run:
                 logger.close(status)  # no artifacts: the cluster's grace time is short
                 self.write_result(saved, metrics, tile_plans)
             except WriteFailed as exc:
-                _record_write_failure(exc, *records)
+                self.record_write_failure(exc, *records)
             raise self.stop
         if image is not None and self.plans and self.plans[-1][1].tile is None:
             metrics.update(self.evaluate(image))
@@ -397,7 +397,7 @@ class _Run:
             logger.close(status)
             self.write_result(saved, metrics, tile_plans)
         except WriteFailed as exc:
-            _record_write_failure(exc, *records)
+            self.record_write_failure(exc, *records)
         if status in folder.FINISHED:  # only once result.json says so: until then last.ckpt continues the run
             (run_dir / folder.CHECKPOINT).unlink(missing_ok=True)
         return RunResult(tensor_to_pil(image) if image is not None else None, status, run_dir, metrics, self.error)
@@ -415,6 +415,24 @@ class _Run:
             tile_plans=tile_plans,
             provenance=self.record,
         )
+
+    def record_write_failure(
+        self, failure: WriteFailed, logger: RunLogger, saved: str | None, metrics: dict[str, float], tile_plans: list[dict[str, Any]]
+    ) -> None:
+        """After a failed write: close the event file and record the run as failed where the disk still lets
+        us (each file is whole, old or new, and result.json as complete as a finished run's), then raise the
+        failure as one line."""
+        _continue_hint(failure, self.run_dir)
+        try:
+            logger.close("failed")
+        except WriteFailed:
+            pass
+        self.status, self.error = "failed", str(failure)
+        try:
+            self.write_result(saved, metrics, tile_plans)
+        except WriteFailed:
+            pass
+        raise failure
 
     def evaluate(self, image: Tensor) -> dict[str, float]:
         """The fixed evaluator's distances and the sweep objective. It runs VGG19 on the whole image at once:
@@ -440,30 +458,6 @@ def _continue_hint(failure: WriteFailed, run_dir: Path) -> WriteFailed:
     then = f"resume={run_dir} continues the run" if resumable else "run the command again"
     failure.fix = f"{failure.room()}, then {then}"
     return failure
-
-
-def _record_write_failure(
-    failure: WriteFailed,
-    run_dir: Path,
-    logger: RunLogger,
-    saved: str | None,
-    metrics: dict[str, float],
-    labels: dict[str, Any],
-    interruptions: list[dict[str, Any]],
-    tile_plans: list[dict[str, Any]],
-) -> None:
-    """After a failed write: close the event file and record the run as failed where the disk still lets
-    us (each file is whole, old or new), then raise the failure as one line."""
-    _continue_hint(failure, run_dir)
-    try:
-        logger.close("failed")
-    except WriteFailed:
-        pass
-    try:
-        write_result(run_dir, "failed", str(failure), saved, metrics, interruptions=interruptions, labels=labels, tile_plans=tile_plans)
-    except WriteFailed:
-        pass
-    raise failure
 
 
 def _stage_name(index: int, stages: list[Any]) -> str:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
-from nst_exp.config import ColorMode, Init, OptimizerName, Padding, Pooling, Weights, tile_setting
+from nst_exp.config import ColorMode, Init, OptimizerName, Padding, Pooling, Weights
 from nst_exp.errors import UserError
 from nst_exp.images import open_image, pil_to_tensor, resize_long_side
 from nst_exp.model import color
@@ -27,7 +27,7 @@ from nst_exp.model.losses import StyleTransferLoss, build_style_transfer_loss
 from nst_exp.model.vgg import VGG19Encoder, build_encoder
 from nst_exp.run.input_checks import check_image_sizes
 from nst_exp.run.stages import Stage, stages_of, style_long_side
-from nst_exp.settings import Settings, resolve
+from nst_exp.settings import Precision, Settings, resolve
 from nst_exp.tiling import group, plan
 from nst_exp.tiling.targets import TargetTiles
 
@@ -208,16 +208,17 @@ class TileHelperSetup:
         return (lambda index: losses.for_steps(losses.build(stages[index])[0])), bf16
 
 
-def check_tile_group(cfg: DictConfig, world: int) -> None:
-    """``tiling.group.check_group`` with the config's ``image.tile`` and ``trainer.precision``."""
-    group.check_group(world, tile_setting(cfg) is not None, str(cfg.trainer.precision), int(cfg.trainer.devices))
+def check_tile_group(settings: Settings, world: int) -> None:
+    """``tiling.group.check_group`` with the resolved ``image.tile`` and precision."""
+    resolved = settings.resolved
+    group.check_group(world, resolved.tile is not None, resolved.precision == Precision.bf16_true, int(settings.cfg.trainer.devices))
 
 
-def start_tile_group(cfg: DictConfig, device: torch.device, content: Any = None, styles: list[Any] | None = None) -> group.TileGroup | None:
+def start_tile_group(settings: Settings, content: Any = None, styles: list[Any] | None = None) -> group.TileGroup | None:
     """``trainer.devices > 1`` (or a job's tasks): the processes sharing the run's tiles; None alone."""
-    world = group.joined_world() or int(cfg.trainer.devices)
-    check_tile_group(cfg, world)
-    return group.start(device, world, TileHelperSetup(cfg, content, styles))
+    world = group.joined_world() or int(settings.cfg.trainer.devices)
+    check_tile_group(settings, world)
+    return group.start(settings.device, world, TileHelperSetup(settings.cfg, content, styles))
 
 
 def initial_image(cfg: DictConfig, inputs: Inputs, content: Tensor, device: torch.device) -> Tensor:

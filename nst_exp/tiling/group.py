@@ -175,15 +175,16 @@ def _send_header(command: int, stage: int, height: int, width: int, device: torc
     dist.broadcast(torch.tensor([command, stage, height, width, tile, keep], dtype=torch.int64, device=device), 0)
 
 
-def check_group(world: int, tiled: bool, precision: str, devices: int) -> None:
+def check_group(world: int, tiled: bool, bf16_true: bool, devices: int) -> None:
     """Several processes share tiles: without a tile (``tiled``: ``image.tile`` is not null) there is
-    nothing to share. ``devices``: ``trainer.devices``, for the message."""
+    nothing to share; ``bf16_true``: the run's resolved precision is bf16-true, whose pure-bf16 parameters the
+    helpers do not mirror. ``devices``: ``trainer.devices``, for the message."""
     if world > 1 and not tiled:
         raise UserError(
             f"{world} processes (trainer.devices={devices} or the job's tasks) share the tiles of "
             "image.tile, which is null; fix: image.tile=auto (or a tile in px, e.g. 1024), or trainer.devices=1"
         )
-    if world > 1 and precision == "bf16-true":
+    if world > 1 and bf16_true:
         raise UserError("trainer.precision=bf16-true is not supported with several processes; fix: trainer.precision=bf16-mixed")
 
 
