@@ -19,6 +19,21 @@ ASSETS = REPO / "nst_exp" / "assets"
 # checkout, not whatever nst_exp is installed: otherwise the CLI tests test another copy.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
+MAX_WORKERS = 4  # each worker holds a VGG19 and starts real runs: more would trade memory for little
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject's addopts): one worker per core, at most ``MAX_WORKERS``."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # Workers share the cores: each (and every process it starts) gets its share of threads, so no
+    # worker's threads spin waiting for a core another worker holds.
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
 # Small, fast, deterministic settings shared by the end-to-end tests.
 TINY = ["image.size=48", "trainer.max_steps=8", "logging.image_every=4", "logging.flush_every=3", "logging.progress_bar=false"]
 
