@@ -53,8 +53,14 @@ def tree(pid: int) -> list[int]:
 
 def kill_tree(proc: subprocess.Popen, driver_first: bool = False) -> None:
     """SIGKILL the driver and all its workers: nobody gets to clean up. ``driver_first``: the driver
-    alone, then check that resuming is refused while its workers (submitit's jobs) still run."""
+    alone, then check that resuming is refused while its workers (submitit's jobs) still run. Every
+    process is frozen (SIGSTOP) first, so no job gets to finish while the check runs on a busy machine."""
     pids = tree(proc.pid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
     if driver_first:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
