@@ -63,3 +63,43 @@ def test_style_from_start_runs_and_refuses_tiles_in_one_line(tmp_path):
     proc = run_cli(["run", "loss.style_from_start=true", "image.tile=32", "image.size=64", "trainer.max_steps=1"], tmp_path)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode != 0 and len(lines) == 1 and "loss.style_from_start=true" in lines[0] and "fix:" in lines[0], proc.stderr
+
+
+def test_style_from_start_resumed_run_ends_on_the_uninterrupted_image(tmp_path):
+    """The weight comes from the start rule's image at each stage's size, not from the stage's actual first
+    image, so a run cut in its last stage and resumed ends on the very image of an uninterrupted run."""
+    import pytorch_lightning as pl
+
+    from nst_exp.run import runner
+
+    class StopAt(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            if pl_module.logged_step == 6:
+                raise KeyboardInterrupt
+
+    class Final(pl.Callback):
+        image: torch.Tensor | None = None
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.image = pl_module.output_image.clone()
+
+    overrides = [
+        *BASE,
+        "loss.style_from_start=true",
+        "loss.style_weight=10",
+        "image.size=64",
+        "image.scale_from=32",
+        "image.scale_ratio=2",
+        "image.scale_steps=4",
+        "trainer.max_steps=5",
+        "trainer.precision=32-true",
+        "logging.progress_bar=false",
+        "logging.image_every=0",
+    ]
+    whole = Final()
+    assert runner.run(compose_config(overrides), tmp_path / "whole", extra_callbacks=(whole,)).status == "completed"
+    assert runner.run(compose_config(overrides), tmp_path / "cut", extra_callbacks=(StopAt(),)).status == "interrupted"
+    resumed = Final()
+    result = runner.run(compose_config(overrides), tmp_path / "cut", extra_callbacks=(resumed,))
+    assert result.status == "completed" and result.metrics["result/steps"] == 9
+    assert torch.equal(resumed.image, whole.image)
