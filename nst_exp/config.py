@@ -134,6 +134,8 @@ class LossConfig:
     tv_weight: float = 0.0
     style_loss: StyleLossKind = StyleLossKind.gram
     swd_projections: float = 1.0  # style_loss=swd: directions per channel of each layer, drawn from `seed`
+    swd_layer_projections: List[float] = field(default_factory=list)  # style_loss=swd: per style layer instead (empty = swd_projections)
+    style_from_start: bool = False  # divide the style term by its value on the run's start image (init): a weight per pair
     normalize: bool = True  # each layer term as a relative error (divided by its target's mean square)
 
 
@@ -348,6 +350,18 @@ def validate(cfg: DictConfig | Config) -> None:
     _non_negative(cfg.loss.style_weight, "loss.style_weight")
     _non_negative(cfg.loss.tv_weight, "loss.tv_weight")
     _positive(cfg.loss.swd_projections, "loss.swd_projections")
+    if cfg.loss.style_from_start and isinstance(tile, int) and tile < cfg.image.size:
+        raise UserError(
+            f"loss.style_from_start=true measures the style term on the whole start image, and image.tile={tile} asks for tiles; "
+            "fix: image.tile=null (or auto), or loss.style_from_start=false"
+        )
+    for value in cfg.loss.swd_layer_projections:
+        _positive(value, "loss.swd_layer_projections")
+    if cfg.loss.swd_layer_projections and len(cfg.loss.swd_layer_projections) != len(cfg.loss.style_layers):
+        raise UserError(
+            f"loss.swd_layer_projections has {len(cfg.loss.swd_layer_projections)} values for "
+            f"{len(cfg.loss.style_layers)} loss.style_layers; fix: one value per style layer, or [] for loss.swd_projections on every layer"
+        )
     if cfg.loss.style_loss in (StyleLossKind.swd, StyleLossKind.histogram) and isinstance(tile, int) and tile < cfg.image.size:
         from nst_exp.model.losses import not_tileable_error
 

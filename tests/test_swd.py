@@ -123,3 +123,53 @@ def test_swd_refuses_a_tile_in_one_line(tmp_path):
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "loss.style_loss=swd" in lines[0] and "fix:" in lines[0], proc.stderr
+
+
+def test_swd_layer_projections_set_each_layers_direction_count(encoder):
+    """loss.swd_layer_projections: directions per channel for each style layer (relu1_1: 64 channels, relu2_1: 128)."""
+    loss, content = _loss(encoder, **{"loss.swd_layer_projections": "[0.25,2]"})
+    assert loss.style_losses["relu1_1"].projections.shape == (64, 16)
+    assert loss.style_losses["relu2_1"].projections.shape == (128, 256)
+    assert loss.style_losses["relu2_1"].target.shape[1] == 256  # the style's quantiles along every direction
+    same, _ = _loss(encoder, **{"loss.swd_layer_projections": "[1,1]"})
+    default, _ = _loss(encoder)  # [] = loss.swd_projections (1.0) on every layer
+    for layer in ("relu1_1", "relu2_1"):
+        assert torch.equal(same.style_losses[layer].projections, default.style_losses[layer].projections)
+    image = content.clone().requires_grad_(True)
+    loss(image)["loss/total"].backward()
+    assert image.grad is not None and bool(torch.isfinite(image.grad).all()) and float(image.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("[1]", "loss.swd_layer_projections has 1 values for 2 loss.style_layers; fix: "),
+        ("[1,0]", "loss.swd_layer_projections must be a positive"),
+    ],
+)
+def test_swd_layer_projections_bad_values_are_one_line_errors(value, message):
+    from nst_exp.config import validate
+
+    cfg = compose_config(["loss.style_loss=swd", "loss.style_layers=[relu1_1,relu2_1]", f"loss.swd_layer_projections={value}"])
+    with pytest.raises(UserError, match=message.replace("[", r"\[")):
+        validate(cfg)
+
+
+def test_swd_layer_projections_run_through_the_cli(tmp_path):
+    proc = run_cli(
+        [
+            "run",
+            "loss.style_loss=swd",
+            "loss.style_layers=[relu1_1,relu2_1,relu3_1,relu4_1]",
+            "loss.swd_layer_projections=[0.5,1,1,2]",
+            "image.size=48",
+            "trainer.max_steps=3",
+            "logging.progress_bar=false",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert list(tmp_path.rglob("final.png"))
+    proc = run_cli(["run", "loss.style_loss=swd", "loss.swd_layer_projections=[1,2]", "image.size=48", "trainer.max_steps=1"], tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and "loss.swd_layer_projections has 2 values for 5" in lines[0], proc.stderr

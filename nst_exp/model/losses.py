@@ -431,9 +431,10 @@ def build_style_transfer_loss(
     if style_cls is SlicedWassersteinStyleLoss:
         from nst_exp.model.layers import LAYER_INDEX, out_channels
 
-        for layer in style_layers:
+        per_layer = list(getattr(loss_cfg, "swd_layer_projections", None) or [loss_cfg.swd_projections] * len(style_layers))
+        for layer, per_channel in zip(style_layers, per_layer):
             channels = out_channels(layer)
-            count = max(1, round(float(loss_cfg.swd_projections) * channels))
+            count = max(1, round(float(per_channel) * channels))
             # One stream per (seed, layer): the same directions in every stage and every repeat of the run.
             directions = style_cls.directions(channels, count, seed * len(LAYER_INDEX) + LAYER_INDEX[layer])
             extra[layer] = (directions.to(content.device),)

@@ -115,7 +115,7 @@ def build_loss(settings: Settings, encoder: VGG19Encoder, inputs: Inputs, stage:
     if inputs.mask is not None:
         mask = pil_to_tensor(inputs.mask.resize(content.shape[-1:-3:-1], Image.Resampling.BILINEAR))[:, :1].to(device)
     tile = target_tile(settings, content, styles)
-    return build_style_transfer_loss(
+    loss, content = build_style_transfer_loss(
         cfg.loss,
         encoder,
         content,
@@ -126,6 +126,23 @@ def build_loss(settings: Settings, encoder: VGG19Encoder, inputs: Inputs, stage:
         TargetTiles(tile) if tile else None,
         seed=stage_seed(int(cfg.seed), stage.size),
     )
+    if cfg.loss.get("style_from_start"):
+        if tile:
+            raise UserError(
+                f"loss.style_from_start=true measures the style term on the whole start image, which needs tiles of {tile} px "
+                "here; fix: a smaller image.size, a larger image.memory_mib, or loss.style_from_start=false"
+            )
+        loss.style_weight = cfg.loss.style_weight / style_at_start(cfg, inputs, loss, content, device)
+    return loss, content
+
+
+def style_at_start(cfg: DictConfig, inputs: Inputs, loss: StyleTransferLoss, content: Tensor, device: torch.device) -> float:
+    """``loss.style_from_start``: the style term on the run's start image (``init``) at this stage's size. Always
+    the start rule's image, never the stage's actual first image (an upscaled earlier stage, a resumed one): one
+    weight per stage that a resume reproduces without storing it. Once per stage, before the step loop."""
+    with torch.no_grad():
+        style = loss(initial_image(cfg, inputs, content, device))["loss/style"]
+    return max(float(style), 1e-8)
 
 
 def stage_seed(seed: int, size: int) -> int:
