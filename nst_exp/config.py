@@ -350,7 +350,8 @@ def validate(cfg: DictConfig | Config) -> None:
     _non_negative(cfg.loss.style_weight, "loss.style_weight")
     _non_negative(cfg.loss.tv_weight, "loss.tv_weight")
     _positive(cfg.loss.swd_projections, "loss.swd_projections")
-    if cfg.loss.style_from_start and isinstance(tile, int) and tile < cfg.image.size:
+    explicit_tiles = isinstance(tile, int) and tile < cfg.image.size  # image.tile asks for tiles whatever the memory
+    if cfg.loss.style_from_start and explicit_tiles:
         raise UserError(
             f"loss.style_from_start=true measures the style term on the whole start image, and image.tile={tile} asks for tiles; "
             "fix: image.tile=null (or auto), or loss.style_from_start=false"
@@ -362,7 +363,7 @@ def validate(cfg: DictConfig | Config) -> None:
             f"loss.swd_layer_projections has {len(cfg.loss.swd_layer_projections)} values for "
             f"{len(cfg.loss.style_layers)} loss.style_layers; fix: one value per style layer, or [] for loss.swd_projections on every layer"
         )
-    if cfg.loss.style_loss in (StyleLossKind.swd, StyleLossKind.histogram) and isinstance(tile, int) and tile < cfg.image.size:
+    if cfg.loss.style_loss in (StyleLossKind.swd, StyleLossKind.histogram) and explicit_tiles:
         from nst_exp.model.losses import not_tileable_error
 
         raise UserError(not_tileable_error(f"image.tile={tile} asks for tiles", StyleLossKind(cfg.loss.style_loss).value))
