@@ -201,6 +201,19 @@ def test_swd_redraw_is_the_targets_along_new_directions_and_draw_zero_is_the_fix
     assert torch.equal(redrawn(content)["loss/style"], base)
 
 
+def test_swd_redraw_of_a_blend_is_the_blend_of_the_redrawn_targets(encoder):
+    s1, s2 = load_tensor("builtin:starry_night.jpg", 48), load_tensor("builtin:hubble_deep_field.jpg", 48)
+    redraw = {"loss.swd_redraw_every": 1}
+    one, _ = _loss(encoder, styles=[s1], **redraw)
+    two, _ = _loss(encoder, styles=[s2], **redraw)
+    both, _ = _loss(encoder, styles=[s1, s2], weights=[0.25, 0.75], **redraw)
+    for loss in (one, two, both):
+        loss.redraw(2)
+    for layer in ("relu1_1", "relu2_1"):
+        expected = 0.25 * one.style_losses[layer].target + 0.75 * two.style_losses[layer].target
+        assert torch.allclose(both.style_losses[layer].target, expected, atol=1e-5)
+
+
 class Draws(pl.Callback):
     """relu1_1's directions at each step (before it) and the final image."""
 
