@@ -135,6 +135,7 @@ class LossConfig:
     style_loss: StyleLossKind = StyleLossKind.gram
     swd_projections: float = 1.0  # style_loss=swd: directions per channel of each layer, drawn from `seed`
     swd_layer_projections: List[float] = field(default_factory=list)  # style_loss=swd: per style layer instead (empty = swd_projections)
+    swd_redraw_every: int = 0  # style_loss=swd: new directions every N steps (from seed, layer and N-step block); 0 = fixed
     style_from_start: bool = False  # divide the style term by its value on the run's start image (init): a weight per pair
     normalize: bool = True  # each layer term as a relative error (divided by its target's mean square)
 
@@ -356,6 +357,15 @@ def validate(cfg: DictConfig | Config) -> None:
         raise UserError(
             f"loss.style_from_start=true measures the style term on the whole start image, and image.tile={tile} asks for tiles; "
             "fix: image.tile=null (or auto), or loss.style_from_start=false"
+        )
+    if cfg.loss.swd_redraw_every < 0:
+        raise UserError(
+            f"loss.swd_redraw_every must be >= 0, got {cfg.loss.swd_redraw_every!r}; fix: 0 (fixed directions) or a step count, e.g. 1"
+        )
+    if cfg.loss.swd_redraw_every and cfg.loss.style_loss != StyleLossKind.swd:
+        raise UserError(
+            f"loss.swd_redraw_every={cfg.loss.swd_redraw_every} redraws the directions of loss.style_loss=swd, and loss.style_loss is "
+            f"{StyleLossKind(cfg.loss.style_loss).value}; fix: loss.style_loss=swd, or loss.swd_redraw_every=0"
         )
     for value in cfg.loss.swd_layer_projections:
         _positive(value, "loss.swd_layer_projections")

@@ -74,6 +74,17 @@ def test_graph_run_matches_eager_run(tmp_path, photo, painting):
     assert graph.metrics["result/steps"] == 40
 
 
+def test_graph_replay_sees_redrawn_swd_directions(tmp_path, photo, painting):
+    """loss.swd_redraw_every writes the new directions and targets in place: a replayed graph (from step
+    history_size + 2 on) uses them as the eager run does, redraws after the capture included."""
+    swd = ["loss.style_loss=swd", "loss.swd_redraw_every=4", "trainer.precision=32-true"]
+    eager = run(tmp_path, "eager", photo, painting, "trainer.cuda_graph=false", *swd)
+    graph = run(tmp_path, "graph", photo, painting, "trainer.cuda_graph=true", *swd)
+    diff = np.abs(np.asarray(eager.image, dtype=float) - np.asarray(graph.image, dtype=float)).mean()
+    assert diff < 1.0
+    assert graph.metrics["result/loss_total"] == pytest.approx(eager.metrics["result/loss_total"], rel=1e-3)
+
+
 def test_bf16_channels_last_multiscale_run(tmp_path, photo, painting):
     plain = run(tmp_path, "fp32", photo, painting)
     fast = run(

@@ -163,8 +163,10 @@ def audit(monkeypatch: pytest.MonkeyPatch) -> SyncAudit:
         ],
         # One iteration per batch (the CPU default), bf16 autocast.
         ["trainer.iters_per_step=1", "trainer.precision=bf16-mixed"],
+        # swd with its directions redrawn every other step (loss.swd_redraw_every), 2 iterations per batch.
+        ["trainer.iters_per_step=2", "trainer.precision=32-true", "loss.style_loss=swd", "loss.swd_redraw_every=2"],
     ],
-    ids=["cuda-defaults", "per-step-bf16"],
+    ids=["cuda-defaults", "per-step-bf16", "swd-redraw"],
 )
 def test_step_loop_never_waits_for_the_device(tmp_path, overrides, audit):
     """Also: bf16 autocast runs the convolutions in bf16 while the image and L-BFGS's state stay fp32 (fp64)."""

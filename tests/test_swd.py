@@ -4,6 +4,7 @@ directions that repeat with the seed, blends, masks, and tiles refused in one li
 from __future__ import annotations
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import run_cli
 
@@ -12,6 +13,7 @@ from nst_exp.errors import UserError
 from nst_exp.images import load_tensor
 from nst_exp.model.losses import SlicedWassersteinStyleLoss, build_style_transfer_loss
 from nst_exp.model.vgg import build_encoder
+from nst_exp.run import runner
 
 
 def direct_swd(features: torch.Tensor, projections: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -173,3 +175,116 @@ def test_swd_layer_projections_run_through_the_cli(tmp_path):
     proc = run_cli(["run", "loss.style_loss=swd", "loss.swd_layer_projections=[1,2]", "image.size=48", "trainer.max_steps=1"], tmp_path)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode != 0 and len(lines) == 1 and "loss.swd_layer_projections has 2 values for 5" in lines[0], proc.stderr
+
+
+def test_swd_redraw_is_the_targets_along_new_directions_and_draw_zero_is_the_fixed_loss(encoder):
+    """loss.swd_redraw_every: draw k's directions and targets are what a loss built with them would hold; draw 0 is
+    the fixed-direction loss, to the bit, and going back to it restores it."""
+    fixed, content = _loss(encoder, seed=2)
+    redrawn, _ = _loss(encoder, seed=2, **{"loss.swd_redraw_every": 3})
+    term = redrawn.style_losses["relu1_1"]
+    first_p, first_t = term.projections.clone(), term.target.clone()
+    assert torch.equal(first_p, fixed.style_losses["relu1_1"].projections) and torch.equal(first_t, fixed.style_losses["relu1_1"].target)
+    base = redrawn(content)["loss/style"]
+    redrawn.redraw(1)
+    p1 = term.projections.clone()
+    assert not torch.allclose(p1, first_p, atol=1e-3) and torch.allclose(p1.T @ p1, torch.eye(64), atol=1e-5)
+    style = load_tensor("builtin:starry_night.jpg", 48)
+    flat = encoder(style, ["relu1_1"])["relu1_1"].float()
+    expected = SlicedWassersteinStyleLoss.quantiles(
+        SlicedWassersteinStyleLoss.project_sorted(flat, p1), SlicedWassersteinStyleLoss.QUANTILES
+    )
+    assert torch.allclose(term.target, expected, atol=1e-6)
+    assert not torch.equal(redrawn(content)["loss/style"], base)
+    redrawn.redraw(0)
+    assert torch.equal(term.projections, first_p) and torch.equal(term.target, first_t)
+    assert torch.equal(redrawn(content)["loss/style"], base)
+
+
+def test_swd_redraw_of_a_blend_is_the_blend_of_the_redrawn_targets(encoder):
+    s1, s2 = load_tensor("builtin:starry_night.jpg", 48), load_tensor("builtin:hubble_deep_field.jpg", 48)
+    redraw = {"loss.swd_redraw_every": 1}
+    one, _ = _loss(encoder, styles=[s1], **redraw)
+    two, _ = _loss(encoder, styles=[s2], **redraw)
+    both, _ = _loss(encoder, styles=[s1, s2], weights=[0.25, 0.75], **redraw)
+    for loss in (one, two, both):
+        loss.redraw(2)
+    for layer in ("relu1_1", "relu2_1"):
+        expected = 0.25 * one.style_losses[layer].target + 0.75 * two.style_losses[layer].target
+        assert torch.allclose(both.style_losses[layer].target, expected, atol=1e-5)
+
+
+class Draws(pl.Callback):
+    """relu1_1's directions at each step (before it) and the final image."""
+
+    def __init__(self) -> None:
+        self.directions: list[torch.Tensor] = []
+        self.image: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.directions.append(pl_module.loss_fn.style_losses["relu1_1"].projections.clone())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.image = pl_module.output_image.clone()
+
+
+class StopAt(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if pl_module.logged_step == self.step:
+            raise KeyboardInterrupt
+
+
+REDRAW_RUN = [
+    "trainer.accelerator=cpu",
+    "logging.progress_bar=false",
+    "logging.image_every=0",
+    "trainer.precision=32-true",
+    "image.size=32",
+    "trainer.max_steps=7",
+    "loss.style_loss=swd",
+    "loss.style_layers=[relu1_1,relu2_1]",
+    "loss.swd_redraw_every=3",
+]
+
+
+def test_swd_redraw_changes_the_directions_at_each_redraw_step_and_runs_repeat(tmp_path):
+    one, two = Draws(), Draws()
+    assert runner.run(compose_config(REDRAW_RUN), tmp_path / "one", extra_callbacks=(one,)).status == "completed"
+    assert runner.run(compose_config(REDRAW_RUN), tmp_path / "two", extra_callbacks=(two,)).status == "completed"
+    d = one.directions  # used by steps 0..6: draws 0,0,0,1,1,1,2
+    assert len(d) == 7
+    assert torch.equal(d[0], d[2]) and torch.equal(d[3], d[5])
+    assert not torch.allclose(d[2], d[3], atol=1e-3) and not torch.allclose(d[5], d[6], atol=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(one.directions, two.directions))
+    assert torch.equal(one.image, two.image)
+    fixed = Draws()
+    runner.run(compose_config([*REDRAW_RUN, "loss.swd_redraw_every=0"]), tmp_path / "fixed", extra_callbacks=(fixed,))
+    assert all(torch.equal(a, d[0]) for a in fixed.directions) and not torch.equal(fixed.image, one.image)
+
+
+def test_swd_redraw_resumed_run_draws_the_same_directions_and_ends_on_the_same_image(tmp_path):
+    whole = Draws()
+    assert runner.run(compose_config(REDRAW_RUN), tmp_path / "whole", extra_callbacks=(whole,)).status == "completed"
+    cut = runner.run(compose_config(REDRAW_RUN), tmp_path / "cut", extra_callbacks=(StopAt(4),))  # inside draw 1
+    assert cut.status == "interrupted" and (tmp_path / "cut" / "last.ckpt").is_file()
+    resumed = Draws()
+    assert runner.run(compose_config(REDRAW_RUN), tmp_path / "cut", extra_callbacks=(resumed,)).status == "completed"
+    assert all(torch.equal(a, b) for a, b in zip(resumed.directions, whole.directions[-len(resumed.directions) :]))
+    assert torch.equal(resumed.image, whole.image)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["loss.style_loss=swd", "loss.swd_redraw_every=-1"], "loss.swd_redraw_every must be >= 0"),
+        (["loss.style_loss=gram", "loss.swd_redraw_every=5"], "loss.swd_redraw_every=5 redraws the directions of loss.style_loss=swd"),
+    ],
+)
+def test_swd_redraw_bad_values_are_one_line_errors(overrides, message):
+    from nst_exp.config import validate
+
+    with pytest.raises(UserError, match=message + ".*fix: "):
+        validate(compose_config(overrides))

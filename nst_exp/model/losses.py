@@ -200,9 +200,11 @@ class SlicedWassersteinStyleLoss(QuantileMatch):
 
     The features (N positions of C channels) are projected on K unit directions, each projection is
     sorted, and the sorted values are compared with the style's quantiles at the same levels: the
-    squared 1-D Wasserstein-2 distance per direction. The directions are fixed for a run (drawn from
-    ``seed``) so that L-BFGS sees one objective and runs repeat. Targets are quantile functions, so a
-    blend of several styles is their weighted average: the 1-D Wasserstein barycenter.
+    squared 1-D Wasserstein-2 distance per direction. The directions are drawn from ``seed`` so that
+    runs repeat: fixed for a run (L-BFGS sees one objective), or redrawn every few steps
+    (``loss.swd_redraw_every``, ``redraw``), which approaches the sliced distance over all directions
+    instead of along the first draw's only. Targets are quantile functions, so a blend of several
+    styles is their weighted average: the 1-D Wasserstein barycenter.
 
     Sorting is not a sum over positions: this loss cannot be evaluated tile by tile (``tileable``).
     """
@@ -215,6 +217,43 @@ class SlicedWassersteinStyleLoss(QuantileMatch):
         self.register_buffer("target", target_quantiles.detach().float())  # (B, K, Q), ascending
         self.register_buffer("projections", projections.detach().float())  # (C, K), unit columns
         self.register_buffer("scale", relative_scale(target_quantiles, normalize))
+        self.seed = 0  # the stream of draw 0 (the directions above); later draws derive theirs from it
+        self.draw = 0  # which draw the projections and target are
+        self.blend_weights: list[float] = []  # one per kept style image (buffers style_features_<i>), for redraws
+
+    def keep_styles(self, features: Sequence[Tensor], weights: Sequence[float], seed: int) -> None:
+        """Keep the style images' features at this layer (B, N, C) and their blend weights, so that ``redraw``
+        can compute the targets along new directions; ``seed`` is the stream the projections were drawn from."""
+        self.seed = int(seed)
+        self.blend_weights = [float(w) for w in weights]
+        for i, f in enumerate(features):  # buffers: they move with the module; not in a checkpoint
+            self.register_buffer(f"style_features_{i}", positions_by_channels(f).float().contiguous(), persistent=False)
+
+    @staticmethod
+    def draw_seed(seed: int, index: int) -> int:
+        """The stream of draw ``index`` (0: ``seed`` itself): one per (layer stream, draw), no global RNG."""
+        return int(seed) if index == 0 else (int(seed) * 1_000_003 + int(index)) % (1 << 63)
+
+    @torch.no_grad()
+    def redraw(self, index: int) -> None:
+        """Directions of draw ``index`` and the style's quantiles along them, written in place (a replayed CUDA
+        graph reads the same buffers). The scale stays the first draw's: for a whole orthonormal basis the
+        projections' mean square does not depend on the basis. Drawn on the CPU (the same on every device)."""
+        if index == self.draw:
+            return
+        if not self.blend_weights:
+            raise RuntimeError("redraw needs the style features: call keep_styles when the targets are built")
+        channels, count = self.projections.shape
+        fresh = self.directions(channels, count, self.draw_seed(self.seed, index))
+        if self.projections.is_cuda:
+            fresh = fresh.pin_memory()  # an asynchronous copy: the host does not wait for the device
+        self.projections.copy_(fresh, non_blocking=True)
+        styles = [getattr(self, f"style_features_{i}") for i in range(len(self.blend_weights))]
+        target = blend([self.quantiles(self.sort_projected(f, self.projections), self.QUANTILES) for f in styles], self.blend_weights)
+        self.target.copy_(target)
+        for levels, resampled in self._resampled.items():
+            resampled.copy_(self.quantiles(self.target, levels))
+        self.draw = index
 
     @staticmethod
     def directions(channels: int, count: int, seed: int) -> Tensor:
@@ -233,7 +272,13 @@ class SlicedWassersteinStyleLoss(QuantileMatch):
         flat = positions_by_channels(features).float()  # (B, HW, C)
         if keep is not None:
             flat = flat.index_select(1, keep)
-        return torch.sort((flat @ projections).transpose(1, 2), dim=-1).values
+        return SlicedWassersteinStyleLoss.sort_projected(flat, projections)
+
+    @staticmethod
+    def sort_projected(flat: Tensor, projections: Tensor) -> Tensor:
+        """(B, N, C) positions -> (B, K, N): their projections on each direction, ascending. The product is
+        written (B, K, N) contiguous: sorting the rows of a transposed (B, N, K) product is much slower on a CPU."""
+        return torch.sort(torch.matmul(projections.T, flat.transpose(1, 2)), dim=-1).values
 
     def stats(self, features: Tensor, region: Region = _WHOLE, keep: Tensor | None = None) -> tuple[Tensor, ...]:
         """The sorted projections (B, K, N) of the features (not a sum: see ``tileable``)."""
@@ -309,6 +354,13 @@ class StyleTransferLoss(nn.Module):
         self.content_weight = content_weight
         self.style_weight = style_weight
         self.tv_weight = tv_weight
+
+    def redraw(self, index: int) -> None:
+        """Draw ``index`` of every style term with random directions (``loss.swd_redraw_every``); the others
+        have none. Host-side work and in-place writes only: no wait for the device."""
+        for loss in self.style_losses.values():
+            if hasattr(loss, "redraw"):
+                loss.redraw(index)
 
     def term_names(self) -> list[str]:
         """The names ``forward`` returns, in a fixed order (used to size the history buffer)."""
@@ -416,7 +468,8 @@ def build_style_transfer_loss(
     """The loss of ``loss_cfg`` (the config's ``loss`` node) with its targets, computed once (no grad):
     content activations, the weighted blend of the style images' statistics, the mask at each style
     layer. Returns the loss and the content image as the targets saw it (grey in luminance mode).
-    ``seed`` draws the sliced Wasserstein loss's directions (the same for every stage of a run).
+    ``seed`` draws the sliced Wasserstein loss's directions (the same for every stage of a run); with
+    ``loss.swd_redraw_every`` its terms keep the style features to draw new ones (``StyleTransferLoss.redraw``).
     With ``tiles`` the images run through the encoder tile by tile (``tiling/targets.py``): only the
     content layers' maps are ever whole, the style statistics are summed over the tiles."""
     content, styles = color_targets(content, styles, color_mode)
@@ -425,6 +478,7 @@ def build_style_transfer_loss(
     style_cls = STYLE_LOSSES[kind]
     content_layers, style_layers = list(loss_cfg.content_layers), list(loss_cfg.style_layers)
     extra: dict[str, tuple[Tensor, ...]] = {}  # per layer, the style loss's fixed arguments after its target
+    streams: dict[str, int] = {}  # per layer, the seed of swd's directions
     stats_of: dict[str, Any] = {layer: style_cls.stats for layer in style_layers}
     if tiles and not getattr(style_cls, "tileable", True):
         raise ValueError(not_tileable_error(f"the style targets would be computed in tiles of {tiles.tile} px", kind))
@@ -436,25 +490,31 @@ def build_style_transfer_loss(
             channels = out_channels(layer)
             count = max(1, round(float(per_channel) * channels))
             # One stream per (seed, layer): the same directions in every stage and every repeat of the run.
-            directions = style_cls.directions(channels, count, seed * len(LAYER_INDEX) + LAYER_INDEX[layer])
+            streams[layer] = seed * len(LAYER_INDEX) + LAYER_INDEX[layer]
+            directions = style_cls.directions(channels, count, streams[layer])
             extra[layer] = (directions.to(content.device),)
             stats_of[layer] = lambda f, p=extra[layer][0]: style_cls.project_sorted(f, p)
+    redraws = bool(streams) and int(getattr(loss_cfg, "swd_redraw_every", 0) or 0) > 0
     with torch.no_grad():
+        kept: list[dict[str, Tensor]] = []  # the style features, kept where directions are redrawn
         if tiles:
             content_feats = tiles.whole_maps(encoder, content, content_layers) if content_layers else {}
             style_stats = [tiles.summed_stats(encoder, s, style_layers, style_cls.stats) for s in styles]
         else:
             content_feats = encoder(content, content_layers) if content_layers else {}
-            style_stats = [
-                {k: (_as_tuple(stats_of[k](f.float())), f.shape[-2] * f.shape[-1]) for k, f in encoder(s, style_layers).items()}
-                for s in styles
-            ]
+            style_stats = []
+            for s in styles:
+                feats = encoder(s, style_layers)
+                style_stats.append({k: (_as_tuple(stats_of[k](f.float())), f.shape[-2] * f.shape[-1]) for k, f in feats.items()})
+                kept.append(feats if redraws else {})
         content_losses = {k: ContentLoss(content_feats[k], normalize) for k in content_layers}
         style_losses = {}
         for layer in style_layers:
             target = blend([style_cls.target_from_stats(*stats[layer]) for stats in style_stats], style_weights)
             args = (*_as_tuple(target), *extra.get(layer, ()))
             style_losses[layer] = style_cls(*args, normalize)
+            if redraws:
+                style_losses[layer].keep_styles([feats[layer] for feats in kept], style_weights, streams[layer])
         # The mask applies to the generated image's maps, which have the content image's size.
         masks = (
             masks_at(mask, {k: (map_size(content.shape[-2], k), map_size(content.shape[-1], k)) for k in style_layers})

@@ -63,6 +63,8 @@ class StylizeModule(pl.LightningModule):
         cuda_graph: bool = False,
         ema_decay: float = 0.0,
         ema_state: dict[str, Tensor] | None = None,
+        redraw_every: int = 0,
+        stage_done: int = 0,
     ) -> None:
         super().__init__()
         # The loss and its image gradient: whole, tiled, or shared by several processes (tiling/exact.py, tiling/group.py).
@@ -89,6 +91,10 @@ class StylizeModule(pl.LightningModule):
         if ema_state is not None:
             self.ema_sum.copy_(ema_state["sum"])
             self.ema_decay_left.copy_(ema_state["decay_left"])
+        # loss.swd_redraw_every: draw k of the directions covers the stage's steps [k N, (k + 1) N), counted from the
+        # stage's start (stage_done: steps a resumed stage had done), so a resumed run draws what the whole run drew.
+        self.redraw_every = int(redraw_every)
+        self.stage_done = int(stage_done)
         self.history_start = 0  # global_step of history row 0
         self._closure_calls = 0
         self._optimizer: torch.optim.Optimizer | None = None  # made by configure_optimizers
@@ -164,6 +170,8 @@ class StylizeModule(pl.LightningModule):
     def training_step(self, batch: object, batch_idx: int) -> None:
         optimizer = self.optimizers()
         for _ in range(min(self.iters_per_step, self.trainer.max_steps - self.global_step)):
+            if self.redraw_every:  # host-side arithmetic; a new draw is written in place
+                self.loss_fn.redraw((self.stage_done + self.global_step) // self.redraw_every)
             optimizer.step(closure=self._closure)  # global_step += 1
             with torch.no_grad():
                 self.image.clamp_(0.0, 1.0)  # keep pixels valid: projected optimisation

@@ -313,6 +313,8 @@ class _Run:
             cuda_graph=resolved.cuda_graph,
             ema_decay=cfg.optimizer.ema_decay,
             ema_state=ema_state,
+            redraw_every=int(cfg.loss.swd_redraw_every),  # validate: only with loss.style_loss=swd
+            stage_done=stage_done,
         )
         trainer = make_trainer(
             cfg, self.run_dir, self.logger, steps, callbacks, device, resolved.precision, description=_stage_name(index, stages)
