@@ -17,6 +17,7 @@ GPUs keep fp32 (TF32 convolutions): ``32-true`` is also the choice for bit-for-b
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -124,6 +125,7 @@ class Resolved:
     channels_last: bool
     compile: bool
     cuda_graph: bool
+    keep_freed_memory: bool  # trainer.keep_freed_memory where it applies: the CPU, with glibc (run/heap.py)
     style_size: int  # the style image's long side at the final size
     tile: int | str | None  # image.tile parsed: a tile in px, "auto" (decided per stage by the plan), None (whole)
 
@@ -141,6 +143,7 @@ class Resolved:
             "trainer.cuda_graph": self.cuda_graph,
             "image.style_size": self.style_size,
             "image.tile": "none" if final_tile is None else str(final_tile),
+            "trainer.keep_freed_memory": self.keep_freed_memory,
         }
 
 
@@ -184,6 +187,7 @@ def resolve(cfg: DictConfig, device: torch.device, experiment: str | None = None
         channels_last=bool(cfg.trainer.channels_last and device.type in ("cuda", "cpu")),
         compile=bool(cfg.trainer.compile and device.type == "cuda"),
         cuda_graph=bool(cfg.trainer.cuda_graph and device.type == "cuda" and compact),
+        keep_freed_memory=bool(cfg.trainer.keep_freed_memory and device.type == "cpu" and platform.libc_ver()[0] == "glibc"),
         style_size=style_long_side(cfg, cfg.image.size),
         tile=tile_setting(cfg),
     )

@@ -39,6 +39,7 @@ def test_every_auto_is_decided_for_the_device():
     assert cpu.max_pool == MaxPool.fast and cuda.max_pool == MaxPool.lean
     assert cpu.iters_per_step == 1 and cuda.iters_per_step == 10
     assert cpu.cuda_graph is False and cuda.cuda_graph is True
+    assert cpu.keep_freed_memory is False and _settings(["trainer.keep_freed_memory=true"], CUDA).resolved.keep_freed_memory is False
     assert cpu.compile is False and _settings(["trainer.compile=true"], CUDA).resolved.compile is True
     assert cuda.precision == Precision.fp32 and isinstance(cpu.precision, Precision)
     assert cpu.channels_last is True and _settings([], torch.device("mps")).resolved.channels_last is False
@@ -84,6 +85,7 @@ def test_the_record_keeps_the_keys_older_runs_have():
         "trainer.cuda_graph",
         "image.style_size",
         "image.tile",
+        "trainer.keep_freed_memory",
     ]
     assert record["image.tile"] == "auto" and record["image.style_size"] == 96 and record["model.memory"] == "fast"
     assert _settings([]).resolved.record(final_tile=None)["image.tile"] == "none"

@@ -153,6 +153,7 @@ def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
     """The tool's network and loss modules in a plain L-BFGS loop: the floor any wrapper is measured against."""
     from nst_exp.optim.build import build_optimizer
     from nst_exp.run import setup
+    from nst_exp.run.heap import freed_memory_kept
     from nst_exp.settings import resolve
 
     cfg = tool_config(spec)
@@ -181,7 +182,8 @@ def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
         with torch.no_grad():
             img.clamp_(0, 1)
 
-    timed_loop(step, clock, device)
+    with freed_memory_kept(settings.resolved.keep_freed_memory):  # as the runner's fit does
+        timed_loop(step, clock, device)
     result.height, result.width = img.shape[-2:]
     result.layers = loss_layers(cfg)
 

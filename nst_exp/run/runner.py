@@ -31,6 +31,7 @@ from nst_exp.run import folder, provenance
 from nst_exp.run.callbacks import ImageSnapshots, ScalarFlusher
 from nst_exp.run.checkpoint import Checkpointer, ResumeState, check_stages, find_resume_state
 from nst_exp.run.folder import FINAL_IMAGE, read_result, write_result
+from nst_exp.run.heap import freed_memory_kept
 from nst_exp.run.logger import RunLogger, log_final_metrics, log_input_images, quiet_lightning, trim_logs
 from nst_exp.run.loggers import check_available, make_loggers
 from nst_exp.run.metrics import divergence_message, final_metrics, objective
@@ -330,7 +331,8 @@ class _Run:
     def fit(self, trainer: pl.Trainer, module: StylizeModule) -> None:
         """The stage's steps; how they ended (a signal, Ctrl-C, a failed write, NaN) becomes the run's status."""
         try:
-            trainer.fit(module, train_dataloaders=Forever())
+            with freed_memory_kept(self.settings.resolved.keep_freed_memory):
+                trainer.fit(module, train_dataloaders=Forever())
         except STEP_BOUNDARY_STOPS as exc:  # SIGTERM/USR2, acted on at a step boundary (checkpoint written)
             self.status, self.stop = "interrupted", self.signals.as_interruption(exc)
             self.error = f"{self.stop} at step {module.logged_step}; last.ckpt continues it (a requeued job does so by itself)"
