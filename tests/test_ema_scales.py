@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from run_callbacks import Final, StopAt
 
 from nst_exp.api import compose_config
 from nst_exp.errors import UserError
@@ -55,25 +56,6 @@ def test_saved_image_is_the_bias_corrected_average_of_the_iterates(tmp_path):
     assert not torch.allclose(average, seen.iterates[-1], atol=1e-3)  # the average is not the last iterate
     saved = torch.from_numpy(np.asarray(result.image, dtype=np.float32) / 255).permute(2, 0, 1)
     assert (saved - average[0]).abs().max() <= 0.5 / 255 + 1e-6
-
-
-class StopAt(pl.Callback):
-    """Ctrl-C at a given logged step (the checkpointer writes last.ckpt on it)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        if pl_module.logged_step == self.step:
-            raise KeyboardInterrupt
-
-
-class Final(pl.Callback):
-    def __init__(self) -> None:
-        self.image: torch.Tensor | None = None
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.image = pl_module.output_image.clone()
 
 
 @pytest.mark.parametrize("optimizer, stop", [("adam", 3), ("lbfgs", 6)])  # cut in the coarse stage, in the last

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import run_cli
+from run_callbacks import Final, StopAt
 
 import nst_exp
 from nst_exp.api import compose_config
@@ -68,20 +69,8 @@ def test_style_from_start_runs_and_refuses_tiles_in_one_line(tmp_path):
 def test_style_from_start_resumed_run_ends_on_the_uninterrupted_image(tmp_path):
     """The weight comes from the start rule's image at each stage's size, not from the stage's actual first
     image, so a run cut in its last stage and resumed ends on the very image of an uninterrupted run."""
-    import pytorch_lightning as pl
 
     from nst_exp.run import runner
-
-    class StopAt(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-            if pl_module.logged_step == 6:
-                raise KeyboardInterrupt
-
-    class Final(pl.Callback):
-        image: torch.Tensor | None = None
-
-        def on_train_end(self, trainer, pl_module) -> None:
-            self.image = pl_module.output_image.clone()
 
     overrides = [
         *BASE,
@@ -98,7 +87,7 @@ def test_style_from_start_resumed_run_ends_on_the_uninterrupted_image(tmp_path):
     ]
     whole = Final()
     assert runner.run(compose_config(overrides), tmp_path / "whole", extra_callbacks=(whole,)).status == "completed"
-    assert runner.run(compose_config(overrides), tmp_path / "cut", extra_callbacks=(StopAt(),)).status == "interrupted"
+    assert runner.run(compose_config(overrides), tmp_path / "cut", extra_callbacks=(StopAt(6),)).status == "interrupted"
     resumed = Final()
     result = runner.run(compose_config(overrides), tmp_path / "cut", extra_callbacks=(resumed,))
     assert result.status == "completed" and result.metrics["result/steps"] == 9

@@ -7,6 +7,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import run_cli
+from run_callbacks import StopAt
 
 from nst_exp.api import compose_config
 from nst_exp.errors import UserError
@@ -226,15 +227,6 @@ class Draws(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.image = pl_module.output_image.clone()
-
-
-class StopAt(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        if pl_module.logged_step == self.step:
-            raise KeyboardInterrupt
 
 
 REDRAW_RUN = [
