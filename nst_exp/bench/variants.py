@@ -6,6 +6,8 @@ the deepest loss layer) and one L-BFGS iteration per step:
 - ``tool``: the real thing, ``runner.run`` on the composed config (Lightning, logging on);
 - ``tiled``: the tool with ``image.tile`` at half the long side (about four tiles), or ``--tile``,
   ``--tile-keep``, ``--tile-memory``: the cost of the exact tiled loss pass at a size that fits untiled;
+- ``kept``: the tool with ``trainer.keep_freed_memory=true`` (CPU, glibc): what the page faults of its
+  large tensors cost, side by side with ``tool`` (not in the default set);
 - ``bare``: the tool's own network and loss modules in a plain loop: the framework's overhead;
 - ``stock``: a plain PyTorch loop with stock modules (``stock.py``): the floor every ratio is taken against;
 - ``pastiche``: ``pastiche.PasticheArtist.draw()`` (pastiche 1.6.0, fp32 only).
@@ -32,7 +34,8 @@ from torch import Tensor
 from nst_exp.bench.clock import StepClock, StepTimer, memory_now, timed_loop, window_end
 from nst_exp.model.layers import pastiche_layer
 
-VARIANTS = ("tool", "tiled", "bare", "stock", "pastiche")
+VARIANTS = ("tool", "tiled", "bare", "stock", "pastiche", "kept")
+DEFAULT_VARIANTS = VARIANTS[:5]
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
 
 
@@ -149,6 +152,11 @@ def run_tiled(spec: Spec, clock: StepClock, result: Measurement) -> None:
     run_tool(replace(spec, overrides=(*spec.overrides, *tiled_overrides(spec))), clock, result)
 
 
+def run_kept(spec: Spec, clock: StepClock, result: Measurement) -> None:
+    """The tool with the memory its steps free kept for the next step (``run/heap.py``)."""
+    run_tool(replace(spec, overrides=(*spec.overrides, "trainer.keep_freed_memory=true")), clock, result)
+
+
 def run_bare(spec: Spec, clock: StepClock, result: Measurement) -> None:
     """The tool's network and loss modules in a plain L-BFGS loop: the floor any wrapper is measured against."""
     from nst_exp.optim.build import build_optimizer
@@ -227,6 +235,7 @@ def run_pastiche(spec: Spec, clock: StepClock, result: Measurement) -> None:
 RUNNERS: dict[str, Callable[[Spec, StepClock, Measurement], None]] = {
     "tool": run_tool,
     "tiled": run_tiled,
+    "kept": run_kept,
     "bare": run_bare,
     "stock": run_stock,
     "pastiche": run_pastiche,
