@@ -162,9 +162,7 @@ class TrainerConfig:
     channels_last: bool = True  # NHWC activations on CUDA and the CPU (faster kernels there: cuDNN's, oneDNN's)
     compile: bool = False  # torch.compile the VGG19 forward (CUDA; pays off on long runs)
     cuda_graph: bool = True  # CUDA + optimizer.impl=compact: replay each step as one CUDA graph once L-BFGS's memory is full
-    keep_freed_memory: bool = (
-        False  # CPU with glibc: memory a step frees stays in the process for the next (no page faults): faster, higher peak RSS
-    )
+    keep_freed_memory: bool = False  # CPU, glibc: freed memory kept for the next step (no page faults); more peak RSS
     checkpoint_every: int = 0  # write last.ckpt every N steps (0 = only on Ctrl-C); for requeued jobs
     device_index: Optional[int] = None  # GPU for this job (taken modulo the GPU count); None = the first
 

@@ -5,8 +5,9 @@ and gradient of a step) a mapping of its own and unmaps it when the tensor is fr
 maps, faults in and has the kernel zero every page of every large tensor again, one page fault per
 4 KiB: a share of the step that grows with the image. With mmap off for the steps
 (``mallopt(M_MMAP_MAX, 0)``) those blocks come from the heap, which keeps what a step frees for the
-next one (``M_TRIM_THRESHOLD``: not even the heap's top goes back): after the first step almost no faults, at the price of the heap's fragmentation (a higher
-peak RSS, which the tile plan's memory probe does not see). docs/performance-cpu.md has both sides.
+next one (``M_TRIM_THRESHOLD``: not even the heap's top goes back). After the first step almost
+nothing faults, at the price of the heap's fragmentation: a higher peak RSS, which the tile plan's
+memory probe does not see. docs/performance-cpu.md has both sides.
 
 Before the steps the setup's freed memory (the style targets' maps) is handed back (``malloc_trim``)
 so it leaves no holes in the heap; after them mmap is on again and the heap's free memory handed back.
