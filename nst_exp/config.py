@@ -227,6 +227,7 @@ def _non_negative(value: float, key: str) -> None:
 
 
 TILE_AUTO = "auto"
+SEED_MAX = 2**32 - 1
 LOGGERS = ("tensorboard", "csv", "mlflow")  # logging.loggers: TensorBoard, Lightning's CSVLogger and MLFlowLogger
 
 
@@ -311,9 +312,11 @@ def validate(cfg: DictConfig | Config) -> None:
     for i, s in enumerate(sizes):
         _positive(s, f"image.multiscale_sizes[{i}]")
         if s >= cfg.image.size or (i and s <= sizes[i - 1]):
+            half = max(32, cfg.image.size // 2)
+            example = f"[{half}]" if half < cfg.image.size else "[] (image.size is too small for a coarser stage)"
             raise UserError(
                 f"image.multiscale_sizes={sizes} must ascend and stay below image.size={cfg.image.size}; "
-                "fix: e.g. image.multiscale_sizes=[128,181]"
+                f"fix: e.g. image.multiscale_sizes={example}"
             )
     for i, s in enumerate(steps):
         _positive(s, f"image.multiscale_steps[{i}]")
@@ -343,6 +346,12 @@ def validate(cfg: DictConfig | Config) -> None:
     if not 0 <= cfg.optimizer.ema_decay < 1:
         raise UserError(
             f"optimizer.ema_decay must be in [0, 1), got {cfg.optimizer.ema_decay!r}; fix: optimizer.ema_decay=0.99 (or 0: off)"
+        )
+    betas = list(cfg.optimizer.betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise UserError(
+            f"optimizer.betas must be two numbers in [0, 1) (Adam's decay of its gradient mean and square), got {betas}; "
+            "fix: optimizer.betas=[0.9,0.999]"
         )
     if cfg.optimizer.line_search not in (None, "strong_wolfe"):
         raise UserError(f"optimizer.line_search must be null or strong_wolfe, got {cfg.optimizer.line_search!r}")
@@ -404,6 +413,12 @@ def validate(cfg: DictConfig | Config) -> None:
             f"trainer.precision={cfg.trainer.precision!r} is not supported; fix: auto, 32-true or bf16-mixed "
             "(16-mixed is refused because L-BFGS cannot run under fp16 AMP)"
         )
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise UserError(f"seed must be in [0, {SEED_MAX}] (NumPy's range, which Lightning seeds too), got {cfg.seed}; fix: seed=0")
+    if cfg.trainer.get("device_index") is not None:
+        _non_negative(cfg.trainer.device_index, "trainer.device_index")
+    _non_negative(cfg.objective.content_budget, "objective.content_budget")
+    _non_negative(cfg.objective.penalty, "objective.penalty")
     _non_negative(cfg.logging.image_every, "logging.image_every")
     check_loggers(cfg.logging.get("loggers", ["tensorboard"]))
     _positive(cfg.logging.flush_every, "logging.flush_every")

@@ -192,6 +192,13 @@ def test_the_python_api_gives_the_command_line_s_one_line_errors(tmp_path, monke
         (["image.size=128", "image.scale_from=8"], r"image.scale_from=8 is too small .*; fix: image.scale_from=64 or more"),
         (["optimizer.ema_decay=1.0"], r"optimizer.ema_decay must be in \[0, 1\), got 1.0; fix: optimizer.ema_decay=0.99"),
         (["optimizer.line_search=strong_wolfe", "optimizer.impl=compact"], r"needs torch's L-BFGS; fix: add optimizer.impl=torch"),
+        (["image.size=128", "image.multiscale_sizes=[256]", "image.multiscale_steps=[5]"], r"fix: e.g. image.multiscale_sizes=\[64\]$"),
+        (["optimizer=adam", "optimizer.betas=[0.9,1.0]"], r"optimizer.betas must be two numbers in \[0, 1\) .*fix: optimizer.betas=\[0.9,0.999\]"),
+        (["optimizer.betas=[0.9]"], r"optimizer.betas must be two numbers in \[0, 1\) .*, got \[0.9\]; fix:"),
+        (["seed=-5"], r"seed must be in \[0, 4294967295\] .*got -5; fix: seed=0"),
+        (["seed=4294967296"], r"seed must be in \[0, 4294967295\]"),
+        (["trainer.device_index=-1"], r"trainer.device_index must be >= 0, got -1; fix:"),
+        (["objective.penalty=-1"], r"objective.penalty must be >= 0, got -1.0; fix:"),
     ],
 )
 def test_a_value_no_run_can_use_names_its_key_and_the_fix(overrides, message):
@@ -206,6 +213,8 @@ def test_the_settings_next_to_a_refused_one_are_accepted():
     validate(compose_config(["optimizer.line_search=strong_wolfe"]))  # auto: torch's L-BFGS, which has one
     validate(compose_config(["optimizer.line_search=strong_wolfe", "optimizer.impl=torch"]))
     validate(compose_config(["image.size=128", "image.scale_from=64", "optimizer.ema_decay=0.99"]))
+    validate(compose_config(["seed=4294967295", "optimizer=adam", "optimizer.betas=[0,0.99]", "trainer.device_index=0"]))
+    validate(compose_config(["image.size=128", "image.multiscale_sizes=[64]", "image.multiscale_steps=[5]"]))  # the fix it suggests
 
 
 # --- image files --------------------------------------------------------------------------------
