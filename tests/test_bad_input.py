@@ -193,7 +193,10 @@ def test_the_python_api_gives_the_command_line_s_one_line_errors(tmp_path, monke
         (["optimizer.ema_decay=1.0"], r"optimizer.ema_decay must be in \[0, 1\), got 1.0; fix: optimizer.ema_decay=0.99"),
         (["optimizer.line_search=strong_wolfe", "optimizer.impl=compact"], r"needs torch's L-BFGS; fix: add optimizer.impl=torch"),
         (["image.size=128", "image.multiscale_sizes=[256]", "image.multiscale_steps=[5]"], r"fix: e.g. image.multiscale_sizes=\[64\]$"),
-        (["optimizer=adam", "optimizer.betas=[0.9,1.0]"], r"optimizer.betas must be two numbers in \[0, 1\) .*fix: optimizer.betas=\[0.9,0.999\]"),
+        (
+            ["optimizer=adam", "optimizer.betas=[0.9,1.0]"],
+            r"optimizer.betas must be two numbers in \[0, 1\) .*fix: optimizer.betas=\[0.9,0.999\]",
+        ),
         (["optimizer.betas=[0.9]"], r"optimizer.betas must be two numbers in \[0, 1\) .*, got \[0.9\]; fix:"),
         (["seed=-5"], r"seed must be in \[0, 4294967295\] .*got -5; fix: seed=0"),
         (["seed=4294967296"], r"seed must be in \[0, 4294967295\]"),
