@@ -4,15 +4,18 @@ allocation (no new page faults), and afterwards the C library hands such blocks 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import resource
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 import nst_exp
 from nst_exp.run.heap import freed_memory_kept
+from nst_exp.tiling.plan import KEPT_HEAP_GROWTH, MIB, TilePlan, with_kept_heap
 
 GLIBC = platform.libc_ver()[0] == "glibc"
 BLOCK = 64 << 20  # above glibc's largest mmap threshold (32 MiB): a block of its own mapping by default
@@ -71,3 +74,29 @@ def test_a_run_with_it_completes_and_records_where_it_applied(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "completed" and (out / "final.png").is_file()
     assert result["provenance"]["resolved"]["trainer.keep_freed_memory"] is GLIBC
+
+
+def test_the_plan_keeps_the_heap_only_where_the_budget_has_room_for_it():
+    whole = TilePlan(None, need_bytes=100 * MIB, budget_bytes=int(100 * MIB * KEPT_HEAP_GROWTH))
+    assert with_kept_heap(whole, True).kept_heap and not with_kept_heap(whole, False).kept_heap
+    tight = replace(whole, budget_bytes=150 * MIB)  # the pass fits, the kept heap would not
+    assert not with_kept_heap(tight, True).kept_heap
+    assert with_kept_heap(TilePlan(None), True).kept_heap  # image.tile=null: no budget, the setting decides
+
+
+def test_a_run_whose_budget_is_tight_runs_its_steps_without_it(tmp_path, capsys):
+    """The same 96 px run twice: with memory to spare the stage keeps its heap; with image.memory_mib
+    between the pass's need and the kept heap's, the whole image still runs, with the default allocator."""
+    overrides = ["image.size=96", "trainer.max_steps=2", "logging.progress_bar=false", "trainer.accelerator=cpu"]
+    overrides += ["trainer.keep_freed_memory=true", "image.tile=auto"]
+    nst_exp.stylize(overrides=overrides, output_dir=tmp_path / "roomy")
+    roomy = json.loads((tmp_path / "roomy" / "result.json").read_text())["tile_plans"][-1]
+    assert roomy["keep_freed_memory"] is GLIBC and roomy["tile"] is None
+    tight_mib = math.ceil(roomy["need_mib"] * (1 + KEPT_HEAP_GROWTH) / 2)
+    capsys.readouterr()
+    nst_exp.stylize(overrides=[*overrides, f"image.memory_mib={tight_mib}"], output_dir=tmp_path / "tight")
+    result = json.loads((tmp_path / "tight" / "result.json").read_text())
+    tight = result["tile_plans"][-1]
+    assert result["status"] == "completed" and tight["tile"] is None and tight["keep_freed_memory"] is False
+    if GLIBC:
+        assert "trainer.keep_freed_memory is off for these steps" in capsys.readouterr().out

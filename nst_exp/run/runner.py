@@ -280,6 +280,12 @@ class _Run:
             self.write_session()
         if plan.tile is not None:
             print(f"{_stage_name(index, stages)}: {plan.describe()}", flush=True)
+        if self.settings.resolved.keep_freed_memory and not plan.kept_heap:
+            print(
+                f"{_stage_name(index, stages)}: trainer.keep_freed_memory is off for these steps: the heap it keeps would not "
+                "fit the memory budget",
+                flush=True,
+            )
         snapshots = ImageSnapshots(cfg.logging.image_every, self.run_dir / folder.SNAPSHOT_DIR if cfg.logging.save_snapshots else None)
         callbacks = [
             ScalarFlusher(cfg.logging.flush_every),
@@ -319,7 +325,7 @@ class _Run:
         trainer = make_trainer(
             cfg, self.run_dir, self.logger, steps, callbacks, device, resolved.precision, description=_stage_name(index, stages)
         )
-        self.fit(trainer, module)
+        self.fit(trainer, module, plan.kept_heap)
         pruned_at = next((c.pruned_at for c in callbacks if isinstance(c, PruneCheck)), None)
         if self.status == "completed" and pruned_at is not None:
             self.status, self.error = (
@@ -328,10 +334,11 @@ class _Run:
             )
         return self.status == "completed"
 
-    def fit(self, trainer: pl.Trainer, module: StylizeModule) -> None:
-        """The stage's steps; how they ended (a signal, Ctrl-C, a failed write, NaN) becomes the run's status."""
+    def fit(self, trainer: pl.Trainer, module: StylizeModule, kept_heap: bool) -> None:
+        """The stage's steps (with ``trainer.keep_freed_memory``'s heap where ``kept_heap``); how they ended (a
+        signal, Ctrl-C, a failed write, NaN) becomes the run's status."""
         try:
-            with freed_memory_kept(self.settings.resolved.keep_freed_memory):
+            with freed_memory_kept(kept_heap):
                 trainer.fit(module, train_dataloaders=Forever())
         except STEP_BOUNDARY_STOPS as exc:  # SIGTERM/USR2, acted on at a step boundary (checkpoint written)
             self.status, self.stop = "interrupted", self.signals.as_interruption(exc)

@@ -171,10 +171,11 @@ def history_pairs(cfg: DictConfig) -> int | None:
 
 
 def stage_plan(settings: Settings, loss: StyleTransferLoss, image: Tensor, world: int = 1) -> plan.TilePlan:
-    """The stage's tile plan (``tiling/plan.py``) from ``image.tile``, ``image.tile_keep`` and ``image.memory_mib``."""
+    """The stage's tile plan (``tiling/plan.py``) from ``image.tile``, ``image.tile_keep`` and ``image.memory_mib``,
+    with ``trainer.keep_freed_memory`` decided for it."""
     cfg = settings.cfg
     keep = cfg.image.get("tile_keep")
-    return plan.stage_plan(
+    planned = plan.stage_plan(
         settings.resolved.tile,
         None if keep is None else int(keep),
         cfg.image.get("memory_mib"),
@@ -184,6 +185,7 @@ def stage_plan(settings: Settings, loss: StyleTransferLoss, image: Tensor, world
         settings.resolved.precision.bf16,
         world,
     )
+    return plan.with_kept_heap(planned, settings.resolved.keep_freed_memory)
 
 
 class StageLosses:

@@ -19,7 +19,7 @@ its gradient and the optimiser's state will take (``memory.state_bytes``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -42,6 +42,8 @@ PROBE_MARGIN = 1.03  # deep maps of a small crop floor a little more than a larg
 FORWARD_SHARE = 1 / 3  # a forward's share of forward + backward: what a crop not kept costs once more
 CROP_COST_PX = 128 * 128  # fixed cost of a crop (launches, stats, bookkeeping) in pixel-equivalents
 STEP_GROWTH = 1.06  # candidate tile sizes grow by this factor (on the pooling grid)
+# trainer.keep_freed_memory: the kept heap over a loss pass's peak bytes in use (its first step's holes stay)
+KEPT_HEAP_GROWTH = 2.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class TilePlan:
     world: int = 1  # processes sharing the crops
     whole_bytes: int = 0  # what the whole image's pass would need
     work: float = 1.0  # the busiest process's estimated time per loss pass, in whole-image passes
+    kept_heap: bool = False  # trainer.keep_freed_memory holds for the stage's steps (``with_kept_heap``)
 
     def record(self, size: int) -> dict[str, object]:
         """The plan as result.json keeps it (``size``: the stage's long side)."""
@@ -94,6 +97,7 @@ class TilePlan:
             "budget_mib": mib(self.budget_bytes),
             "whole_mib": mib(self.whole_bytes),
             "work": round(self.work, 3),
+            "keep_freed_memory": self.kept_heap,
             "line": self.describe(),
         }
 
@@ -187,6 +191,15 @@ def measure(loss: StyleTransferLoss, image: Tensor, bf16: bool) -> Footprint:
     terms = sum(2 * 4 * out_channels(layer) ** 2 for layer in loss.style_losses)
     fixed = max(p[3] for p in probes) + terms
     return Footprint(PROBE_MARGIN * per_pixel, BACKWARD_MAPS * widest, NO_GRAD_MAPS * widest, fixed)
+
+
+def with_kept_heap(plan: TilePlan, asked: bool) -> TilePlan:
+    """The plan with ``trainer.keep_freed_memory`` (``asked``, where it applies) decided for its stage. The kept
+    heap outgrows the pass's bytes in use: the holes its first step leaves stay in the process. So it holds
+    only where the budget has room for ``KEPT_HEAP_GROWTH`` times the pass; a plan without a budget
+    (``image.tile=null``, or the free memory unknown) leaves the choice to the setting."""
+    fits = plan.budget_bytes is None or plan.need_bytes * KEPT_HEAP_GROWTH <= plan.budget_bytes
+    return replace(plan, kept_heap=asked and fits)
 
 
 def no_grad_bytes_per_pixel(image: Tensor) -> float:
