@@ -6,8 +6,9 @@ maps, faults in and has the kernel zero every page of every large tensor again, 
 4 KiB: a share of the step that grows with the image. With mmap off for the steps
 (``mallopt(M_MMAP_MAX, 0)``) those blocks come from the heap, which keeps what a step frees for the
 next one (``M_TRIM_THRESHOLD``: not even the heap's top goes back). After the first step almost
-nothing faults, at the price of the heap's fragmentation: a higher peak RSS, which the tile plan's
-memory probe does not see. docs/performance-cpu.md has both sides.
+nothing faults, at the price of the heap's fragmentation: a higher peak RSS, so the tile plan lets a stage
+keep its heap only where the memory budget has room for it (``tiling.plan.with_kept_heap``).
+docs/performance-cpu.md has both sides.
 
 Before the steps the setup's freed memory (the style targets' maps) is handed back (``malloc_trim``)
 so it leaves no holes in the heap; after them mmap is on again and the heap's free memory handed back.
