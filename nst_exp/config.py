@@ -413,10 +413,9 @@ def validate(cfg: DictConfig | Config) -> None:
             f"trainer.precision={cfg.trainer.precision!r} is not supported; fix: auto, 32-true or bf16-mixed "
             "(16-mixed is refused because L-BFGS cannot run under fp16 AMP)"
         )
-    if not 0 <= cfg.seed <= SEED_MAX:
+    seed_set_later = isinstance(cfg, DictConfig) and OmegaConf.is_interpolation(cfg, "seed")  # e.g. ${hydra:job.num}
+    if not seed_set_later and not 0 <= cfg.seed <= SEED_MAX:
         raise UserError(f"seed must be in [0, {SEED_MAX}] (NumPy's range, which Lightning seeds too), got {cfg.seed}; fix: seed=0")
-    if cfg.trainer.get("device_index") is not None:
-        _non_negative(cfg.trainer.device_index, "trainer.device_index")
     _non_negative(cfg.objective.content_budget, "objective.content_budget")
     _non_negative(cfg.objective.penalty, "objective.penalty")
     _non_negative(cfg.logging.image_every, "logging.image_every")
