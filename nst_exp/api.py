@@ -12,6 +12,8 @@ from nst_exp.errors import UserError, one_line_errors
 from nst_exp.labels import labels_of, run_folder
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
     from PIL import Image
 
     from nst_exp.run.runner import RunResult
@@ -30,15 +32,16 @@ def new_run_dir(labels: dict[str, str | None]) -> Path:
 
 
 def stylize(
-    content: str | Path | Image.Image | None = None,
-    style: str | Path | Image.Image | None = None,
+    content: str | Path | Image.Image | np.ndarray | torch.Tensor | None = None,
+    style: str | Path | Image.Image | np.ndarray | torch.Tensor | None = None,
     *,
     overrides: list[str] | None = None,
     output_dir: str | Path | None = None,
     return_result: bool = False,
     **settings: Any,
 ) -> Image.Image | RunResult:
-    """Style-transfer ``content`` (path or PIL image) in the manner of ``style``; returns the PIL image.
+    """Style-transfer ``content`` in the manner of ``style`` (each a path, a PIL image or an image array:
+    ``images.image_from_value``); returns the PIL image.
 
     ``content``/``style`` default to the CLI's defaults. ``overrides`` are CLI-style strings
     (``["loss.style_weight=1e5", "optimizer=adam"]``); keyword settings are nested dicts
@@ -46,6 +49,7 @@ def stylize(
     TensorBoard events, config.yaml) is ``output_dir`` or a new ``outputs/api/<date>/<time>_<labels>``
     (never one an earlier call made: a finished run's folder is refused).
     """
+    from nst_exp.images import image_from_value
     from nst_exp.run import runner
 
     cfg = compose_config(overrides, with_hydra=True, **settings)
@@ -59,7 +63,7 @@ def stylize(
         if isinstance(value, (str, Path)):
             cfg[key].path, cfg[key].name = str(value), None  # labelled by its file stem
         else:
-            images[key] = value
+            images[key] = image_from_value(value, key)
             cfg[key].name = f"{key}_image"
     labels = labels_of(cfg, experiment)
     run_dir = Path(output_dir) if output_dir else new_run_dir(labels)

@@ -93,6 +93,40 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def image_from_value(value: Any, what: str) -> Image.Image:
+    """An in-memory image as the Python API takes it: a PIL image, or an array (NumPy, or a torch tensor) of
+    H x W (grey) or H x W x 3/4 (RGB, RGBA; a tensor also 3 x H x W or 1 x 3 x H x W, as torchvision
+    holds images), 8-bit, 16-bit or floats in [0, 1] (above 1: in [0, 255]). Anything else is one line."""
+    if isinstance(value, Image.Image):
+        return value
+    shape = tuple(getattr(value, "shape", ()))
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        if t.dim() == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.dim() == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (3, 4):
+            t = t.permute(1, 2, 0)
+        value = (t.float() if t.is_floating_point() else t).numpy()
+    if not isinstance(value, np.ndarray):
+        raise UserError(
+            f"{what} must be a path, a PIL image or an image array, got {type(value).__name__}; "
+            f"fix: e.g. stylize('photo.jpg', 'painting.png')"
+        )
+    arr = value[..., 0] if value.ndim == 3 and value.shape[-1] == 1 else value
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)) or arr.size == 0:
+        raise UserError(f"the {what} array has shape {shape}; fix: H x W x 3 (RGB), H x W (grey), or a PIL image")
+    if arr.dtype == bool or np.issubdtype(arr.dtype, np.floating):
+        floats = np.nan_to_num(arr.astype(np.float64))
+        peak = 1.0 if floats.max(initial=0) <= 1.0 else 255.0
+        arr = np.clip(floats / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8:
+        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr.astype(np.float64) / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise UserError(f"the {what} array holds {arr.dtype} values; fix: 8-bit integers or floats in [0, 1]")
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
 def open_image(source: str | Path | Image.Image, what: str = "image", max_pixels: int | None = None) -> Image.Image:
     """Open a path (or take a PIL image) as an upright RGB PIL image, or raise a one-line UserError.
 

@@ -56,6 +56,32 @@ def test_stylize_with_pil_images(tmp_path, photo, painting):
     assert (record["content"], record["style"]) == ("content_image", "style_image")  # labelled as in-memory images
 
 
+def test_stylize_with_arrays_as_numpy_and_torchvision_hold_them(tmp_path, photo, painting):
+    """A NumPy H x W x 3 uint8 photo and a torch 3 x H x W float painting give the run the PIL images'
+    pixels: the same final image to the bit."""
+    import torch
+
+    settings = {"image": {"size": 40}, "trainer": {"max_steps": 2}, "logging": {"progress_bar": False}}
+    as_pil = nst_exp.stylize(Image.open(photo), Image.open(painting), output_dir=tmp_path / "pil", **settings)
+    painting_chw = torch.from_numpy(np.asarray(Image.open(painting).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    as_arrays = nst_exp.stylize(np.asarray(Image.open(photo).convert("RGB")), painting_chw, output_dir=tmp_path / "arrays", **settings)
+    assert np.array_equal(np.asarray(as_pil), np.asarray(as_arrays))
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (5, "content must be a path, a PIL image or an image array, got int; fix:"),
+        (np.zeros((2, 3, 8, 8), np.uint8), r"the content array has shape \(2, 3, 8, 8\); fix: H x W x 3"),
+        (np.zeros((8, 8, 3), np.complex64), "the content array holds complex64 values; fix:"),
+    ],
+)
+def test_stylize_refuses_what_is_not_an_image_in_one_line(tmp_path, content, says):
+    with pytest.raises(UserError, match=says) as err:
+        nst_exp.stylize(content, output_dir=tmp_path / "run", image={"size": 32})
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_stylize_with_paths_and_overrides(tmp_path, photo, painting):
     result = nst_exp.stylize(
