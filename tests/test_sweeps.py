@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -253,6 +254,27 @@ def test_compare_any_runs(tmp_path, grid_sweep, capsys):
     with (out / "summary.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 3
     assert Image.open(out / "contact_sheet.png").width >= 2 * TILE
+
+
+def test_compare_writes_into_a_sweep_folder_and_never_into_a_folder_of_the_user_s(tmp_path, grid_sweep, monkeypatch, capsys):
+    """Without --out, a sweep's summary goes into its folder; a folder of the user's holding runs (with a
+    summary.csv of their own) is only read: the summary goes to outputs/compare/<time> in the cwd."""
+    from nst_exp.__main__ import main
+
+    sweep, _ = grid_sweep
+    mine = tmp_path / "my_picks"
+    for run in run_dirs(sweep)[:2]:
+        shutil.copytree(run, mine / run.name)
+    (mine / "summary.csv").write_text("my own notes\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", str(mine)]) == 0
+    assert (mine / "summary.csv").read_text() == "my own notes\n" and sorted(p.name for p in mine.iterdir()) == [
+        "summary.csv",
+        *sorted(r.name for r in run_dirs(sweep)[:2]),
+    ]
+    written = list((tmp_path / "outputs" / "compare").rglob("summary.csv"))
+    assert len(written) == 1 and "runs:          2 (0 failed)" in capsys.readouterr().out
+    assert main(["compare", str(sweep)]) == 0 and (sweep / "summary.csv").is_file()
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="experiment presets to judge (default: default quality; 'default' = no experiment)",
     )
     p.add_argument(
-        "--pairs", nargs="*", default=None, help="content:style file pairs (builtin:NAME or paths; default every bundled content x style)"
+        "--pairs", nargs="*", default=None, help="content,style file pairs (builtin:NAME or paths; default every bundled content x style)"
     )
     p.add_argument("--overrides", nargs="*", default=[], help="config overrides for every preset (e.g. trainer.max_steps=50)")
     p.add_argument("--stock-steps", type=int, default=STOCK_STEPS, help=f"the stock loop's L-BFGS steps (default {STOCK_STEPS})")
@@ -78,7 +78,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, help="write the rows to this JSON file")
     p.add_argument("--sheet", type=Path, help="write a contact sheet (PNG) of every pair's images")
-    return p.parse_args(list(argv))
+    args = p.parse_args(list(argv))
+    if args.size < 32:
+        p.error("--size must be >= 32 (VGG19 pools four times)")
+    if args.stock_steps < 1:
+        p.error("--stock-steps must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
 
 
 def default_pairs() -> list[tuple[str, str]]:

@@ -11,11 +11,14 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m nst_exp compare", description="Summarise finished runs or sweeps side by side.")
     parser.add_argument("dirs", nargs="+", type=Path, help="run folders and/or sweep folders")
-    parser.add_argument("--out", type=Path, help="where to write (default: the sweep folder if one is given, else outputs/compare/<time>)")
+    parser.add_argument(
+        "--out", type=Path, help="where to write (default: the sweep folder if one nst_exp made is given, else outputs/compare/<time>)"
+    )
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
     from nst_exp.files import WriteFailed
     from nst_exp.run.folder import RESULT_FILE
+    from nst_exp.sweep.resume import SWEEP_RECORD
     from nst_exp.sweep.summary import best_job, collect_jobs, differences_lines, summarize
 
     missing = [d for d in args.dirs if not d.is_dir()]
@@ -29,7 +32,8 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    single_sweep = len(args.dirs) == 1 and not (args.dirs[0] / RESULT_FILE).is_file()
+    # a sweep's own folder (Hydra's multirun.yaml) holds its summary; any other folder is the user's: not written
+    single_sweep = len(args.dirs) == 1 and (args.dirs[0] / SWEEP_RECORD).is_file() and not (args.dirs[0] / RESULT_FILE).is_file()
     out = args.out or (args.dirs[0] if single_sweep else Path("outputs/compare") / time.strftime("%Y-%m-%d/%H-%M-%S"))
     try:
         paths = summarize(jobs, out, title=args.title or f"{len(jobs)} runs")
