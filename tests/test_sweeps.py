@@ -268,10 +268,8 @@ def test_compare_writes_into_a_sweep_folder_and_never_into_a_folder_of_the_user_
     (mine / "summary.csv").write_text("my own notes\n")
     monkeypatch.chdir(tmp_path)
     assert main(["compare", str(mine)]) == 0
-    assert (mine / "summary.csv").read_text() == "my own notes\n" and sorted(p.name for p in mine.iterdir()) == [
-        "summary.csv",
-        *sorted(r.name for r in run_dirs(sweep)[:2]),
-    ]
+    assert (mine / "summary.csv").read_text() == "my own notes\n"
+    assert sorted(p.name for p in mine.iterdir()) == sorted(["summary.csv", *(r.name for r in run_dirs(sweep)[:2])])
     written = list((tmp_path / "outputs" / "compare").rglob("summary.csv"))
     assert len(written) == 1 and "runs:          2 (0 failed)" in capsys.readouterr().out
     assert main(["compare", str(sweep)]) == 0 and (sweep / "summary.csv").is_file()
