@@ -36,7 +36,7 @@ def compose_config(overrides: list[str] | None = None, with_hydra: bool = False,
     register_launchers()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="nst_api"):
-            cfg = compose("config", overrides=list(overrides or []), return_hydra_config=with_hydra)
+            cfg = compose("config", overrides=quote_letters_beyond_ascii(list(overrides or [])), return_hydra_config=with_hydra)
     except Exception as exc:  # noqa: BLE001 - a slip becomes one line; anything else stays as it was
         raise _user_error(exc) or exc from None
     if settings:
@@ -48,6 +48,32 @@ def compose_config(overrides: list[str] | None = None, with_hydra: bool = False,
                 raise UserError(f"unknown config key '{key}'; fix: {_spelling_fix(key)}") from None
             raise UserError(f"bad value for '{key}': {first_line(exc)}; fix: give {key} a value of its type ({KEYS_HINT})") from None
     return cfg
+
+
+_GRAMMAR_CHARS = set(",[]{}()'\"\\$=:")  # what makes an override value a list, a sweep, an interpolation...
+
+
+def quote_letters_beyond_ascii(argv: list[str]) -> list[str]:
+    """Overrides whose value has letters beyond ASCII (a path like café.jpg or 星夜.png), which Hydra's
+    grammar reads only quoted, quoted for it; values with any of the grammar's own characters are left
+    as typed (a sweep's commas, a list's brackets)."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        plain = sep and not arg.startswith("-") and value and not value.isascii() and not (_GRAMMAR_CHARS & set(value))
+        out.append(f"{key}='{value}'" if plain else arg)
+    return out
+
+
+def quoting_fix(override: str) -> str:
+    """How to write an override Hydra's grammar refused: a value with letters beyond ASCII (a path's 'café'
+    or '星夜') must be quoted; anything else gets the general form."""
+    key, sep, value = override.partition("=")
+    if not sep or value[:1] in "'\"" or value.isascii():
+        return "key=value, quote values with spaces or commas ('key=\"a, b\"')"
+    quote = '"' if "'" in value else "'"
+    quoted = ",".join(f"{quote}{v}{quote}" for v in value.split(","))  # a sweep: each value quoted
+    return f'quote the value, e.g. {key}={quoted} (in the shell: "{key}={quoted}")'
 
 
 def register_launchers() -> None:
@@ -73,8 +99,10 @@ def register_launchers() -> None:
 
 def _user_error(exc: Exception) -> UserError | None:
     """A composition error this module knows as one line naming the override and the fix; None otherwise."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
+    if isinstance(exc, OverrideParseException):
+        return UserError(f"cannot read the override {exc.override!r}: {first_line(exc)}; fix: {quoting_fix(exc.override)}")
     if isinstance(exc, MissingConfigException):
         problem = re.sub(r"^In '[^']*': ", "", first_line(exc))
         fix = f"one of {', '.join(exc.options)}" if exc.options else "check the group and preset names"

@@ -68,6 +68,15 @@ def test_stylize_with_arrays_as_numpy_and_torchvision_hold_them(tmp_path, photo,
     assert np.array_equal(np.asarray(as_pil), np.asarray(as_arrays))
 
 
+def test_an_override_naming_a_path_beyond_ascii_is_read_as_typed(tmp_path, photo):
+    """Hydra's grammar reads such a value only quoted: the overrides are quoted for it, in the API as on the
+    command line (the run's label keeps the letters)."""
+    path = photo.rename(photo.with_name("café ü 星夜.png"))
+    overrides = [f"content.path={path}", "image.size=32", "trainer.max_steps=1", "logging.progress_bar=false"]
+    nst_exp.stylize(overrides=overrides, output_dir=tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["content"] == "café ü 星夜"
+
+
 @pytest.mark.parametrize(
     ("content", "says"),
     [

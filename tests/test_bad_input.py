@@ -66,7 +66,9 @@ def cli_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
         (["model.padding=mirror"], ["bad value in 'model.padding=mirror'", "reflect", "fix:"]),
         (["loss.style_layers=relu1_1"], ["fix: a list, e.g. loss.style_layers=[relu1_1]"]),
         (["image.size=[1,"], ["cannot read the override 'image.size=[1,'", "fix: key=value"]),
-        (["content.path=/photos/café.jpg"], ["fix: quote the value, e.g. content.path='/photos/café.jpg'"]),
+        # a path with letters beyond ASCII is quoted for Hydra's grammar (so read as typed); in a sweep, each value
+        (["content.path=/photos/café ü.jpg"], ["content image not found: /photos/café ü.jpg"]),
+        (["-m", "style.path=/a/星夜.png,/b/x.png"], ["fix: quote the value, e.g. style.path='/a/星夜.png','/b/x.png'"]),
         (["style=nope"], ["unknown style preset 'nope'", "starry_night", "fix:"]),
         (["hydra/launcher=nope"], ["Could not find 'hydra/launcher/nope'", "fix: one of", "joblib"]),
         (["logging.loggers=[tensorboard,mlfow]"], ["logging.loggers: unknown logger 'mlfow'", "fix: did you mean mlflow?"]),

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from nst_exp.cli.compose import compose_config, first_line
+from nst_exp.cli.compose import compose_config, first_line, quoting_fix
 from nst_exp.config import CONF_DIR
 from nst_exp.errors import UserError
 
@@ -46,16 +46,6 @@ def check_run_overrides(overrides: list[str]) -> None:
                 )
 
 
-def _quoting_fix(override: str) -> str:
-    """How to write an override Hydra's grammar refused: a value with letters beyond ASCII (a path's 'café'
-    or '星夜') must be quoted; anything else gets the general form."""
-    key, sep, value = override.partition("=")
-    if not sep or value[:1] in "'\"" or value.isascii():
-        return "key=value, quote values with spaces or commas ('key=\"a, b\"')"
-    quote = '"' if "'" in value else "'"
-    return f'quote the value, e.g. {key}={quote}{value}{quote} (in the shell: "{key}={quote}{value}{quote}")'
-
-
 def check_overrides_compose(argv: list[str]) -> None:
     """Compose the config with each value of each override; raise UserError (one line) at the first that fails.
 
@@ -71,7 +61,7 @@ def check_overrides_compose(argv: list[str]) -> None:
     try:
         parsed = parser.parse_overrides([a for a in argv if not a.startswith("-")])
     except OverrideParseException as exc:
-        raise UserError(f"cannot read the override {exc.override!r}: {first_line(exc)}; fix: {_quoting_fix(exc.override)}") from None
+        raise UserError(f"cannot read the override {exc.override!r}: {first_line(exc)}; fix: {quoting_fix(exc.override)}") from None
     fixed: list[str] = []
     sweeps: list[list[str]] = []
     for override in parsed:
