@@ -27,12 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "run":
         from nst_exp.cli.checks import check_overrides_compose, check_run_overrides
-        from nst_exp.cli.compose import quote_letters_beyond_ascii
         from nst_exp.errors import UserError
         from nst_exp.sweep.resume import sweep_command
 
         try:
-            rest = sweep_command(quote_letters_beyond_ascii(rest))  # resume=<sweep folder>: that sweep's own command, into its folder
+            rest = sweep_command(rest)  # resume=<sweep folder>: that sweep's own command, into its folder
             check_run_overrides(rest)
             check_overrides_compose(rest)
         except UserError as exc:

@@ -110,7 +110,7 @@ def image_from_value(value: Any, what: str) -> Image.Image:
     if not isinstance(value, np.ndarray):
         raise UserError(
             f"{what} must be a path, a PIL image or an image array, got {type(value).__name__}; "
-            f"fix: e.g. stylize('photo.jpg', 'painting.png')"
+            "fix: e.g. stylize('photo.jpg', 'painting.png')"
         )
     arr = value[..., 0] if value.ndim == 3 and value.shape[-1] == 1 else value
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)) or arr.size == 0:

@@ -360,3 +360,17 @@ def test_cfg_prints_the_composed_config_and_hydra_judges_its_overrides(tmp_path)
     assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
     bad = run_cli(["run", "--cfg", "job", "no.such=key"], tmp_path)
     assert bad.returncode != 0 and "no.such" in bad.stderr
+
+
+def test_paths_beyond_ascii_on_the_command_line_run_and_resume(tmp_path, photo):
+    """A photo and a run folder named with letters Hydra's grammar reads only quoted (café, 星夜), typed
+    unquoted as a user would: the run reads them, and resume= continues it in its folder."""
+    path = photo.rename(photo.with_name("café 星夜.png"))
+    folder = tmp_path / "runs" / "essai_été"
+    args = ["run", f"content.path={path}", "image.size=32", "logging.progress_bar=false", "trainer.checkpoint_every=1"]
+    first = run_cli([*args, "trainer.max_steps=2", f"hydra.run.dir={folder}"], tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_cli(["run", f"resume={folder}", "trainer.max_steps=3", "logging.progress_bar=false"], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    result = json.loads((folder / "result.json").read_text())
+    assert result["status"] == "completed" and result["metrics"]["result/steps"] == 3 and result["content"] == "café 星夜"

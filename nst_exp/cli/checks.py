@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from nst_exp.cli.compose import compose_config, first_line, quoting_fix
+from nst_exp.cli.compose import compose_config, first_line, quote_letters_beyond_ascii, quoting_fix
 from nst_exp.config import CONF_DIR
 from nst_exp.errors import UserError
 
@@ -59,7 +59,7 @@ def check_overrides_compose(argv: list[str]) -> None:
         return
     parser = OverridesParser.create()
     try:
-        parsed = parser.parse_overrides([a for a in argv if not a.startswith("-")])
+        parsed = parser.parse_overrides(quote_letters_beyond_ascii([a for a in argv if not a.startswith("-")]))
     except OverrideParseException as exc:
         raise UserError(f"cannot read the override {exc.override!r}: {first_line(exc)}; fix: {quoting_fix(exc.override)}") from None
     fixed: list[str] = []

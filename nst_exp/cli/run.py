@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from nst_exp.compose import first_line, register_launchers
+from nst_exp.compose import first_line, quote_letters_beyond_ascii, register_launchers
 from nst_exp.config import CONF_DIR, register_configs
 from nst_exp.errors import UserError, one_line_errors
 from nst_exp.files import WriteFailed, is_write_error
@@ -292,7 +292,7 @@ def main(argv: list[str]) -> int:
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]  # a run folder (a sweep's: __main__)
     if resume and resume[-1] not in ("", "null") and not any(a.startswith("hydra.run.dir=") for a in argv):
         argv = [*argv, f"hydra.run.dir={resume[-1]}"]  # continue in the run's own folder: one curve, one place
-    sys.argv = [sys.argv[0], *_stage(argv)]
+    sys.argv = [sys.argv[0], *quote_letters_beyond_ascii(_stage(argv))]  # a path like café.jpg, as Hydra reads it
     entry = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
     try:
         entry()  # a sweep with failed jobs exits 1 from its summary callback (sweep/hydra_callbacks.py)
