@@ -318,6 +318,11 @@ def test_an_optional_logger_that_is_not_installed_is_one_line_with_the_fix(monke
         (["--sizes", "8"], "--sizes"),
         (["--variants", "nope"], "nope"),
         (["--repeats", "0"], "--repeats"),
+        (["--tile", "8"], "--tile must be >= 16 px"),
+        (["--tile-keep", "0"], "--tile-keep"),
+        (["--ttq", "--ttq-size", "8"], "--ttq-size"),
+        (["--content", "/no/such/photo.jpg"], "--content /no/such/photo.jpg: content image not found"),
+        (["--style", "builtin:nope"], "builtin:starry_night"),
     ],
 )
 def test_bench_rejects_bad_arguments_naming_them(args: list[str], says: str, capsys: pytest.CaptureFixture[str]):
@@ -327,6 +332,16 @@ def test_bench_rejects_bad_arguments_naming_them(args: list[str], says: str, cap
         parse_args(args)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "error" in err and says in err, err
+
+
+@pytest.mark.parametrize(("args", "says"), [(["--size", "8"], "--size must be >= 32"), (["--threads", "0"], "--threads")])
+def test_the_quality_bench_rejects_bad_arguments_naming_them(args: list[str], says: str, capsys: pytest.CaptureFixture[str]):
+    from nst_exp.bench.quality import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and says in err, err
 
 
 def test_unknown_command_is_one_line_listing_the_commands(capsys):

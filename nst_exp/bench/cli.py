@@ -94,6 +94,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--tile must be a size in px or auto")
     if args.sizes and min(args.sizes) < 32:
         p.error("--sizes must be >= 32 (VGG19 pools four times)")
+    if args.ttq_size < 32:
+        p.error("--ttq-size must be >= 32 (VGG19 pools four times)")
+    if args.tile is not None and args.tile.isdigit() and int(args.tile) < 16:
+        p.error("--tile must be >= 16 px (a whole pooling cell of VGG19), or auto")
+    if (args.tile_keep is not None and args.tile_keep < 1) or (args.tile_memory is not None and args.tile_memory < 1):
+        p.error("--tile-keep and --tile-memory must be >= 1")
+    from nst_exp.errors import UserError
+    from nst_exp.images import resolve_path
+
+    for flag, value in (("--content", args.content), ("--style", args.style)):
+        try:
+            resolve_path(value, flag.removeprefix("--"))
+        except UserError as exc:  # before any row runs, not as each row's failure
+            p.error(f"{flag} {value}: {exc}")
     return args
 
 
