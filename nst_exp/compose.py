@@ -65,15 +65,17 @@ def quote_letters_beyond_ascii(argv: list[str]) -> list[str]:
     return out
 
 
-def quoting_fix(override: str) -> str:
+def quoting_fix(override: str, sweep: bool = True) -> str:
     """How to write an override Hydra's grammar refused: a value with letters beyond ASCII (a path's 'café'
-    or '星夜') must be quoted; anything else gets the general form."""
+    or '星夜') must be quoted, each of a sweep's comma-separated values (``sweep``) or the whole value (the
+    Python API, which runs no sweeps); anything else gets the general form."""
     key, sep, value = override.partition("=")
     if not sep or value[:1] in "'\"" or value.isascii():
         return "key=value, quote values with spaces or commas ('key=\"a, b\"')"
     quote = '"' if "'" in value else "'"
-    quoted = ",".join(f"{quote}{v}{quote}" for v in value.split(","))  # a sweep: each value quoted
-    return f'quote the value, e.g. {key}={quoted} (in the shell: "{key}={quoted}")'
+    quoted = ",".join(f"{quote}{v}{quote}" for v in (value.split(",") if sweep else [value]))
+    shell = f' (in the shell: "{key}={quoted}")' if sweep else ""  # the command line; the API takes the string as is
+    return f"quote the value, e.g. {key}={quoted}{shell}"
 
 
 def register_launchers() -> None:
@@ -102,7 +104,7 @@ def _user_error(exc: Exception) -> UserError | None:
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
     if isinstance(exc, OverrideParseException):
-        return UserError(f"cannot read the override {exc.override!r}: {first_line(exc)}; fix: {quoting_fix(exc.override)}")
+        return UserError(f"cannot read the override {exc.override!r}: {first_line(exc)}; fix: {quoting_fix(exc.override, sweep=False)}")
     if isinstance(exc, MissingConfigException):
         problem = re.sub(r"^In '[^']*': ", "", first_line(exc))
         fix = f"one of {', '.join(exc.options)}" if exc.options else "check the group and preset names"

@@ -103,3 +103,9 @@ def test_stylize_with_paths_and_overrides(tmp_path, photo, painting):
     assert result.status == "completed" and result.image.size == (32, 22)
     assert result.metrics["result/steps"] == 2
     assert (tmp_path / "run" / "config.yaml").read_text().count("adam") == 1
+
+
+def test_an_override_hydra_cannot_read_is_one_line_with_the_whole_value_quoted(tmp_path):
+    with pytest.raises(UserError, match=r"fix: quote the value, e.g. content.path='/photos/a,café.jpg'$") as err:
+        nst_exp.stylize(overrides=["content.path=/photos/a,café.jpg"], output_dir=tmp_path / "run")
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
