@@ -115,6 +115,24 @@ def test_resume_at_a_folder_of_photos_leaves_it_as_it_was(tmp_path, photo):
     assert not (tmp_path / "outputs").exists() and not staging_left(tmp_path)
 
 
+def test_resume_after_the_content_file_changed_is_refused_and_goes_on_once_it_is_back(tmp_path, photo, painting):
+    """provenance.yaml keeps each input's pixel fingerprint: a resume whose photo was edited since is one line
+    and leaves the run folder as it was; with the photo restored the run goes on."""
+    run = tmp_path / "run"
+    common = [f"content.path={photo}", "image.size=32", "logging.progress_bar=false", "trainer.checkpoint_every=1"]
+    first = cli(["run", *common, "trainer.max_steps=2", f"hydra.run.dir={run}"], tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    original = photo.read_bytes()
+    Image.open(painting).convert("RGB").resize((64, 43)).save(photo)  # the same file name, another picture
+    before = tree(run)
+    one_line_error(cli(["run", f"resume={run}", "trainer.max_steps=3"], tmp_path), "the content image is not the one", "fix:")
+    assert tree(run) == before and not staging_left(tmp_path)
+    photo.write_bytes(original)
+    again = cli(["run", f"resume={run}", "trainer.max_steps=3"], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((run / "result.json").read_text())["metrics"]["result/steps"] == 3
+
+
 def test_resume_at_a_missing_path_creates_nothing(tmp_path):
     missing = tmp_path / "does" / "not" / "exist"
     one_line_error(cli(["run", f"resume={missing}"], tmp_path), "does not exist", "fix:")

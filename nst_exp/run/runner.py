@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import yaml
 from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
@@ -175,7 +176,9 @@ class _Run:
         self.stages_, self.resume = checked.stages, checked.resume
         self.run_dir, self.extra_callbacks, self.trial, self.on_accept = run_dir, extra_callbacks, trial, on_accept
         self.logger: RunLogger | None = None  # None until the run is accepted: a refused run writes nothing
-        self.record = provenance.collect(self.settings)
+        self.record = {**provenance.collect(self.settings), "inputs": self.inputs.fingerprints()}
+        if self.resume:
+            check_same_inputs(run_dir, self.record["inputs"])
         # The HPARAMS session is written once every auto is decided (the final stage's tile plan), or at the end.
         # It names the images by their labels (config.yaml keeps what was asked: null means the file stem).
         self.session = {
@@ -469,6 +472,25 @@ def _continue_hint(failure: WriteFailed, run_dir: Path) -> WriteFailed:
     then = f"resume={run_dir} continues the run" if resumable else "run the command again"
     failure.fix = f"{failure.room()}, then {then}"
     return failure
+
+
+def check_same_inputs(run_dir: Path, now: dict[str, Any]) -> None:
+    """A resumed run goes on from the images it began with: a content, style, mask or init image whose pixels
+    changed since (``provenance.yaml``'s ``inputs``) is one line, before anything is written. A folder from a
+    version that kept no fingerprints is not checked."""
+    try:
+        before = (yaml.safe_load((run_dir / folder.PROVENANCE_FILE).read_text()) or {}).get("inputs")
+    except (OSError, yaml.YAMLError, AttributeError):
+        before = None
+    if not isinstance(before, dict):
+        return
+    changed = [key for key in ("content", "styles", "mask", "init") if key in before and before[key] != now.get(key)]
+    if changed:
+        what = {"content": "content image", "styles": "style image(s)", "mask": "style mask", "init": "init image"}[changed[0]]
+        raise UserError(
+            f"resume: the {what} is not the one this run began with (its pixels changed: provenance.yaml's inputs); "
+            "fix: restore that file, or start a new run (drop resume=) to use the new one"
+        )
 
 
 def _stage_name(index: int, stages: list[Any]) -> str:

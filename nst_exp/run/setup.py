@@ -9,6 +9,7 @@ settings are read here and handed to ``tiling/`` as plain values.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,11 +65,27 @@ class Inputs:
         self.mask = open_image(cfg.style.mask_path, "style mask", limit).convert("L") if cfg.style.mask_path else None
         self.init = open_image(cfg.image.init_path, "init", limit) if cfg.init == Init.image else None
 
+    def fingerprints(self) -> dict[str, Any]:
+        """sha256 of each input's pixels as the run uses them (upright RGB, the style crop applied): the same
+        for a file and for the same image handed over in memory, and changed by any edit of the picture."""
+        return {
+            "content": pixels_sha256(self.content),
+            "styles": [pixels_sha256(s) for s in self.styles],
+            "mask": pixels_sha256(self.mask) if self.mask is not None else None,
+            "init": pixels_sha256(self.init) if self.init is not None else None,
+        }
+
     def content_at(self, size: int) -> Tensor:
         return pil_to_tensor(resize_long_side(self.content, size))
 
     def style_at(self, index: int, size: int) -> Tensor:
         return pil_to_tensor(resize_long_side(self.styles[index], size))
+
+
+def pixels_sha256(img: Image.Image) -> str:
+    digest = hashlib.sha256(f"{img.mode} {img.size[0]}x{img.size[1]}".encode())
+    digest.update(img.tobytes())
+    return digest.hexdigest()
 
 
 def crop_border(img: Image.Image, px: int) -> Image.Image:
