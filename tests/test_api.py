@@ -66,6 +66,8 @@ def test_stylize_with_arrays_as_numpy_and_torchvision_hold_them(tmp_path, photo,
     painting_chw = torch.from_numpy(np.asarray(Image.open(painting).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
     as_arrays = nst_exp.stylize(np.asarray(Image.open(photo).convert("RGB")), painting_chw, output_dir=tmp_path / "arrays", **settings)
     assert np.array_equal(np.asarray(as_pil), np.asarray(as_arrays))
+    inputs = [json.loads((tmp_path / run / "result.json").read_text())["provenance"]["inputs"] for run in ("pil", "arrays")]
+    assert inputs[0] == inputs[1] and len(inputs[0]["content"]) == 64  # the same pixels, the same fingerprints
 
 
 def test_an_override_naming_a_path_beyond_ascii_is_read_as_typed(tmp_path, photo):

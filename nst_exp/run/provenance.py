@@ -1,5 +1,6 @@
 """What a run needs to be traced and redone: versions, the code's commit, the device, the weights,
-the seed, and every ``auto`` setting as the run resolved it.
+the seed, and every ``auto`` setting as the run resolved it (the runner adds the input images' pixel
+fingerprints, ``setup.Inputs.fingerprints``).
 
 The same dict goes into ``result.json`` (``provenance``), ``provenance.yaml`` beside ``config.yaml``
 and the TensorBoard HPARAMS session (flattened as ``provenance.*``, ``resolved.*``). Every run has the
