@@ -133,5 +133,7 @@ def hparams(record: dict[str, Any]) -> dict[str, Any]:
     (the resolved settings under their config names)."""
     from nst_exp.config import flatten
 
-    rest = {k: v for k, v in record.items() if k != "resolved"}
+    # the inputs' fingerprints follow the images' paths, which the session has: as columns they would take
+    # the place of a swept setting among the five TensorBoard ticks (run/tb_hparams.experiment)
+    rest = {k: v for k, v in record.items() if k not in ("resolved", "inputs")}
     return {**flatten(rest, "provenance."), **flatten({"resolved": record["resolved"]})}
