@@ -110,6 +110,17 @@ def write_provenance(run_dir: Path, record: dict[str, Any]) -> Path:
     return write_text(run_dir / PROVENANCE_FILE, yaml.safe_dump(record, sort_keys=False), "run's provenance")
 
 
+def read_provenance(run_dir: Path) -> dict[str, Any] | None:
+    """``write_provenance``'s record, or None where there is none that reads as one."""
+    import yaml
+
+    try:
+        record = yaml.safe_load((run_dir / PROVENANCE_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def save_final(run_dir: Path, image: Any, tiff: bool = False) -> Path:
     """The run's image (a tensor in [0, 1] or a PIL image), written atomically; also as TIFF if ``tiff``."""
     from nst_exp.images import save_png, tensor_to_pil

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import yaml
 from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
@@ -478,10 +477,7 @@ def check_same_inputs(run_dir: Path, now: dict[str, Any]) -> None:
     """A resumed run goes on from the images it began with: a content, style, mask or init image whose pixels
     changed since (``provenance.yaml``'s ``inputs``) is one line, before anything is written. A folder from a
     version that kept no fingerprints is not checked."""
-    try:
-        before = (yaml.safe_load((run_dir / folder.PROVENANCE_FILE).read_text()) or {}).get("inputs")
-    except (OSError, yaml.YAMLError, AttributeError):
-        before = None
+    before = (folder.read_provenance(run_dir) or {}).get("inputs")
     if not isinstance(before, dict):
         return
     changed = [key for key in ("content", "styles", "mask", "init") if key in before and before[key] != now.get(key)]
