@@ -74,16 +74,20 @@ def resolve_path(path: str | Path, what: str) -> Path:
     return resolved
 
 
+def _to_8bit(values: np.ndarray, sixteen_bit: bool = False) -> np.ndarray:
+    """Integers (16-bit when ``sixteen_bit`` or above 255) or floats (in [0, 1], else [0, 255]) as 8-bit."""
+    arr = np.nan_to_num(np.asarray(values, dtype=np.float64))
+    if np.issubdtype(values.dtype, np.floating) or values.dtype == bool:
+        peak = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+    else:
+        peak = 65535.0 if sixteen_bit or arr.max(initial=0) > 255 else 255.0
+    return np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Normalise mode: 16-bit and float to 8-bit, transparency composited on white, anything else to RGB."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0
-        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
-        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = Image.fromarray(_to_8bit(np.asarray(img), sixteen_bit=img.mode.startswith("I;16")), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -115,15 +119,10 @@ def image_from_value(value: Any, what: str) -> Image.Image:
     arr = value[..., 0] if value.ndim == 3 and value.shape[-1] == 1 else value
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)) or arr.size == 0:
         raise UserError(f"the {what} array has shape {shape}; fix: H x W x 3 (RGB), H x W (grey), or a PIL image")
-    if arr.dtype == bool or np.issubdtype(arr.dtype, np.floating):
-        floats = np.nan_to_num(arr.astype(np.float64))
-        peak = 1.0 if floats.max(initial=0) <= 1.0 else 255.0
-        arr = np.clip(floats / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    elif np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8:
-        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(arr.astype(np.float64) / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    elif arr.dtype != np.uint8:
-        raise UserError(f"the {what} array holds {arr.dtype} values; fix: 8-bit integers or floats in [0, 1]")
+    if arr.dtype != np.uint8:
+        if not (arr.dtype == bool or np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise UserError(f"the {what} array holds {arr.dtype} values; fix: 8-bit integers or floats in [0, 1]")
+        arr = _to_8bit(arr)
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
