@@ -367,6 +367,12 @@ def validate(cfg: DictConfig | Config) -> None:
             f"loss.style_from_start=true measures the style term on the whole start image, and image.tile={tile} asks for tiles; "
             "fix: image.tile=null (or auto), or loss.style_from_start=false"
         )
+    if cfg.loss.style_from_start and cfg.init == Init.style:
+        raise UserError(
+            "loss.style_from_start=true weighs the style by how far the start image is from it, and init=style starts at "
+            "the style itself (the weight would swamp the content); fix: init=content or init=content_recolored, or "
+            "loss.style_from_start=false"
+        )
     if cfg.loss.swd_redraw_every < 0:
         raise UserError(
             f"loss.swd_redraw_every must be >= 0, got {cfg.loss.swd_redraw_every!r}; fix: 0 (fixed directions) or a step count, e.g. 1"

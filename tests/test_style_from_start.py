@@ -66,6 +66,23 @@ def test_style_from_start_runs_and_refuses_tiles_in_one_line(tmp_path):
     assert proc.returncode != 0 and len(lines) == 1 and "loss.style_from_start=true" in lines[0] and "fix:" in lines[0], proc.stderr
 
 
+def test_style_from_start_refuses_a_start_that_already_has_the_style():
+    """A start at the style would make the weight explode: init=style is refused when the config is read, and a
+    start whose style term is (about) zero when it is measured, in one line each."""
+    with pytest.raises(UserError, match=r"loss.style_from_start=true .* init=style starts at the style itself.*; fix: "):
+        validate(compose_config(["loss.style_from_start=true", "init=style"]))
+    cfg, inputs, _, content = _built("loss.style_from_start=true", "init=content")
+    from nst_exp.model.losses import build_style_transfer_loss
+
+    encoder, _ = setup.build_network(resolve(cfg, torch.device("cpu")))
+    # the loss whose style is the start image itself: its style term there is zero
+    own, _ = build_style_transfer_loss(cfg.loss, encoder, content, [content], [1.0])
+    with pytest.raises(
+        UserError, match=r"style term of the start image \(init=content\), which is [0-9.e+-]+ here: the start already has the style; fix: "
+    ):
+        setup.style_at_start(cfg, inputs, own, content, torch.device("cpu"))
+
+
 def test_style_from_start_resumed_run_ends_on_the_uninterrupted_image(tmp_path):
     """The weight comes from the start rule's image at each stage's size, not from the stage's actual first
     image, so a run cut in its last stage and resumed ends on the very image of an uninterrupted run."""

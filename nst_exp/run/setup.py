@@ -153,13 +153,23 @@ def build_loss(settings: Settings, encoder: VGG19Encoder, inputs: Inputs, stage:
     return loss, content
 
 
+# loss.style_from_start: a start whose style term is below this already has the style (the weight would explode);
+# the sliced Wasserstein term of the style image against itself is not quite 0 (its target quantiles are interpolated)
+START_STYLE_FLOOR = 1e-4
+
+
 def style_at_start(cfg: DictConfig, inputs: Inputs, loss: StyleTransferLoss, content: Tensor, device: torch.device) -> float:
     """``loss.style_from_start``: the style term on the run's start image (``init``) at this stage's size. Always
     the start rule's image, never the stage's actual first image (an upscaled earlier stage, a resumed one): one
     weight per stage that a resume reproduces without storing it. Once per stage, before the step loop."""
     with torch.no_grad():
-        style = loss(initial_image(cfg, inputs, content, device))["loss/style"]
-    return max(float(style), 1e-8)
+        style = float(loss(initial_image(cfg, inputs, content, device))["loss/style"])
+    if not style > START_STYLE_FLOOR:  # NaN too
+        raise UserError(
+            f"loss.style_from_start=true divides loss.style_weight by the style term of the start image (init={Init(cfg.init).value}), "
+            f"which is {style:.1e} here: the start already has the style; fix: loss.style_from_start=false, or another init"
+        )
+    return style
 
 
 def stage_seed(seed: int, size: int) -> int:
