@@ -133,6 +133,7 @@ class LossConfig:
     style_weight: float = 20.0  # beta
     tv_weight: float = 0.0
     style_loss: StyleLossKind = StyleLossKind.gram
+    style_layer_losses: List[StyleLossKind] = field(default_factory=list)  # one per style layer instead (empty = style_loss)
     swd_projections: float = 1.0  # style_loss=swd: directions per channel of each layer, drawn from `seed`
     swd_layer_projections: List[float] = field(default_factory=list)  # style_loss=swd: per style layer instead (empty = swd_projections)
     swd_redraw_every: int = 0  # style_loss=swd: new directions every N steps (from seed, layer and N-step block); 0 = fixed
@@ -377,10 +378,16 @@ def validate(cfg: DictConfig | Config) -> None:
         raise UserError(
             f"loss.swd_redraw_every must be >= 0, got {cfg.loss.swd_redraw_every!r}; fix: 0 (fixed directions) or a step count, e.g. 1"
         )
-    if cfg.loss.swd_redraw_every and cfg.loss.style_loss != StyleLossKind.swd:
+    if cfg.loss.style_layer_losses and len(cfg.loss.style_layer_losses) != len(cfg.loss.style_layers):
         raise UserError(
-            f"loss.swd_redraw_every={cfg.loss.swd_redraw_every} redraws the directions of loss.style_loss=swd, and loss.style_loss is "
-            f"{StyleLossKind(cfg.loss.style_loss).value}; fix: loss.style_loss=swd, or loss.swd_redraw_every=0"
+            f"loss.style_layer_losses has {len(cfg.loss.style_layer_losses)} values for {len(cfg.loss.style_layers)} "
+            "loss.style_layers; fix: one loss per style layer (e.g. [swd,swd,swd,mean_cov]), or [] for loss.style_loss on every layer"
+        )
+    kinds = [StyleLossKind(k) for k in (cfg.loss.style_layer_losses or [cfg.loss.style_loss])]
+    if cfg.loss.swd_redraw_every and StyleLossKind.swd not in kinds:
+        raise UserError(
+            f"loss.swd_redraw_every={cfg.loss.swd_redraw_every} redraws the directions of loss.style_loss=swd, and no style layer "
+            f"uses it ({', '.join(sorted({k.value for k in kinds}))}); fix: loss.style_loss=swd, or loss.swd_redraw_every=0"
         )
     for value in cfg.loss.swd_layer_projections:
         _positive(value, "loss.swd_layer_projections")
@@ -389,10 +396,11 @@ def validate(cfg: DictConfig | Config) -> None:
             f"loss.swd_layer_projections has {len(cfg.loss.swd_layer_projections)} values for "
             f"{len(cfg.loss.style_layers)} loss.style_layers; fix: one value per style layer, or [] for loss.swd_projections on every layer"
         )
-    if cfg.loss.style_loss in (StyleLossKind.swd, StyleLossKind.histogram) and explicit_tiles:
+    sorting = [k for k in kinds if k in (StyleLossKind.swd, StyleLossKind.histogram)]
+    if sorting and explicit_tiles:
         from nst_exp.model.losses import not_tileable_error
 
-        raise UserError(not_tileable_error(f"image.tile={tile} asks for tiles", StyleLossKind(cfg.loss.style_loss).value))
+        raise UserError(not_tileable_error(f"image.tile={tile} asks for tiles", sorting[0].value, per_layer=len(set(kinds)) > 1))
     if not cfg.loss.content_layers and not cfg.loss.style_layers:
         raise UserError("loss.content_layers and loss.style_layers are both empty; fix: name at least one VGG19 layer")
     try:

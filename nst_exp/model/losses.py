@@ -297,11 +297,22 @@ def untileable_kind(loss: nn.Module) -> str | None:
     return ",".join(kinds) or None
 
 
-def not_tileable_error(what: str, kind: str) -> str:
-    return (
-        f"loss.style_loss={kind} sorts every position of a map at once, which tiles cannot do exactly, and {what}; "
-        "fix: a smaller image.size, a larger image.memory_mib, image.tile=null, or loss.style_loss=mean_cov"
+def not_tileable_error(what: str, kind: str, per_layer: bool = False) -> str:
+    """``per_layer``: the kind is one layer's of ``loss.style_layer_losses``, not ``loss.style_loss``'s."""
+    setting, other = (
+        ("loss.style_layer_losses' " + kind, f"mean_cov in place of {kind}")
+        if per_layer
+        else (f"loss.style_loss={kind}", "loss.style_loss=mean_cov")
     )
+    return (
+        f"{setting} sorts every position of a map at once, which tiles cannot do exactly, and {what}; "
+        f"fix: a smaller image.size, a larger image.memory_mib, image.tile=null, or {other}"
+    )
+
+
+def mixes_kinds(loss: nn.Module) -> bool:
+    """Whether the style layers have losses of more than one kind (``loss.style_layer_losses``)."""
+    return len({type(term) for term in getattr(loss, "style_losses", {}).values()}) > 1
 
 
 def blend(targets: Sequence[Any], weights: Sequence[float]) -> Any:
@@ -450,8 +461,14 @@ class TileFeatures(Protocol):
     def whole_maps(self, encoder: Any, image: Tensor, layers: Sequence[str]) -> dict[str, Tensor]: ...
 
     def summed_stats(
-        self, encoder: Any, image: Tensor, layers: Sequence[str], stats: Callable[[Tensor], tuple[Tensor, ...]]
+        self, encoder: Any, image: Tensor, layers: Sequence[str], stats: Mapping[str, Callable[[Tensor], tuple[Tensor, ...]]]
     ) -> dict[str, tuple[tuple[Tensor, ...], int]]: ...
+
+
+def style_layer_kinds(loss_cfg: Any) -> dict[str, str]:
+    """Each style layer's loss: ``loss.style_layer_losses`` (one per layer) or ``loss.style_loss`` everywhere."""
+    per_layer = list(getattr(loss_cfg, "style_layer_losses", None) or [loss_cfg.style_loss] * len(loss_cfg.style_layers))
+    return {layer: str(getattr(k, "value", k)) for layer, k in zip(loss_cfg.style_layers, per_layer)}
 
 
 def build_style_transfer_loss(
@@ -474,19 +491,24 @@ def build_style_transfer_loss(
     content layers' maps are ever whole, the style statistics are summed over the tiles."""
     content, styles = color_targets(content, styles, color_mode)
     normalize = loss_cfg.normalize
-    kind = str(getattr(loss_cfg.style_loss, "value", loss_cfg.style_loss))
-    style_cls = STYLE_LOSSES[kind]
     content_layers, style_layers = list(loss_cfg.content_layers), list(loss_cfg.style_layers)
+    kinds = style_layer_kinds(loss_cfg)
+    classes = {layer: STYLE_LOSSES[kinds[layer]] for layer in style_layers}
     extra: dict[str, tuple[Tensor, ...]] = {}  # per layer, the style loss's fixed arguments after its target
     streams: dict[str, int] = {}  # per layer, the seed of swd's directions
-    stats_of: dict[str, Any] = {layer: style_cls.stats for layer in style_layers}
-    if tiles and not getattr(style_cls, "tileable", True):
-        raise ValueError(not_tileable_error(f"the style targets would be computed in tiles of {tiles.tile} px", kind))
-    if style_cls is SlicedWassersteinStyleLoss:
+    stats_of: dict[str, Any] = {layer: classes[layer].stats for layer in style_layers}
+    untileable = [kinds[layer] for layer in style_layers if not getattr(classes[layer], "tileable", True)]
+    if tiles and untileable:
+        what = f"the style targets would be computed in tiles of {tiles.tile} px"
+        raise ValueError(not_tileable_error(what, untileable[0], per_layer=len(set(kinds.values())) > 1))
+    if SlicedWassersteinStyleLoss in classes.values():
         from nst_exp.model.layers import LAYER_INDEX, out_channels
 
+        style_cls = SlicedWassersteinStyleLoss
         per_layer = list(getattr(loss_cfg, "swd_layer_projections", None) or [loss_cfg.swd_projections] * len(style_layers))
         for layer, per_channel in zip(style_layers, per_layer):
+            if classes[layer] is not style_cls:
+                continue
             channels = out_channels(layer)
             count = max(1, round(float(per_channel) * channels))
             # One stream per (seed, layer): the same directions in every stage and every repeat of the run.
@@ -499,7 +521,7 @@ def build_style_transfer_loss(
         kept: list[dict[str, Tensor]] = []  # the style features, kept where directions are redrawn
         if tiles:
             content_feats = tiles.whole_maps(encoder, content, content_layers) if content_layers else {}
-            style_stats = [tiles.summed_stats(encoder, s, style_layers, style_cls.stats) for s in styles]
+            style_stats = [tiles.summed_stats(encoder, s, style_layers, stats_of) for s in styles]
         else:
             content_feats = encoder(content, content_layers) if content_layers else {}
             style_stats = []
@@ -510,9 +532,9 @@ def build_style_transfer_loss(
         content_losses = {k: ContentLoss(content_feats[k], normalize) for k in content_layers}
         style_losses = {}
         for layer in style_layers:
-            target = blend([style_cls.target_from_stats(*stats[layer]) for stats in style_stats], style_weights)
+            target = blend([classes[layer].target_from_stats(*stats[layer]) for stats in style_stats], style_weights)
             args = (*_as_tuple(target), *extra.get(layer, ()))
-            style_losses[layer] = style_cls(*args, normalize)
+            style_losses[layer] = classes[layer](*args, normalize)
             if redraws:
                 style_losses[layer].keep_styles([feats[layer] for feats in kept], style_weights, streams[layer])
         # The mask applies to the generated image's maps, which have the content image's size.

@@ -27,7 +27,7 @@ from torch import Tensor
 from nst_exp.config import TILE_AUTO
 from nst_exp.errors import UserError
 from nst_exp.model.layers import out_channels, reach
-from nst_exp.model.losses import StyleTransferLoss, not_tileable_error, untileable_kind
+from nst_exp.model.losses import StyleTransferLoss, mixes_kinds, not_tileable_error, untileable_kind
 from nst_exp.tiling.exact import tile_stats
 from nst_exp.tiling.geometry import tiles
 from nst_exp.tiling.memory import SHARE, available_bytes, state_bytes
@@ -377,5 +377,6 @@ def stage_plan(
     plan = plan_step(tile, keep, size, loss.layers(), fp, budget_bytes, world)
     kind = untileable_kind(loss)
     if plan.tile is not None and kind is not None:
-        raise UserError(not_tileable_error(f"a {size[1]}x{size[0]} image does not fit the memory budget whole", kind))
+        what = f"a {size[1]}x{size[0]} image does not fit the memory budget whole"
+        raise UserError(not_tileable_error(what, kind, per_layer=mixes_kinds(loss)))
     return plan

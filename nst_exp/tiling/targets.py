@@ -4,7 +4,7 @@ from the tiles' owned windows, the style statistics (sums over positions) added 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,14 +44,14 @@ class TargetTiles:
         return maps
 
     def summed_stats(
-        self, encoder: Any, image: Tensor, layers: Sequence[str], stats: Callable[[Tensor], tuple[Tensor, ...]]
+        self, encoder: Any, image: Tensor, layers: Sequence[str], stats: Mapping[str, Callable[[Tensor], tuple[Tensor, ...]]]
     ) -> dict[str, tuple[tuple[Tensor, ...], int]]:
-        """Per layer, ``stats`` (sums over positions) of ``image``'s features, added up over the tiles, and
+        """Per layer, the layer's ``stats`` (sums over positions) of ``image``'s features, added up over the tiles, and
         the number of positions: a style target of any size with the memory of one tile."""
         out: dict[str, tuple[tuple[Tensor, ...], int]] = {}
         for part in self.owned_parts(encoder, image, layers):
             for layer, feats in part.features.items():
-                sums = stats(feats)
+                sums = stats[layer](feats)
                 if layer in out:
                     total, n = out[layer]
                     out[layer] = (tuple(a + s for a, s in zip(total, sums)), n + part.positions[layer])
