@@ -64,6 +64,8 @@ def test_job_dirname_is_safe_and_short():
     assert len(name) <= MAX_LEN and "/" not in name
     assert job_dirname([f"loss.w{i}=1" for i in range(40)]) != job_dirname([f"loss.w{i}=2" for i in range(40)])
     assert job_dirname(["logging.image_every=5"]) == "default"
+    for seed in ("${hydra:job.num}", "$\\{hydra\\:job.num\\}"):  # as typed, and as Hydra hands it to the folder's resolver
+        assert job_dirname([f"seed={seed}", "loss.style_weight=10"]) == "seed=job.num,style_weight=10"  # was "seed=-"
 
 
 def test_folder_names_keep_letters_of_any_script_and_drop_what_is_unsafe():

@@ -28,10 +28,15 @@ _IGNORED_PREFIXES = (
 )
 _LONG_FLOAT = re.compile(r"^-?\d+\.\d{5,}(e-?\d+)?$")
 _IMAGE_FILE = re.compile(r"\.(png|jpe?g|webp|tiff?|bmp|gif)$", re.IGNORECASE)
+_INTERPOLATION = re.compile(r"^\$\{(?:hydra:|oc\.env:)?([^}]*)\}$")  # ${hydra:job.num} -> job.num
 
 
 def _short_value(value: str) -> str:
-    value = value.replace("\\:", ":").strip().strip("'\"").replace("builtin:", "")
+    for escaped in ("\\:", "\\{", "\\}"):  # Hydra escapes these in the overrides it hands over
+        value = value.replace(escaped, escaped[1])
+    value = value.strip().strip("'\"").replace("builtin:", "")
+    if match := _INTERPOLATION.match(value):  # resolved in the job: name what it reads (it has no other text)
+        value = match.group(1)
     if "/" in value or "\\" in value or _IMAGE_FILE.search(value):  # a path: its file stem says enough
         value = re.split(r"[/\\]", value.rstrip("/\\"))[-1]
         value = _IMAGE_FILE.sub("", value)
