@@ -51,6 +51,13 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, **popen: object) -
     )
 
 
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The CLI's refusal: a failed exit and exactly one non-empty line on stderr (returned)."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 def run_dirs(root: Path) -> list[Path]:
     """Every job folder (one holding result.json) below ``root``."""
     return sorted(p.parent for p in root.rglob("result.json"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from run_callbacks import Final, StopAt
 
 import nst_exp
@@ -62,8 +62,8 @@ def test_style_from_start_runs_and_refuses_tiles_in_one_line(tmp_path):
     with pytest.raises(UserError, match=r"loss.style_from_start=true .* image.tile=64 asks for tiles; fix: "):
         validate(compose_config(["loss.style_from_start=true", "image.tile=64", "image.size=128"]))
     proc = run_cli(["run", "loss.style_from_start=true", "image.tile=32", "image.size=64", "trainer.max_steps=1"], tmp_path)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode != 0 and len(lines) == 1 and "loss.style_from_start=true" in lines[0] and "fix:" in lines[0], proc.stderr
+    line = one_line_error(proc)
+    assert "loss.style_from_start=true" in line and "fix:" in line
 
 
 def test_style_from_start_refuses_a_start_that_already_has_the_style():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from run_callbacks import StopAt
 
 from nst_exp.api import compose_config
@@ -123,9 +123,8 @@ def test_swd_refuses_a_tile_in_one_line(tmp_path):
     proc = run_cli(
         ["run", "loss.style_loss=swd", "image.size=64", "image.memory_mib=1", "trainer.max_steps=2", "logging.progress_bar=false"], tmp_path
     )
-    assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "loss.style_loss=swd" in lines[0] and "fix:" in lines[0], proc.stderr
+    line = one_line_error(proc)
+    assert "loss.style_loss=swd" in line and "fix:" in line
 
 
 def test_swd_layer_projections_set_each_layers_direction_count(encoder):
@@ -174,8 +173,7 @@ def test_swd_layer_projections_run_through_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert list(tmp_path.rglob("final.png"))
     proc = run_cli(["run", "loss.style_loss=swd", "loss.swd_layer_projections=[1,2]", "image.size=48", "trainer.max_steps=1"], tmp_path)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode != 0 and len(lines) == 1 and "loss.swd_layer_projections has 2 values for 5" in lines[0], proc.stderr
+    assert "loss.swd_layer_projections has 2 values for 5" in one_line_error(proc)
 
 
 def test_swd_redraw_is_the_targets_along_new_directions_and_draw_zero_is_the_fixed_loss(encoder):
