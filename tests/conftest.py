@@ -51,10 +51,14 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, **popen: object) -
     )
 
 
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    """The CLI's refusal: a failed exit and exactly one non-empty line on stderr (returned)."""
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """The CLI's refusal: a failed exit, exactly one non-empty line on stderr and no traceback; returns the
+    line, which holds every one of ``needles``."""
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
     return lines[0]
 
 

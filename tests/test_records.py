@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from PIL import Image
 
 FAST = ["image.size=32", "trainer.max_steps=3", "logging.progress_bar=false", "logging.flush_every=1"]
@@ -35,16 +35,6 @@ def tree(root: Path) -> dict[str, str]:
     for path in sorted(root.rglob("*")):
         out[str(path.relative_to(root))] = "dir" if path.is_dir() else hashlib.sha1(path.read_bytes()).hexdigest()
     return out
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -172,6 +162,35 @@ def test_a_refused_run_in_a_finished_run_rewrites_nothing(tmp_path, finished, ho
         one_line_error(proc, "trainer.max_steps=3 is the total", "fix: trainer.max_steps=103")
     assert tree(finished) == before
     assert not staging_left(tmp_path)  # Hydra's staging folder is gone too
+
+
+@pytest.mark.parametrize("names", [("config.yaml", "result.json"), ("final.png",), ("snapshots",)])
+def test_a_folder_of_a_users_own_files_is_refused_and_left_as_it_was(tmp_path, names):
+    """A user's own files under the names a run writes (their config.yaml, a picture called final.png) are
+    never written over: the CLI and the API refuse in one line and the folder stays byte for byte as it was.
+    Files of other names are no obstacle."""
+    import nst_exp
+    from nst_exp.errors import UserError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in names:
+        if name == "snapshots":
+            (mine / name).mkdir()
+            (mine / name / "step_000003.png").write_bytes(b"my own picture")
+        else:
+            (mine / name).write_text(f"my own {name}\n")
+    (mine / "notes.txt").write_text("my notes\n")
+    before = tree(mine)
+    one_line_error(cli(["run", *FAST, f"hydra.run.dir={mine}"], tmp_path), "holds files that no nst_exp run wrote", names[0], "fix:")
+    with pytest.raises(UserError, match=f"holds files that no nst_exp run wrote .*{names[0]}"):
+        nst_exp.stylize(output_dir=mine, overrides=FAST)
+    assert tree(mine) == before and not staging_left(tmp_path)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("my notes\n")
+    assert cli(["run", *FAST, f"hydra.run.dir={notes}"], tmp_path).returncode == 0
+    assert (notes / "final.png").is_file() and (notes / "notes.txt").read_text() == "my notes\n"
 
 
 def test_refusal_found_while_planning_the_first_stage_writes_nothing(tmp_path, interrupted):

@@ -16,7 +16,8 @@ A run (CLI job, sweep job, ``nst_exp.stylize``) writes only into its folder:
   moved in from a staging folder once the run is accepted, ``cli/run.py``).
 
 Nothing is made before a run is accepted (``check_target`` reads only; ``create`` comes after every
-check), and every file is written atomically (``nst_exp.files``): a refused run or a full disk never
+check; a folder holding a user's own files under these names is refused, ``made_by_nst_exp``), and every file
+is written atomically (``nst_exp.files``): a refused run or a full disk never
 leaves a torn or rewritten record.
 """
 
@@ -34,6 +35,8 @@ FINAL_TIFF = "final.tif"  # with logging.save_tiff, for print workflows
 CHECKPOINT = "last.ckpt"
 RESULT_FILE = "result.json"
 SNAPSHOT_DIR = "snapshots"
+# what a run writes under fixed names (a user's own file of that name in the folder is never written over)
+RUN_FILES = (CONFIG_FILE, PROVENANCE_FILE, FINAL_IMAGE, FINAL_TIFF, CHECKPOINT, RESULT_FILE, SNAPSHOT_DIR)
 
 
 def check_target(run_dir: Path, resume: str | None = None) -> None:
@@ -55,11 +58,27 @@ def check_target(run_dir: Path, resume: str | None = None) -> None:
             f"cannot write the run folder {run_dir}: {problem}; fix: a writable place "
             "(hydra.run.dir=/path for a run, hydra.sweep.dir=/path for a sweep, output_dir= in Python)"
         )
+    foreign = [name for name in RUN_FILES if (run_dir / name).exists()] if not made_by_nst_exp(run_dir) else []
+    if foreign:
+        raise UserError(
+            f"{run_dir} holds files that no nst_exp run wrote ({', '.join(foreign)}), which a run there would overwrite; "
+            "fix: another folder (hydra.run.dir=/path for a run, output_dir= in Python)"
+        )
     resuming_here = bool(resume) and Path(resume).resolve() == run_dir.resolve()
     result = read_result(run_dir)
     finished = result is None or result.get("status") in FINAL_RESULTS
     if (run_dir / FINAL_IMAGE).exists() and not (run_dir / CHECKPOINT).exists() and finished and not resuming_here:
         raise UserError(f"{run_dir} already holds a finished run; fix: another folder, or resume={run_dir} to continue it")
+
+
+def made_by_nst_exp(run_dir: Path) -> bool:
+    """The folder holds a run's record: a result.json with a run's status, or a provenance.yaml naming
+    nst_exp's version (written before the first step), so that a run there may write over its files."""
+    result = read_result(run_dir)
+    if isinstance(result, dict) and result.get("status") in STATUSES:
+        return True
+    versions = (read_provenance(run_dir) or {}).get("versions")
+    return isinstance(versions, dict) and "nst_exp" in versions
 
 
 def check_resume_target(src: Path) -> None:
