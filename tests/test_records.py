@@ -193,6 +193,25 @@ def test_a_folder_of_a_users_own_files_is_refused_and_left_as_it_was(tmp_path, n
     assert (notes / "final.png").is_file() and (notes / "notes.txt").read_text() == "my notes\n"
 
 
+def test_a_sweep_or_compare_into_a_folder_of_a_users_own_files_is_refused(tmp_path, finished):
+    """A sweep's folder and compare's --out get multirun.yaml and summary.csv/md, contact_sheet.png: a user's
+    own files of those names there are never written over. A summary folder nst_exp made is written again."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.csv").write_text("my own table\n")
+    (mine / "multirun.yaml").write_text("mine: true\n")
+    before = tree(mine)
+    sweep = cli(["run", "-m", *FAST, "loss.style_weight=10,20", f"hydra.sweep.dir={mine}"], tmp_path)
+    one_line_error(sweep, "holds files that no nst_exp sweep wrote (multirun.yaml, summary.csv)", "fix:")
+    compare = cli(["compare", str(finished), "--out", str(mine)], tmp_path)
+    one_line_error(compare, "holds files that nst_exp did not write (multirun.yaml, summary.csv)", "fix: --out")
+    assert tree(mine) == before
+    out = tmp_path / "compared"
+    for _ in range(2):
+        proc = cli(["compare", str(finished), "--out", str(out)], tmp_path)
+        assert proc.returncode == 0 and (out / "summary.csv").is_file(), proc.stderr
+
+
 def test_refusal_found_while_planning_the_first_stage_writes_nothing(tmp_path, interrupted):
     """Some refusals need the loss built (the memory budget fits no tile): they still come before the
     folder is written, for a new folder as for a run being continued."""

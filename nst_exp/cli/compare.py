@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
     from nst_exp.files import WriteFailed
     from nst_exp.run.folder import RESULT_FILE
     from nst_exp.sweep.resume import SWEEP_RECORD
-    from nst_exp.sweep.summary import best_job, collect_jobs, differences_lines, summarize
+    from nst_exp.sweep.summary import best_job, collect_jobs, differences_lines, foreign_files, summarize
 
     missing = [d for d in args.dirs if not d.is_dir()]
     if missing:
@@ -35,6 +35,14 @@ def main(argv: list[str]) -> int:
     # a sweep's own folder (Hydra's multirun.yaml) holds its summary; any other folder is the user's: not written
     single_sweep = len(args.dirs) == 1 and (args.dirs[0] / SWEEP_RECORD).is_file() and not (args.dirs[0] / RESULT_FILE).is_file()
     out = args.out or (args.dirs[0] if single_sweep else Path("outputs/compare") / time.strftime("%Y-%m-%d/%H-%M-%S"))
+    foreign = foreign_files(out)
+    if foreign:
+        print(
+            f"error: {out} holds files that nst_exp did not write ({', '.join(foreign)}), which the summary would overwrite; "
+            "fix: --out <another folder> (or a new one)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         paths = summarize(jobs, out, title=args.title or f"{len(jobs)} runs")
     except WriteFailed as exc:

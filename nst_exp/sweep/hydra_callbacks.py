@@ -21,10 +21,26 @@ from nst_exp.run.folder import FINISHED, read_result, record_failure
 
 
 class SweepSummary(Callback):
-    """``on_job_end``: a failure record if the job raised past the task (its overrides are in ``.hydra/``).
+    """``on_multirun_start``: a folder of someone else's files refused. ``on_job_end``: a failure record if
+    the job raised past the task (its overrides are in ``.hydra/``).
     ``on_multirun_end``: contact sheet + summary.csv/md in the sweep folder (also in TensorBoard), one
     line counting the jobs by status, and exit status 1 unless every job completed (or was pruned by its
     Optuna study: a finished trial)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Before Hydra writes the sweep's ``multirun.yaml``: a folder holding files that no nst_exp sweep wrote
+        under the names a sweep writes is refused in one line (a SystemExit passes Hydra's callback guard)."""
+        from nst_exp.sweep.summary import foreign_files
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        foreign = foreign_files(sweep_dir)
+        if foreign:
+            print(
+                f"error: {sweep_dir} holds files that no nst_exp sweep wrote ({', '.join(foreign)}), which the sweep would "
+                "overwrite; fix: another hydra.sweep.dir (or none: a new dated folder under outputs/multirun)",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.runtime.output_dir)

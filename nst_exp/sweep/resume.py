@@ -23,6 +23,15 @@ SWEEP_RECORD = "multirun.yaml"
 _SET_HERE = ("hydra.mode=", "hydra.sweep.dir=")
 
 
+def made_by_a_sweep(folder: Path) -> bool:
+    """``folder`` holds the ``multirun.yaml`` Hydra writes for an nst_exp sweep (its config and overrides)."""
+    try:
+        record = yaml.safe_load((folder / SWEEP_RECORD).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("hydra"), dict) and "loss" in record and "content" in record
+
+
 def sweep_folder(argv: list[str]) -> Path | None:
     """The sweep folder a ``resume=`` override names, or None (no resume=, or a run folder)."""
     values = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]

@@ -342,6 +342,24 @@ def contact_sheet(jobs: Sequence[Job], title: str = "") -> Image.Image:
     return sheet
 
 
+# what ``summarize`` writes into its folder
+SUMMARY_FILES = ("summary.csv", "summary.md", "contact_sheet.png", "_summary")
+
+
+def foreign_files(out_dir: Path) -> list[str]:
+    """The files a sweep or ``summarize`` would write over in ``out_dir`` that nst_exp did not write: the
+    summary's names where neither a sweep's ``multirun.yaml`` nor a summary's own TensorBoard run is there,
+    and a ``multirun.yaml`` that is not an nst_exp sweep's."""
+    from nst_exp.sweep.resume import SWEEP_RECORD, made_by_a_sweep
+
+    if made_by_a_sweep(out_dir):
+        return []
+    foreign = [SWEEP_RECORD] if (out_dir / SWEEP_RECORD).exists() else []
+    if not any((out_dir / "_summary").glob("events.out.tfevents.*")):
+        foreign += [name for name in SUMMARY_FILES if (out_dir / name).exists()]
+    return foreign
+
+
 def summarize(jobs: Sequence[Job], out_dir: Path, title: str = "", log_to_tensorboard: bool = True) -> dict[str, Path]:
     """Write contact_sheet.png, summary.csv and summary.md for ``jobs`` (see ``collect_jobs``) into ``out_dir``."""
     with writing("summary folder", out_dir):
