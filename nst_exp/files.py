@@ -70,6 +70,24 @@ def writing(what: str, path: Path | str) -> Iterator[None]:
         raise WriteFailed(what, path, exc) from None
 
 
+def unwritable(path: Path) -> str | None:
+    """Why ``path`` (a file or folder, made with its missing parents) could not be written, known before any
+    work is done; None where it can be: the nearest folder that exists must be one, and writable."""
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} cannot be written to"
+    return None
+
+
+def output_file_problem(path: Path) -> str | None:
+    """Why a command's output file (``--json out.json``) could not be written, before the command's work."""
+    return f"{path} is a folder" if Path(path).is_dir() else unwritable(path)
+
+
 def atomic_write(path: Path, write: Callable[[Path], Any], what: str) -> Path:
     """``write(tmp)`` then replace ``path`` by it; on any failure the tmp file is removed and ``path`` is
     as it was. An OSError becomes ``WriteFailed`` naming ``what``."""

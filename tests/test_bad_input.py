@@ -344,6 +344,34 @@ def test_the_quality_bench_rejects_bad_arguments_naming_them(args: list[str], sa
     assert exc.value.code == 2 and says in err, err
 
 
+def test_the_benches_refuse_an_output_or_image_they_could_not_use_before_any_work(tmp_path, capsys):
+    """--json, --sheet and the images are checked before the first row or pair runs (they failed after the
+    whole bench, its results lost, or at a pair's turn); a folder that does not exist yet is made."""
+    from nst_exp.bench import cli, quality
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    (tmp_path / "sheet.png").mkdir()
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not a picture")
+    cases = [
+        (cli.parse_args, ["--json", str(tmp_path)], "is a folder"),
+        (cli.parse_args, ["--json", str(blocker / "out.json")], "a_file is not a folder"),
+        (cli.parse_args, ["--content", str(not_image)], "notes.png"),
+        (quality.parse_args, ["--json", str(blocker / "out.json")], "a_file is not a folder"),
+        (quality.parse_args, ["--sheet", str(tmp_path / "sheet.png")], "is a folder"),
+        (quality.parse_args, ["--sheet", str(tmp_path / "sheet.jpg")], "a name ending in .png"),
+        (quality.parse_args, ["--pairs", f"builtin:chelsea.png,{not_image}"], "notes.png"),
+        (quality.parse_args, ["--pairs", "builtin:chelsea.png,/no/such.jpg"], "/no/such.jpg"),
+    ]
+    for parse, args, says in cases:
+        with pytest.raises(SystemExit) as exc:
+            parse(args)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and says in err and "fix" in err, (args, err)
+    assert quality.parse_args(["--json", str(tmp_path / "new" / "q.json")]).json.name == "q.json"
+
+
 def test_unknown_command_is_one_line_listing_the_commands(capsys):
     assert main(["stylise"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

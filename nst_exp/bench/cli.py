@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +16,7 @@ from nst_exp.bench.peak import Peak, measure_peaks
 from nst_exp.bench.table import format_table, header_line, machine_info, peak_line, rows_of
 from nst_exp.bench.ttq import format_ttq, run_ttq
 from nst_exp.bench.variants import DEFAULT_VARIANTS, PRECISIONS, VARIANTS, Measurement, Spec, best_of, measure_in_subprocess
+from nst_exp.files import WriteFailed, write_text
 
 DEFAULT_CONTENT = "builtin:chelsea.png"
 DEFAULT_STYLE = "builtin:starry_night.jpg"
@@ -101,13 +103,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if (args.tile_keep is not None and args.tile_keep < 1) or (args.tile_memory is not None and args.tile_memory < 1):
         p.error("--tile-keep and --tile-memory must be >= 1")
     from nst_exp.errors import UserError
-    from nst_exp.images import resolve_path
+    from nst_exp.files import output_file_problem
+    from nst_exp.images import open_image
 
     for flag, value in (("--content", args.content), ("--style", args.style)):
         try:
-            resolve_path(value, flag.removeprefix("--"))
+            open_image(value, flag.removeprefix("--"))  # exists, and is a picture Pillow reads
         except UserError as exc:  # before any row runs, not as each row's failure
             p.error(f"{flag} {value}: {exc}")
+    problem = args.json and output_file_problem(args.json)
+    if problem:  # before the rows run, not after them with the results lost
+        p.error(f"--json {args.json}: {problem}; fix: a file in a folder you can write")
     return args
 
 
@@ -202,6 +208,10 @@ def main(argv: list[str]) -> int:
 
     if args.json:
         payload = {"machine": info, "rows": rows, "ttq": asdict(ttq) if ttq else None}
-        args.json.write_text(json.dumps(payload, indent=2))
+        try:
+            write_text(args.json, json.dumps(payload, indent=2), "bench results")
+        except WriteFailed as exc:  # a full disk: the table above stands
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     # pastiche failing (say, on an unsupported device) is a reported row, not a failed benchmark.
     return 0 if all(m.ok for m in measurements if m.spec.variant != "pastiche") else 1

