@@ -33,7 +33,7 @@ class SweepSummary(Callback):
         from nst_exp.sweep.summary import foreign_files
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        foreign = foreign_files(sweep_dir)
+        foreign = foreign_files(sweep_dir, sweep=True)
         if foreign:
             print(
                 f"error: {sweep_dir} holds files that no nst_exp sweep wrote ({', '.join(foreign)}), which the sweep would "

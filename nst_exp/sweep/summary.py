@@ -346,15 +346,15 @@ def contact_sheet(jobs: Sequence[Job], title: str = "") -> Image.Image:
 SUMMARY_FILES = ("summary.csv", "summary.md", "contact_sheet.png", "_summary")
 
 
-def foreign_files(out_dir: Path) -> list[str]:
-    """The files a sweep or ``summarize`` would write over in ``out_dir`` that nst_exp did not write: the
-    summary's names where neither a sweep's ``multirun.yaml`` nor a summary's own TensorBoard run is there,
-    and a ``multirun.yaml`` that is not an nst_exp sweep's."""
+def foreign_files(out_dir: Path, sweep: bool = False) -> list[str]:
+    """The files ``summarize`` (and with ``sweep`` a sweep, which writes ``multirun.yaml`` too) would write over
+    in ``out_dir`` that nst_exp did not write: the summary's names where neither a sweep's ``multirun.yaml``
+    nor a summary's own TensorBoard run is there, and a ``multirun.yaml`` that is not an nst_exp sweep's."""
     from nst_exp.sweep.resume import SWEEP_RECORD, made_by_a_sweep
 
     if made_by_a_sweep(out_dir):
         return []
-    foreign = [SWEEP_RECORD] if (out_dir / SWEEP_RECORD).exists() else []
+    foreign = [SWEEP_RECORD] if sweep and (out_dir / SWEEP_RECORD).exists() else []
     if not any((out_dir / "_summary").glob("events.out.tfevents.*")):
         foreign += [name for name in SUMMARY_FILES if (out_dir / name).exists()]
     return foreign
