@@ -504,18 +504,17 @@ def build_style_transfer_loss(
     if SlicedWassersteinStyleLoss in classes.values():
         from nst_exp.model.layers import LAYER_INDEX, out_channels
 
-        style_cls = SlicedWassersteinStyleLoss
         per_layer = list(getattr(loss_cfg, "swd_layer_projections", None) or [loss_cfg.swd_projections] * len(style_layers))
         for layer, per_channel in zip(style_layers, per_layer):
-            if classes[layer] is not style_cls:
+            if classes[layer] is not SlicedWassersteinStyleLoss:
                 continue
             channels = out_channels(layer)
             count = max(1, round(float(per_channel) * channels))
             # One stream per (seed, layer): the same directions in every stage and every repeat of the run.
             streams[layer] = seed * len(LAYER_INDEX) + LAYER_INDEX[layer]
-            directions = style_cls.directions(channels, count, streams[layer])
+            directions = SlicedWassersteinStyleLoss.directions(channels, count, streams[layer])
             extra[layer] = (directions.to(content.device),)
-            stats_of[layer] = lambda f, p=extra[layer][0]: style_cls.project_sorted(f, p)
+            stats_of[layer] = lambda f, p=extra[layer][0]: SlicedWassersteinStyleLoss.project_sorted(f, p)
     redraws = bool(streams) and int(getattr(loss_cfg, "swd_redraw_every", 0) or 0) > 0
     with torch.no_grad():
         kept: list[dict[str, Tensor]] = []  # the style features, kept where directions are redrawn
