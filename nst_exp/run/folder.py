@@ -51,23 +51,23 @@ def check_target(run_dir: Path, resume: str | None = None) -> None:
             f"cannot write the run folder {run_dir}: {problem}; fix: a writable place "
             "(hydra.run.dir=/path for a run, hydra.sweep.dir=/path for a sweep, output_dir= in Python)"
         )
-    foreign = [name for name in RUN_FILES if (run_dir / name).exists()] if not made_by_nst_exp(run_dir) else []
+    result = read_result(run_dir)
+    foreign = [name for name in RUN_FILES if (run_dir / name).exists()] if not made_by_nst_exp(run_dir, result) else []
     if foreign:
         raise UserError(
             f"{run_dir} holds files that no nst_exp run wrote ({', '.join(foreign)}), which a run there would overwrite; "
             "fix: another folder (hydra.run.dir=/path for a run, output_dir= in Python)"
         )
     resuming_here = bool(resume) and Path(resume).resolve() == run_dir.resolve()
-    result = read_result(run_dir)
     finished = result is None or result.get("status") in FINAL_RESULTS
     if (run_dir / FINAL_IMAGE).exists() and not (run_dir / CHECKPOINT).exists() and finished and not resuming_here:
         raise UserError(f"{run_dir} already holds a finished run; fix: another folder, or resume={run_dir} to continue it")
 
 
-def made_by_nst_exp(run_dir: Path) -> bool:
-    """The folder holds a run's record: a result.json with a run's status, or a provenance.yaml naming
-    nst_exp's version (written before the first step), so that a run there may write over its files."""
-    result = read_result(run_dir)
+def made_by_nst_exp(run_dir: Path, result: dict[str, Any] | None) -> bool:
+    """The folder holds a run's record: its result.json (``result``, as ``read_result`` read it) with a run's
+    status, or a provenance.yaml naming nst_exp's version (written before the first step), so that a run there
+    may write over its files."""
     if isinstance(result, dict) and result.get("status") in STATUSES:
         return True
     versions = (read_provenance(run_dir) or {}).get("versions")
