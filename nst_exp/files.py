@@ -84,8 +84,10 @@ def unwritable(path: Path) -> str | None:
 
 
 def output_file_problem(path: Path) -> str | None:
-    """Why a command's output file (``--json out.json``) could not be written, before the command's work."""
-    return f"{path} is a folder" if Path(path).is_dir() else unwritable(path)
+    """Why a command's output file (``--json out.json``) could not be written, with the fix, before the
+    command's work; None where it can be."""
+    problem = f"{path} is a folder" if Path(path).is_dir() else unwritable(path)
+    return f"{problem}; fix: a file in a folder you can write" if problem else None
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any], what: str) -> Path:

@@ -113,7 +113,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             p.error(f"{flag} {value}: {exc}")
     problem = args.json and output_file_problem(args.json)
     if problem:  # before the rows run, not after them with the results lost
-        p.error(f"--json {args.json}: {problem}; fix: a file in a folder you can write")
+        p.error(f"--json {args.json}: {problem}")
     return args
 
 

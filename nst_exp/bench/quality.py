@@ -95,7 +95,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for flag, path in (("--json", args.json), ("--sheet", args.sheet)):
         problem = path and output_file_problem(path)
         if problem:  # before the pairs run, not after them with the results lost
-            p.error(f"{flag} {path}: {problem}; fix: a file in a folder you can write")
+            p.error(f"{flag} {path}: {problem}")
     for pair in args.pairs or []:
         try:
             for path, role in zip(_split_pair(pair), ("content", "style")):
