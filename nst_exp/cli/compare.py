@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from nst_exp.files import WriteFailed
     from nst_exp.run.folder import RESULT_FILE
-    from nst_exp.sweep.resume import SWEEP_RECORD
+    from nst_exp.sweep.resume import made_by_a_sweep
     from nst_exp.sweep.summary import best_job, collect_jobs, differences_lines, foreign_files, summarize
 
     missing = [d for d in args.dirs if not d.is_dir()]
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
     # a sweep's own folder (Hydra's multirun.yaml) holds its summary; any other folder is the user's: not written
-    single_sweep = len(args.dirs) == 1 and (args.dirs[0] / SWEEP_RECORD).is_file() and not (args.dirs[0] / RESULT_FILE).is_file()
+    single_sweep = len(args.dirs) == 1 and made_by_a_sweep(args.dirs[0]) and not (args.dirs[0] / RESULT_FILE).is_file()
     out = args.out or (args.dirs[0] if single_sweep else Path("outputs/compare") / time.strftime("%Y-%m-%d/%H-%M-%S"))
     foreign = foreign_files(out)
     if foreign:
